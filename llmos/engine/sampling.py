@@ -1,0 +1,242 @@
+"""Samplers: small pure functions on a (B, V) float logits tensor, applied in a fixed order.
+
+Order (as in HF and vLLM): bans and biases -> penalties -> temperature -> truncation
+(top-k, top-p, min-p, typical-p) -> draw. Filters return new tensors with removed tokens set to
+-inf; nothing here knows about text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0  # HF/CTRL style, over prompt and output
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_sequences: list[list[int]] = field(default_factory=list)  # token sequences never produced
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top k
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def check(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+              f"max_tokens must be a positive integer, got {self.max_tokens}")
+        check(self.temperature >= 0,
+              f"temperature must be >= 0, got {self.temperature} (use 0 for greedy decoding)")
+        check(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p} (1 turns it off)")
+        check(0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p} (0 turns it off)")
+        check(0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}")
+        check(self.repetition_penalty > 0,
+              f"repetition_penalty must be > 0, got {self.repetition_penalty} (1 turns it off)")
+        check(-2 <= self.presence_penalty <= 2,
+              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        check(-2 <= self.frequency_penalty <= 2,
+              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        check(self.no_repeat_ngram_size >= 0,
+              f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+        check(self.logprobs is None or 0 <= self.logprobs <= 20,
+              f"logprobs must be between 0 and 20, got {self.logprobs}")
+        for seq in self.banned_sequences:
+            check(len(seq) > 0, "banned_sequences must not contain an empty sequence")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# --- bans and biases -------------------------------------------------------------------------
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor(list(bias.values()), dtype=logits.dtype)
+    return logits.index_add(1, ids, values.expand(logits.shape[0], -1))
+
+
+def ban_sequences(logits: torch.Tensor, histories: list[list[int]], banned: list[list[int]]):
+    """Forbid the token that would complete any banned sequence, given each row's history."""
+    if not banned:
+        return logits
+    logits = logits.clone()
+    for row, history in enumerate(histories):
+        for seq in banned:
+            prefix = seq[:-1]
+            if not prefix or history[len(history) - len(prefix):] == prefix:
+                logits[row, seq[-1]] = NEG_INF
+    return logits
+
+
+def ban_repeated_ngrams(logits: torch.Tensor, histories: list[list[int]], n: int) -> torch.Tensor:
+    """No n-gram may occur twice in a row's history (HF's no_repeat_ngram_size)."""
+    if n <= 0:
+        return logits
+    logits = logits.clone()
+    for row, history in enumerate(histories):
+        if len(history) < n:
+            continue
+        prefix = tuple(history[len(history) - n + 1:]) if n > 1 else ()
+        for i in range(len(history) - n + 1):
+            if tuple(history[i:i + n - 1]) == prefix:
+                logits[row, history[i + n - 1]] = NEG_INF
+    return logits
+
+
+# --- penalties -------------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """seen: (B, V) bool, tokens in the prompt or output. Positive logits are divided by the
+    penalty and negative ones multiplied, so a seen token always becomes less likely."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """counts: (B, V) occurrences in the output so far (OpenAI's definition)."""
+    if presence == 0 and frequency == 0:
+        return logits
+    return logits - presence * (counts > 0).to(logits.dtype) - frequency * counts.to(logits.dtype)
+
+
+# --- temperature and truncation --------------------------------------------------------------
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 here; greedy decoding takes the argmax instead")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each token
+    remove_sorted = mass_before >= p  # the token that crosses p is kept; the top token always is
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely token's probability."""
+    if min_p <= 0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprisal is closest to the entropy,
+    until their mass reaches `mass`."""
+    if mass >= 1.0:
+        return logits
+    logp = logits.log_softmax(dim=-1)
+    p = logp.exp()
+    entropy = -(p * torch.nan_to_num(logp, neginf=0.0)).sum(dim=-1, keepdim=True)
+    deviation = (-logp - entropy).abs()
+    sorted_dev, order = torch.sort(deviation, dim=-1)
+    sorted_p = p.gather(-1, order)
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p
+    remove_sorted = mass_before >= mass
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row, each row from its own generator so that a sequence's draws do not
+    depend on which other sequences share its batch."""
+    probs = logits.softmax(dim=-1)
+    return torch.cat([
+        torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)
+    ])
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    histories: list[list[int]],
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
+) -> torch.Tensor:
+    """All logit transformations of `params` except temperature and truncation, in order.
+    histories: prompt + output token ids per row (for n-gram and sequence bans)."""
+    logits = apply_logit_bias(logits, params.logit_bias)
+    logits = ban_sequences(logits, histories, params.banned_sequences)
+    logits = ban_repeated_ngrams(logits, histories, params.no_repeat_ngram_size)
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if counts is not None:
+        logits = apply_presence_frequency(
+            logits, counts, params.presence_penalty, params.frequency_penalty
+        )
+    return logits
+
+
+def sample(
+    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Temperature, truncation and the draw (or the argmax, with temperature 0)."""
+    if params.greedy:
+        return greedy(logits)
+    logits = apply_temperature(logits, params.temperature)
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    logits = min_p_filter(logits, params.min_p)
+    logits = typical_filter(logits, params.typical_p)
+    return draw(logits, generators)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int):
+    """Log-probabilities of the chosen tokens and the top-k alternatives under the model's own
+    distribution (before any sampler), as OpenAI's API reports them. Returns
+    (chosen (B,), top_ids (B, k), top_logprobs (B, k))."""
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    top = torch.topk(logp, k, dim=-1) if k > 0 else None
+    return chosen, (top.indices if top else None), (top.values if top else None)
+

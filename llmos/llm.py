@@ -1,0 +1,207 @@
+"""Text in, text out: a loaded model with its tokenizer and prompt style, over the engine.
+
+This is the layer that knows about text: prompts and chat templates become token ids, token
+ids become streamed text, and stop strings end sequences. Writing, chat and the server all
+generate through `LLM`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from llmos.engine.beam import beam_search
+from llmos.engine.generate import ContextError, Generation, Timings, TokenLogprob
+from llmos.engine.sampling import SamplingParams
+from llmos.models import LoadedModel, load
+
+TRUNCATION = ("error", "left")
+
+
+@dataclass
+class Delta:
+    """A piece of streamed output for candidate `index`."""
+
+    index: int
+    text: str
+    token: int | None = None
+    logprob: TokenLogprob | None = None
+
+
+@dataclass
+class Completion:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    score: float | None = None  # beam search: the hypothesis' summed log-probability
+
+
+@dataclass
+class Result:
+    prompt: str
+    prompt_tokens: int
+    completions: list[Completion]
+    timings: dict = field(default_factory=dict)
+    truncated_tokens: int = 0
+
+
+class StopStrings:
+    """Cuts a candidate's text at the first stop string, holding back any tail that might be
+    the beginning of one so that streamed text never has to be taken back."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters already released
+        self.hit = False
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if not self.stops:
+            out, self.sent = self.text[self.sent :], len(self.text)
+            return out
+        cut = min((i for s in self.stops if (i := self.text.find(s, max(0, self.sent - len(s)))) >= 0), default=-1)
+        if cut >= 0:
+            self.hit = True
+            self.text = self.text[:cut]
+            out, self.sent = self.text[self.sent :], len(self.text)
+            return out
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        safe = len(self.text) - hold
+        out, self.sent = self.text[self.sent : safe], max(self.sent, safe)
+        return out
+
+    def finish(self) -> str:
+        out, self.sent = self.text[self.sent :], len(self.text)
+        return out
+
+
+class LLM:
+    def __init__(self, loaded: LoadedModel):
+        self.loaded = loaded
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.defaults = dict(loaded.meta.get("generation", {}))
+
+    @classmethod
+    def load(cls, name_or_path: str | Path | None = None, precision: str = "fp16", progress=None) -> LLM:
+        return cls(load(name_or_path, precision, progress))
+
+    @property
+    def name(self) -> str:
+        return self.loaded.name
+
+    @property
+    def context_window(self) -> int:
+        return self.model.config.max_seq_len
+
+    def sampling(self, **overrides) -> SamplingParams:
+        """SamplingParams from the model's defaults, overridden by the non-None arguments."""
+        values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return SamplingParams(**values)
+
+    def encode_prompt(self, prompt: str | list[dict], chat: bool | None = None) -> list[int]:
+        """A string is completed as is, unless chat=True wraps it as one user message; a list
+        of {"role", "content"} messages goes through the chat template."""
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        if chat:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def _fit(self, ids: list[int], max_tokens: int, truncate: str) -> tuple[list[int], int]:
+        ctx = self.context_window
+        if truncate not in TRUNCATION:
+            raise ValueError(f"truncate must be one of {', '.join(TRUNCATION)}, got {truncate!r}")
+        if len(ids) < ctx or truncate == "error":
+            return ids, 0
+        # Keep the most recent text, and room for at least a quarter of the requested tokens.
+        keep = max(1, ctx - max(1, min(max_tokens, ctx // 4)))
+        head = ids[:1] if self.tokenizer.bos_id is not None and ids[0] == self.tokenizer.bos_id else []
+        kept = head + ids[len(ids) - keep + len(head) :]
+        return kept, len(ids) - len(kept)
+
+    def stream(
+        self,
+        prompt: str | list[dict],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        stop: list[str] | None = None,
+        chat: bool | None = None,
+        truncate: str = "error",
+        result: Result | None = None,
+    ) -> Iterator[Delta]:
+        """Yield text deltas as they are generated; `result`, when given, is filled in as the
+        stream ends (completions, finish reasons, timings)."""
+        params = params or self.sampling()
+        t0 = time.perf_counter()
+        ids, dropped = self._fit(self.encode_prompt(prompt, chat), params.max_tokens, truncate)
+        stops = list(stop or [])
+        if isinstance(prompt, list) or chat:
+            stops += self.tokenizer.chat_stop_strings()
+        stop_ids = sorted(set(params.stop_token_ids) | set(self.tokenizer.stop_ids))
+        params = replace(params, stop_token_ids=stop_ids)
+        gen = Generation(self.model, ids, params, n)
+        decoders = [self.tokenizer.stream() for _ in range(n)]
+        cutters = [StopStrings(stops) for _ in range(n)]
+        for step in gen:
+            for i, token in step:
+                seq = gen.sequences[i]
+                if token in stop_ids:
+                    continue
+                text = cutters[i].feed(decoders[i].push(token))
+                if cutters[i].hit:
+                    gen.stop(i)
+                lp = seq.logprobs[-1] if seq.logprobs else None
+                yield Delta(i, text, token, lp)
+        for i in range(n):
+            if not cutters[i].hit:
+                tail = cutters[i].feed(decoders[i].flush()) + cutters[i].finish()
+                if tail:
+                    yield Delta(i, tail)
+        if result is not None:
+            result.prompt = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, False)
+            result.prompt_tokens = len(ids)
+            result.truncated_tokens = dropped
+            result.completions = [
+                Completion(
+                    i, cutters[i].text, [t for t in seq.output if t not in stop_ids],
+                    seq.finish_reason, seq.logprobs if params.logprobs is not None else None,
+                )
+                for i, seq in enumerate(gen.sequences)
+            ]
+            result.timings = {**gen.timings.as_dict(), "total_s": round(time.perf_counter() - t0, 4)}
+
+    def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, n: int = 1,
+                 stop: list[str] | None = None, chat: bool | None = None, truncate: str = "error") -> Result:
+        result = Result("", 0, [])
+        for _ in self.stream(prompt, params, n, stop, chat, truncate, result):
+            pass
+        return result
+
+    def beam_search(self, prompt: str | list[dict], beams: int, max_tokens: int = 256, n: int = 1,
+                    length_penalty: float = 1.0, chat: bool | None = None, truncate: str = "error") -> Result:
+        """The n most likely continuations found by beam search (deterministic)."""
+        t0 = time.perf_counter()
+        ids, dropped = self._fit(self.encode_prompt(prompt, chat), max_tokens, truncate)
+        timings = Timings()
+        hyps = beam_search(self.model, ids, beams, max_tokens, self.tokenizer.stop_ids,
+                           length_penalty, n, timings)
+        completions = []
+        for i, h in enumerate(hyps):
+            tokens = [t for t in h.tokens if t not in self.tokenizer.stop_ids]
+            completions.append(Completion(i, self.tokenizer.decode(tokens), tokens, h.finish_reason, score=h.score))
+        prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, False)
+        return Result(prompt_text, len(ids), completions,
+                      {**timings.as_dict(), "total_s": round(time.perf_counter() - t0, 4)}, dropped)
+
+
+__all__ = ["LLM", "Result", "Completion", "Delta", "ContextError", "SamplingParams"]

