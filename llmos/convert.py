@@ -58,11 +58,15 @@ def config_from_gguf(meta: dict) -> ModelConfig:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
 
-    n_head = int(get("attention.head_count"))
-    d_model = int(get("embedding_length"))
+    try:
+        n_head = int(get("attention.head_count"))
+        d_model = int(get("embedding_length"))
+        n_layer = int(get("block_count"))
+    except TypeError:
+        raise ConversionError(f"the GGUF lacks {arch} hyperparameters (head count, width, depth)") from None
     common = dict(
         arch=arch,
-        n_layer=int(get("block_count")),
+        n_layer=n_layer,
         n_head=n_head,
         n_kv_head=int(get("attention.head_count_kv", n_head)),
         d_model=d_model,

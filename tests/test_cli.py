@@ -1,0 +1,136 @@
+"""The `llmos` command, run as a real process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BUNDLED_HOME
+
+
+def llmos(*args, home, stdin=None, timeout=300):
+    env = {**os.environ, "LLMOS_HOME": str(home), "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "llmos", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=timeout)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+def test_generate_json(tiny_dir, session_home):
+    proc = llmos("generate", "the cat", "-m", str(tiny_dir), "--max-tokens", "8", "-n", "2",
+                 "--seed", "3", "--temperature", "0.9", "--logprobs", "2", "--json", home=session_home)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert len(data["completions"]) == 2
+    for c in data["completions"]:
+        assert len(c["tokens"]) == 8 and c["finish_reason"] == "length"
+        assert len(c["logprobs"]) == 8 and len(c["logprobs"][0]["top"]) == 2
+    t = data["timings"]
+    for key in ("prompt_tokens", "time_to_first_token_s", "decode_tok_s", "load_s"):
+        assert key in t
+    again = llmos("generate", "the cat", "-m", str(tiny_dir), "--max-tokens", "8", "-n", "2",
+                  "--seed", "3", "--temperature", "0.9", "--json", home=session_home)
+    assert [c["text"] for c in json.loads(again.stdout)["completions"]] == [c["text"] for c in data["completions"]]
+
+
+def test_generate_streams_text_and_beams(tiny_dir, session_home):
+    proc = llmos("generate", "the", "-m", str(tiny_dir), "--max-tokens", "5", "--temperature", "0", home=session_home)
+    assert proc.returncode == 0 and proc.stdout.startswith("the")
+    proc = llmos("generate", "the", "-m", str(tiny_dir), "--max-tokens", "5", "--beams", "3", "-n", "2", home=session_home)
+    assert proc.returncode == 0 and proc.stdout.count("--- beam") == 2
+
+
+def test_gguf_path_is_converted_once(tiny_gguf, tmp_path):
+    proc = llmos("generate", "hi", "-m", str(tiny_gguf), "--max-tokens", "3", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    converted = list((tmp_path / "models").iterdir())
+    assert len(converted) == 1 and (converted[0] / "model.safetensors").exists()
+    models = llmos("models", "--json", home=tmp_path)
+    assert converted[0].name in [r["name"] for r in json.loads(models.stdout)]
+
+
+def test_write_with_a_chat_model(tiny_dir, session_home):
+    proc = llmos("write", "poem", "the sea", "-m", str(tiny_dir), "--max-tokens", "6", "--json", home=session_home)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert "the sea" in data["prompt"] and "<|im_start|>" in data["prompt"]
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["generate", "hi", "-m", "no-such-model"], ["unknown model", "smollm2-135m-instruct", "gemma3-270m"]),
+    (["generate", "hi", "--temperature", "-1"], ["temperature must be >= 0"]),
+    (["generate", "hi", "--top-p", "1.5"], ["top_p must be in (0, 1]"]),
+    (["generate", "hi", "--top-p", "0"], ["top_p"]),
+    (["write", "sonnetz", "x"], ["unknown task", "poem", "story"]),
+    (["write", "poem", "x", "--var", "novalue"], ["KEY=VALUE"]),
+])
+def test_bad_input_is_a_clean_error(args, needles, tiny_dir, session_home):
+    if "-m" not in args:
+        args = [*args, "-m", str(tiny_dir)]
+    assert_clean_error(llmos(*args, home=session_home), *needles)
+
+
+def test_prompt_longer_than_context(tiny_dir, session_home):
+    proc = llmos("generate", "-", "-m", str(tiny_dir), stdin="the " * 700, home=session_home)
+    assert_clean_error(proc, "context window")
+    proc = llmos("generate", "-", "-m", str(tiny_dir), "--truncate", "left", "--max-tokens", "3",
+                 stdin="the " * 700, home=session_home)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_corrupt_and_unsupported_gguf(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(2000))
+    assert_clean_error(llmos("generate", "hi", "-m", str(bad), home=tmp_path), "not a readable GGUF")
+    import gguf
+
+    other = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(str(other), "gpt2")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert_clean_error(llmos("generate", "hi", "-m", str(other), home=tmp_path), "not supported", "llama")
+    assert not [p for p in (tmp_path / "models").glob("*") if not p.name.endswith(".partial")]
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    assert_clean_error(llmos("generate", "hi", "-m", str(text), home=tmp_path), ".gguf")
+
+
+def test_ctrl_c_stops_cleanly(tiny_dir, session_home):
+    env = {**os.environ, "LLMOS_HOME": str(session_home)}
+    proc = subprocess.Popen([sys.executable, "-m", "llmos", "generate", "the", "-m", str(tiny_dir),
+                             "--max-tokens", "100000", "--truncate", "left"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    time.sleep(0.5)
+    first = proc.stdout.read(3)  # generation has started
+    assert first
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr and "stopped" in stderr
+
+
+@pytest.mark.bundled
+def test_bundled_end_to_end(smollm2_dir):
+    """The README's tour, with the default model."""
+    proc = llmos("write", "poem", "the sea at night", "--max-tokens", "60", "--seed", "1", home=BUNDLED_HOME)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.split()) >= 10
+    args = ("generate", "Once upon a time", "-n", "3", "--temperature", "0.9", "--seed", "7", "--max-tokens", "20", "--json")
+    a, b = llmos(*args, home=BUNDLED_HOME), llmos(*args, home=BUNDLED_HOME)
+    texts = [c["text"] for c in json.loads(a.stdout)["completions"]]
+    assert texts == [c["text"] for c in json.loads(b.stdout)["completions"]]
+    assert len(set(texts)) == 3
+    listing = llmos("models", home=BUNDLED_HOME)
+    assert "smollm2-135m-instruct" in listing.stdout and "apache-2.0" in listing.stdout
