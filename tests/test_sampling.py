@@ -137,3 +137,10 @@ def test_logprobs_of_reports_model_distribution():
     assert chosen.item() == pytest.approx(math.log(0.25))
     assert top_ids.tolist() == [[1, 0]]
     assert top_lp[0].exp().tolist() == pytest.approx([0.75, 0.25])
+
+
+def test_top_p_candidate_shortcut_is_exact():
+    torch.manual_seed(0)
+    for logits in (torch.randn(4, 5000) * 8, torch.randn(4, 5000)):  # peaky, then flat (fallback)
+        fast = S.top_p_filter(logits, 0.9, candidates=64)
+        assert torch.equal(fast, S.top_p_filter(logits, 0.9, candidates=5000))

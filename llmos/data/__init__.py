@@ -1,0 +1,1 @@
+"""Corpus -> clean documents -> deduplicated -> split -> token shards (`llmos prepare`)."""
