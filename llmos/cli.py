@@ -360,6 +360,8 @@ def list_models(as_json: Annotated[bool, typer.Option("--json")] = False):
 
 
 def main():
+    import llmos.cli_train  # noqa: F401  (registers prepare, ngram, train, export, embed)
+
     try:
         app()
     except KeyboardInterrupt:

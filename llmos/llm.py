@@ -187,6 +187,24 @@ class LLM:
             pass
         return result
 
+    def embed(self, texts: list[str]):
+        """One L2-normalised vector per text: the mean of the final hidden states over its tokens
+        (for models trained with --objective mlm, their sentence embedding)."""
+        import torch
+
+        ids = [self.tokenizer.encode(t, add_bos=False)[: self.context_window] or [0] for t in texts]
+        with torch.inference_mode():
+            if self.model.config.causal:
+                # right padding: a causal model's real tokens never see the padded tail
+                width = max(len(i) for i in ids)
+                batch = torch.tensor([i + [0] * (width - len(i)) for i in ids])
+                mask = torch.tensor([[1.0] * len(i) + [0.0] * (width - len(i)) for i in ids])
+                hidden = self.model(batch, return_hidden=True).float()
+                out = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+            else:  # a bidirectional model would attend to padding, so texts go one by one
+                out = torch.stack([self.model(torch.tensor([i]), return_hidden=True).float().mean(1)[0] for i in ids])
+        return torch.nn.functional.normalize(out, dim=-1)
+
     def beam_search(self, prompt: str | list[dict], beams: int, max_tokens: int = 256, n: int = 1,
                     length_penalty: float = 1.0, chat: bool | None = None, truncate: str = "error") -> Result:
         """The n most likely continuations found by beam search (deterministic)."""

@@ -313,6 +313,7 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         kv_len: int | None = None,
         last_only: bool = False,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Logits (float32) for idx: (B, T) token ids.
 
@@ -322,7 +323,8 @@ class Transformer(nn.Module):
           and decoding candidates in lockstep);
         - input_pos (B, T): each row's own positions, all below kv_len (continuous batching).
         Positions must be below config.max_seq_len; the engine checks. last_only returns
-        (B, 1, V): prefill only needs the next token's distribution.
+        (B, 1, V): prefill only needs the next token's distribution. return_hidden gives the
+        final normalised hidden states (B, T, C) instead of logits (text embeddings).
         """
         c = self.config
         B, T = idx.shape
@@ -348,6 +350,8 @@ class Transformer(nn.Module):
             x = block(x, *plan[kind], cache, input_pos)
         if last_only:
             x = x[:, -1:]
+        if return_hidden:
+            return self.norm(x)
         return self.lm_head(self.norm(x)).float()
 
     def _span(self, input_pos, kv_len: int, window: int | None, shared: bool, no_cache: bool):
@@ -371,5 +375,3 @@ class Transformer(nn.Module):
         return AttnSpan(first_key, kv_len, mask, shared=shared)
 
 
-def save_config(config: ModelConfig, path: Path, **extra):
-    path.write_text(json.dumps({"model": config.to_dict(), **extra}, indent=2, ensure_ascii=False))

@@ -295,6 +295,8 @@ def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False)
     models are pulled and GGUF files converted on first use."""
     name = str(name_or_path or DEFAULT_MODEL)
     path = Path(name).expanduser()
+    if path.is_dir() and (path / "LATEST").is_file():  # a training run: its newest checkpoint
+        path = path / (path / "LATEST").read_text().strip()
     if path.is_dir():
         if not is_checkpoint(path):
             raise ModelError(f"{path} is not a checkpoint folder: it needs config.json and model.safetensors")

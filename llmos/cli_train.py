@@ -1,0 +1,246 @@
+"""`llmos prepare | ngram | train | export | embed`: thin commands over llmos.data, llmos.ngram,
+llmos.train and llmos.export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmos.cli import app, err, fail, load_llm, out
+
+
+@app.command()
+def prepare(
+    inputs: Annotated[list[str], typer.Argument(help="Files, folders and globs of .txt, .md and .jsonl (a 'text' field).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Dataset folder to write.")],
+    tokenizer: Annotated[str, typer.Option(help="'char', 'bpe', or a model whose tokenizer to reuse (for fine-tuning).")] = "char",
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size for --tokenizer bpe.")] = 8192,
+    val_fraction: Annotated[float, typer.Option(help="Share of the text held out for validation.")] = 0.1,
+    separator: Annotated[Optional[str], typer.Option(help="A line equal to this splits text files into records (e.g. '%').")] = None,
+    no_dedup: Annotated[bool, typer.Option("--no-dedup", help="Keep exact and near-duplicate documents.")] = False,
+    near_dup_threshold: Annotated[float, typer.Option(help="Estimated Jaccard similarity above which a document is a near duplicate.")] = 0.8,
+    lowercase: Annotated[bool, typer.Option(help="Lowercase everything (off: it costs a generative model its capitals).")] = False,
+    remove_stopwords: Annotated[bool, typer.Option(help="Drop English stopwords (off: the model would learn to write without them).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 1337,
+):
+    """Clean, deduplicate, split and tokenize a corpus into memory-mapped token shards.
+
+    Examples:
+
+      llmos prepare ../shared/data/tinyshakespeare.txt -o data/shake --tokenizer char
+
+      llmos prepare my_poems/ notes.jsonl -o data/mine --tokenizer bpe --vocab-size 4096
+
+      llmos prepare letters/ -o data/ft --tokenizer smollm2-135m-instruct
+    """
+    from llmos.cli import PullProgress
+    from llmos.data.prepare import PrepareConfig, PrepareError, prepare as run
+
+    cfg = PrepareConfig([str(i) for i in inputs], str(output), tokenizer, vocab_size, val_fraction, seed, separator,
+                        not no_dedup, near_dup_threshold, lowercase, remove_stopwords)
+    progress = PullProgress()
+    try:
+        report = run(cfg, progress)
+    except (PrepareError, ValueError) as e:
+        progress.close()
+        fail(str(e))
+    progress.close()
+    from rich.table import Table
+
+    table = Table("", "", title=f"prepared {output}", show_header=False)
+    for key in ("files", "documents_read", "exact_duplicates_removed", "near_duplicates_removed", "documents_kept",
+                "train_documents", "val_documents", "train_tokens", "val_tokens", "vocab_size"):
+        table.add_row(key.replace("_", " "), f"{report[key]:,}")
+    out.print(table)
+    for s in report["skipped"]:
+        err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
+
+
+@app.command()
+def ngram(
+    data: Annotated[Path, typer.Argument(help="A folder written by `llmos prepare`.")],
+    order: Annotated[int, typer.Option(help="n of the n-gram model.")] = 5,
+):
+    """The classical baseline: an interpolated Kneser-Ney n-gram model's validation perplexity."""
+    from llmos.ngram import evaluate_dataset
+    from llmos.train.data import DataError
+
+    try:
+        r = evaluate_dataset(data, order)
+    except (DataError, ValueError) as e:
+        fail(str(e))
+    out.print(f"{order}-gram Kneser-Ney: validation loss {r['val_loss']:.4f} nats/token, "
+              f"perplexity {r['val_perplexity']:.2f} ({r['train_tokens']:,} train / {r['val_tokens']:,} val tokens)",
+              highlight=False)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    from llmos.model import ModelConfig
+
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--set takes FIELD=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        if key not in known:
+            fail(f"unknown model field {key!r}; fields: {', '.join(sorted(known))}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="A folder written by `llmos prepare`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder: checkpoints, metrics.jsonl, loss.png.")],
+    preset: Annotated[Optional[str], typer.Option(help="Model size: baby-gpt, tiny, small, base.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="A YAML file of training options (a 'model:' mapping overrides model fields).")] = None,
+    set_: Annotated[list[str], typer.Option("--set", help="Override a model field, e.g. --set n_layer=6 --set dropout=0.1.")] = [],
+    init_from: Annotated[Optional[str], typer.Option(help="Start from this model's weights (fine-tuning).")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="clm (next token) or mlm (masked tokens, an encoder).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step and process.")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Context length in training (default: the model's).")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    time_limit: Annotated[Optional[str], typer.Option(help="Stop after this long, e.g. 90s, 5m, 1h (the schedule follows the clock).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    min_lr: Annotated[Optional[float], typer.Option(help="Final learning rate (default lr/10).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option()] = None,
+    weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm (0 = off).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
+    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validation, samples and checkpoints.")] = None,
+    eval_iters: Annotated[Optional[int], typer.Option(help="Batches per validation estimate.")] = None,
+    log_interval: Annotated[Optional[int], typer.Option(help="Steps between lines in metrics.jsonl.")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --output where it stopped.")] = False,
+):
+    """Train a Transformer on a prepared dataset, from scratch or from a pretrained model.
+
+    Runs unchanged under torchrun for several processes or machines. Examples:
+
+      llmos train data/shake -o runs/shake --preset tiny --time-limit 5m
+
+      llmos train data/shake -o runs/shake --resume
+
+      torchrun --nproc_per_node=2 -m llmos train data/shake -o runs/ddp --preset tiny
+    """
+    import yaml
+
+    from llmos.train.trainer import TrainConfig, TrainError, Trainer, parse_duration
+
+    values: dict = {}
+    if config is not None:
+        try:
+            loaded = yaml.safe_load(config.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            fail(f"cannot read {config}: {e}")
+        if not isinstance(loaded, dict):
+            fail(f"{config} must hold a mapping of training options")
+        values.update(loaded)
+    model_over = {**values.pop("model", {}), **_overrides(set_)}
+    flags = dict(preset=preset, init_from=init_from, objective=objective, batch_size=batch_size,
+                 block_size=block_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr, min_lr=min_lr,
+                 warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype,
+                 eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval, seed=seed)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        if time_limit is not None:
+            values["time_limit"] = parse_duration(time_limit)
+        elif "time_limit" in values and isinstance(values["time_limit"], str):
+            values["time_limit"] = parse_duration(values["time_limit"])
+        if resume and output.exists() and not (preset or config or set_ or init_from or objective):
+            values = {**_saved_train_config(output), **{k: v for k, v in values.items() if k in ("max_steps", "time_limit")}}
+            model_over = values.pop("model", {})
+        cfg = TrainConfig.from_dict({**values, "model": model_over})
+        trainer = Trainer(data, output, cfg, resume=resume)
+    except (TrainError, ValueError, TypeError) as e:
+        fail(str(e))
+    _run_with_progress(trainer)
+
+
+def _saved_train_config(run_dir: Path) -> dict:
+    from llmos.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return {}
+    return json.loads((ckpt / "config.json").read_text()).get("train", {})
+
+
+def _run_with_progress(trainer):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from llmos.train.trainer import TrainError
+
+    cfg = trainer.cfg
+    main = trainer.d.main
+    mc = trainer.model_config
+    if main:
+        err.print(f"model: {mc.n_layer} layers, {mc.n_head} heads, width {mc.d_model}, context {trainer.block}, "
+                  f"{trainer.model.num_params() / 1e6:.2f}M parameters; {trainer.d.world} process(es) on {trainer.d.device}",
+                  highlight=False)
+    progress = Progress(TextColumn("step {task.fields[step]}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err, disable=not main)
+    task = progress.add_task("train", total=1000, step=trainer.step, loss="-", tps="-")
+
+    def on_log(r):
+        progress.update(task, completed=int(1000 * trainer.progress()), step=r["step"], loss=f"{r['loss']:.4f}",
+                        tps=f"{r['tokens_per_s']:,.0f}")
+
+    def on_eval(m):
+        if main:
+            progress.console.print(f"step {m['step']}: val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f}), "
+                                   f"train loss {m['train_loss']:.4f}", highlight=False)
+            if m.get("sample"):
+                progress.console.print(f"[dim]{m['sample'][:400]}[/]", highlight=False, markup=True)
+
+    trainer.on_log, trainer.on_eval = on_log, on_eval
+    try:
+        with progress:
+            final = trainer.run()
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped[/] (Ctrl-C); the last checkpoint is intact: continue with --resume")
+        raise typer.Exit(130)
+    except TrainError as e:
+        fail(str(e))
+    finally:
+        trainer.close()
+    if main:
+        err.print(f"[green]done:[/] step {final['step']}, val loss {final['val_loss']:.4f} "
+                  f"(ppl {final['val_ppl']:.2f}); checkpoint in {trainer.out}", highlight=False)
+
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Argument(help="A run folder, checkpoint folder or model name.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="hf: a Hugging Face Llama folder.")] = "hf",
+):
+    """Export a model so other engines (transformers, vLLM, TGI, llama.cpp's converter) can serve it."""
+    from llmos import models
+    from llmos.export import ExportError, export as run_export
+
+    try:
+        path = run_export(models.resolve(run), output, fmt)
+    except (ExportError, models.ModelError) as e:
+        fail(str(e))
+    err.print(f"[green]exported[/] to {path}", highlight=False)
+
+
+@app.command()
+def embed(
+    texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model (an --objective mlm run embeds best).")] = None,
+):
+    """Print one L2-normalised vector per text (mean of the final hidden states), as JSON."""
+    llm = load_llm(model, "fp32")
+    vectors = llm.embed(texts)
+    print(json.dumps({"model": llm.name, "dim": vectors.shape[1], "embeddings": [[round(x, 6) for x in v.tolist()] for v in vectors]}))

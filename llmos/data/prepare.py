@@ -1,0 +1,213 @@
+"""`llmos prepare`: corpus -> clean documents -> deduplicated -> train/val split -> tokenizer ->
+memory-mapped token shards, with a report of what was kept, removed and skipped.
+
+Output folder:
+  train_000.bin, ...   token ids (uint16 when the vocabulary fits, else uint32), documents
+  val_000.bin, ...     joined by the end-of-text token
+  tokenizer.json       HF tokenizers
+  meta.json            vocabulary, dtype, shards, special tokens, the options used
+  report.json          documents, tokens, duplicates removed, files skipped and why
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llmos.data.clean import CleanOptions, Document, expand_inputs, read_documents
+from llmos.data.dedup import MinHasher, exact_key, near_duplicates
+
+
+class PrepareError(ValueError):
+    """The corpus or the options cannot produce a dataset; the message says why."""
+
+
+@dataclass
+class PrepareConfig:
+    inputs: list[str]
+    out: str
+    tokenizer: str = "char"  # "char", "bpe", or a model name/path whose tokenizer to reuse
+    vocab_size: int = 8192  # for "bpe"
+    val_fraction: float = 0.1
+    seed: int = 1337
+    separator: str | None = None
+    dedup: bool = True
+    near_dup_threshold: float = 0.8
+    lowercase: bool = False
+    remove_stopwords: bool = False
+    shard_tokens: int = 50_000_000
+    report: dict = field(default_factory=dict, repr=False)
+
+    def validate(self):
+        if not self.inputs:
+            raise PrepareError("give at least one input file, folder or glob pattern")
+        if not 0 < self.val_fraction < 1:
+            raise PrepareError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if not 0 < self.near_dup_threshold <= 1:
+            raise PrepareError(f"--near-dup-threshold must be in (0, 1], got {self.near_dup_threshold}")
+
+
+def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split by document, seeded. A corpus of fewer than 10 documents (one long text, say) is
+    split inside each document instead: its last `fraction` of lines goes to validation."""
+    if len(docs) >= 10:
+        order = list(range(len(docs)))
+        random.Random(seed).shuffle(order)
+        total = sum(len(d.text) for d in docs)
+        val, size = set(), 0
+        for i in order:
+            if size >= fraction * total:
+                break
+            val.add(i)
+            size += len(docs[i].text)
+        if len(val) < len(docs):
+            return [d.text for i, d in enumerate(docs) if i not in val], [docs[i].text for i in sorted(val)]
+    train, val = [], []
+    for d in docs:
+        cut = d.text.rfind("\n", 0, int(len(d.text) * (1 - fraction)))
+        cut = cut + 1 if cut > 0 else int(len(d.text) * (1 - fraction))
+        train.append(d.text[:cut])
+        if d.text[cut:].strip():
+            val.append(d.text[cut:])
+    return train, val
+
+
+def build_tokenizer(cfg: PrepareConfig, train: list[str], val: list[str]):
+    from llmos.data import vocab
+
+    if cfg.tokenizer == "char":
+        tok = vocab.char_tokenizer(train + val)  # nanoGPT's char level: every character has a token
+        return tok, vocab.tokenizer_meta("char", tok), None
+    if cfg.tokenizer == "bpe":
+        tok = vocab.bpe_tokenizer(train, cfg.vocab_size)
+        return tok, vocab.tokenizer_meta("bpe", tok), None
+    from llmos import models
+    from llmos.tokenizer import Tokenizer
+
+    try:
+        path = models.resolve(cfg.tokenizer)
+    except models.ModelError as e:
+        raise PrepareError(f"--tokenizer must be 'char', 'bpe' or a model: {e}") from None
+    meta = json.loads((path / "config.json").read_text())
+    tok = Tokenizer.from_dir(path, meta)
+    info = dict(meta.get("tokenizer", {}), kind=f"model:{meta.get('name', path.name)}")
+    return tok.hf, info, meta
+
+
+def write_shards(out: Path, split: str, ids: np.ndarray, shard_tokens: int) -> list[dict]:
+    shards = []
+    for k, start in enumerate(range(0, max(len(ids), 1), shard_tokens)):
+        part = ids[start : start + shard_tokens]
+        name = f"{split}_{k:03d}.bin"
+        mm = np.memmap(out / name, dtype=ids.dtype, mode="w+", shape=(len(part),))
+        mm[:] = part
+        mm.flush()
+        del mm
+        shards.append({"file": name, "tokens": int(len(part))})
+    return shards
+
+
+def encode(tok, texts: list[str], eos_id: int | None, dtype) -> np.ndarray:
+    if not texts:
+        return np.zeros(0, dtype=dtype)
+    pieces = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        pieces.append(np.asarray(enc.ids, dtype=dtype))
+        if eos_id is not None:
+            pieces.append(np.asarray([eos_id], dtype=dtype))
+    return np.concatenate(pieces)
+
+
+def prepare(cfg: PrepareConfig, progress=None) -> dict:
+    """Run the whole pipeline; return the report (also written to report.json)."""
+    report_progress = progress or (lambda *a: None)
+    cfg.validate()
+    out = Path(cfg.out)
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
+        raise PrepareError(f"{out} exists and is not a prepared dataset; choose an empty or new -o folder")
+    files, problems = expand_inputs(cfg.inputs)
+    if not files:
+        detail = "; ".join(f"{i}: {r}" for i, r in problems) or "nothing given"
+        raise PrepareError(f"no input files found ({detail})")
+    skipped: list[tuple[str, str]] = list(problems)
+    options = CleanOptions(cfg.separator, cfg.lowercase, cfg.remove_stopwords)
+    docs: list[Document] = []
+    for i, path in enumerate(files):
+        docs.extend(read_documents([path], options, skipped))
+        report_progress("Reading", i + 1, len(files))
+    read = len(docs)
+    exact_removed = near_removed = 0
+    if cfg.dedup:
+        seen, unique = set(), []
+        for d in docs:
+            key = exact_key(d.text)
+            if key not in seen:
+                seen.add(key)
+                unique.append(d)
+        exact_removed = len(docs) - len(unique)
+        hasher = MinHasher(seed=cfg.seed)
+        sigs = []
+        for i, d in enumerate(unique):
+            sigs.append(hasher.signature(d.text))
+            if i % 64 == 0 or i == len(unique) - 1:
+                report_progress("Deduplicating", i + 1, len(unique))
+        drop = near_duplicates(sigs, cfg.near_dup_threshold)
+        near_removed = len(drop)
+        docs = [d for i, d in enumerate(unique) if i not in drop]
+    if not docs:
+        reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5])
+        raise PrepareError(f"the corpus is empty after reading and cleaning ({reasons or 'no text'})")
+    train_texts, val_texts = split_documents(docs, cfg.val_fraction, cfg.seed)
+    report_progress("Tokenizer", 0, 1)
+    tok, tok_info, source_meta = build_tokenizer(cfg, train_texts, val_texts)
+    report_progress("Tokenizer", 1, 1)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
+    eos = tok_info.get("eos_token")
+    eos_id = tok.token_to_id(eos) if eos else None
+    report_progress("Tokenizing", 0, 2)
+    train_ids = encode(tok, train_texts, eos_id, dtype)
+    report_progress("Tokenizing", 1, 2)
+    val_ids = encode(tok, val_texts, eos_id, dtype)
+    report_progress("Tokenizing", 2, 2)
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {
+        "vocab_size": vocab_size,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": tok_info,
+        "eos_id": eos_id,
+        "mask_id": tok.token_to_id(tok_info["mask_token"]) if tok_info.get("mask_token") else None,
+        "train": write_shards(tmp, "train", train_ids, cfg.shard_tokens),
+        "val": write_shards(tmp, "val", val_ids, cfg.shard_tokens),
+        "prepare": {k: v for k, v in asdict(cfg).items() if k != "report"},
+    }
+    if source_meta is not None:  # keep the source model's prompt style for fine-tuning
+        meta["prompt_style"] = source_meta.get("prompt_style")
+    tok.save(str(tmp / "tokenizer.json"))
+    report = {
+        "files": len(files),
+        "documents_read": read,
+        "exact_duplicates_removed": exact_removed,
+        "near_duplicates_removed": near_removed,
+        "documents_kept": len(docs),
+        "train_documents": len(train_texts),
+        "val_documents": len(val_texts),
+        "train_tokens": int(len(train_ids)),
+        "val_tokens": int(len(val_ids)),
+        "vocab_size": vocab_size,
+        "skipped": [{"file": f, "reason": r} for f, r in skipped],
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return report

@@ -1,0 +1,1 @@
+"""Training: token data, the one training loop, checkpoints."""

@@ -1,0 +1,514 @@
+"""`llmos train`: the one training loop, for causal LM (default) and masked LM objectives.
+
+AdamW (weight decay on matrices and embeddings only), linear warmup then cosine decay,
+gradient clipping and accumulation, optional bfloat16 autocast, periodic validation with
+perplexity and samples, `--time-limit` and `--max-steps`. Runs unchanged under `torchrun`
+(DistributedDataParallel: gloo on CPU, nccl on GPU; rank 0 logs and saves).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmos.model import ModelConfig, Transformer
+from llmos.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, save_checkpoint
+from llmos.train.data import TokenData
+
+
+class TrainError(ValueError):
+    """Bad options, an unusable dataset, or a run folder that belongs to another run."""
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 6}
+    init_from: str | None = None  # start from a model's weights (fine-tuning)
+    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional
+    batch_size: int = 12
+    block_size: int | None = None  # context length in training; default: the model's
+    grad_accum: int = 1
+    max_steps: int = 5000
+    time_limit: float | None = None  # seconds
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # "auto" (bf16 on GPUs that have it, fp32 on CPU), "fp32", "bf16"
+    eval_interval: int = 250
+    eval_iters: int = 20
+    sample_tokens: int = 200
+    log_interval: int = 10
+    keep_checkpoints: int = 1
+    seed: int = 1337
+    mask_prob: float = 0.15
+
+    def validate(self):
+        def check(ok, message):
+            if not ok:
+                raise TrainError(message)
+
+        check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
+        check(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        check(self.block_size is None or self.block_size >= 2, f"block_size must be at least 2, got {self.block_size}")
+        check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
+        check(self.min_lr is None or 0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 turns it off), got {self.grad_clip}")
+        check(self.time_limit is None or self.time_limit > 0, f"time_limit must be positive, got {self.time_limit}")
+        check(0 < self.mask_prob < 1, f"mask_prob must be in (0, 1), got {self.mask_prob}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TrainError(f"unknown training option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '1.5h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise TrainError(f"cannot read duration {text!r}: use e.g. 90s, 5m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+# --- distributed -----------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed() -> Dist:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=device)
+    import torch.distributed as dist
+
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+        # the processes of one machine share its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group(backend=backend)
+    return Dist(rank, world, local, device)
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.enabled:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world
+    return value
+
+
+# --- the model, optimizer and schedule -------------------------------------------------------
+
+
+def build_model_config(cfg: TrainConfig, data: TokenData) -> tuple[ModelConfig, dict | None]:
+    """The model to train: a preset with overrides, or the config of --init-from's model."""
+    if cfg.init_from:
+        from llmos import models
+
+        try:
+            path = models.resolve(cfg.init_from)
+        except models.ModelError as e:
+            raise TrainError(str(e)) from None
+        meta = json.loads((path / "config.json").read_text())
+        mc = ModelConfig.from_dict({**meta["model"], **cfg.model})
+        if mc.vocab_size != data.vocab_size:
+            raise TrainError(
+                f"--init-from {cfg.init_from} has a vocabulary of {mc.vocab_size} but the dataset's is "
+                f"{data.vocab_size}: prepare the data with --tokenizer {cfg.init_from}"
+            )
+        return mc, {"path": str(path), "meta": meta}
+    try:
+        mc = ModelConfig.from_name(cfg.preset, **{**cfg.model, "vocab_size": data.vocab_size})
+    except (TypeError, ValueError) as e:
+        raise TrainError(f"model config: {e}") from None
+    if cfg.objective == "mlm":
+        mc.causal = False
+    return mc, None
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def learning_rate(cfg: TrainConfig, progress: float, step: int) -> float:
+    """Linear warmup over warmup_steps, then cosine from lr to min_lr as progress goes 0 -> 1."""
+    min_lr = cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def mask_tokens(x: torch.Tensor, mask_id: int, vocab: int, prob: float, generator: torch.Generator):
+    """BERT's recipe: choose prob of the positions; of those 80% become the mask token, 10% a
+    random token, 10% stay. Targets are the original tokens there and -100 elsewhere."""
+    chosen = torch.rand(x.shape, generator=generator) < prob
+    targets = torch.where(chosen, x, torch.full_like(x, -100))
+    r = torch.rand(x.shape, generator=generator)
+    inputs = torch.where(chosen & (r < 0.8), torch.full_like(x, mask_id), x)
+    random_tokens = torch.randint(vocab, x.shape, generator=generator)
+    inputs = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_tokens, inputs)
+    return inputs, targets
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if cfg.dtype == "bf16":
+        return torch.bfloat16
+    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None  # measured slower on CPUs without native bfloat16 (docs/benchmarks.md)
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False,
+                 on_log=None, on_eval=None):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out_dir)
+        self.d = setup_distributed()
+        self.on_log, self.on_eval = on_log or (lambda m: None), on_eval or (lambda m: None)
+        try:
+            self.data = TokenData(data_dir)
+        except Exception as e:
+            raise TrainError(str(e)) from None
+        self.checkpoint = None
+        try:
+            self.checkpoint = latest_checkpoint(self.out)
+        except CheckpointError as e:
+            raise TrainError(str(e)) from None
+        if self.checkpoint is not None and not resume:
+            raise TrainError(f"{self.out} already holds a training run ({self.checkpoint.name}); "
+                             f"pass --resume to continue it, or choose another -o folder")
+        if self.checkpoint is not None:
+            saved = json.loads((self.checkpoint / "config.json").read_text())
+            self._check_same_run(saved)
+        self.model_config, self.init = build_model_config(cfg, self.data)
+        if cfg.objective == "mlm" and self.data.meta.get("mask_id") is None:
+            raise TrainError("--objective mlm needs a mask token: prepare the data with --tokenizer char or bpe")
+        self.block = cfg.block_size or self.model_config.max_seq_len
+        if self.block > self.model_config.max_seq_len:
+            raise TrainError(f"block_size {self.block} exceeds the model's context ({self.model_config.max_seq_len})")
+        for split in ("train", "val"):
+            try:
+                self.data.check(split, self.block)
+            except Exception as e:
+                raise TrainError(str(e)) from None
+        torch.manual_seed(cfg.seed)
+        self.model = Transformer(self.model_config).to(self.d.device)
+        if self.init is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(str(Path(self.init["path"]) / "model.safetensors"))
+            if self.model_config.tie_embeddings:
+                state["lm_head.weight"] = state["embed.weight"]
+            self.model.load_state_dict(state)
+        self.optimizer = configure_optimizer(self.model, cfg, self.d.device)
+        self.data_gen = torch.Generator().manual_seed(cfg.seed)
+        self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.best_val = float("inf")
+        if self.checkpoint is not None:
+            self._restore()
+        self.ddp = self.model
+        if self.d.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.model, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None)
+        self.amp = autocast_dtype(cfg, self.d.device)
+
+    def _check_same_run(self, saved: dict):
+        train = saved.get("train", {})
+        mine = asdict(self.cfg)
+        for key in ("preset", "model", "objective", "init_from", "block_size", "seed", "batch_size", "grad_accum"):
+            if key in train and train[key] != mine[key]:
+                raise TrainError(
+                    f"{self.out} holds a run with {key}={train[key]!r}, not {mine[key]!r}; resume it with its "
+                    f"own settings, or choose another -o folder"
+                )
+        if saved.get("data", {}).get("vocab_size") not in (None, self.data.vocab_size):
+            raise TrainError(f"{self.out} was trained on a dataset with another vocabulary; use the same data")
+
+    def _restore(self):
+        from safetensors.torch import load_file
+
+        state = load_file(str(self.checkpoint / "model.safetensors"))
+        if self.model_config.tie_embeddings:
+            state["lm_head.weight"] = state["embed.weight"]
+        self.model.load_state_dict(state)
+        ts = load_train_state(self.checkpoint)
+        self.optimizer.load_state_dict(ts["optimizer"])
+        self.step, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
+        self.elapsed_before, self.best_val = float(ts["elapsed_s"]), float(ts["best_val"])
+        self.data_gen.set_state(ts["data_rng"])
+        self.mask_gen.set_state(ts["mask_rng"])
+        torch.set_rng_state(ts["torch_rng"])
+
+    # -- pieces of a step --
+
+    def _loss(self, x, y):
+        if self.cfg.objective == "mlm":
+            x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, self.mask_gen)
+        x, y = x.to(self.d.device), y.to(self.d.device)
+        with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            logits = self.ddp(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+
+    def _rows(self) -> slice:
+        B = self.cfg.batch_size
+        return slice(self.d.rank * B, (self.d.rank + 1) * B)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        gen = torch.Generator().manual_seed(self.cfg.seed + 2)  # the same batches every evaluation
+        mask_gen = torch.Generator().manual_seed(self.cfg.seed + 3)
+        out = {}
+        for split in ("train", "val"):
+            losses = []
+            for _ in range(self.cfg.eval_iters):
+                x, y = self.data.batch(split, self.cfg.batch_size * self.d.world, self.block, gen, self._rows())
+                if self.cfg.objective == "mlm":
+                    x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, mask_gen)
+                logits = self.model(x.to(self.d.device))
+                losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.d.device).reshape(-1),
+                                              ignore_index=-100))
+            out[f"{split}_loss"] = float(all_reduce_mean(torch.stack(losses).mean(), self.d))
+        out["val_ppl"] = math.exp(min(out["val_loss"], 50))
+        self.model.train()
+        return out
+
+    def sample(self) -> str | None:
+        if self.cfg.objective != "clm":
+            return None
+        from llmos.engine.generate import generate
+        from llmos.engine.sampling import SamplingParams
+        from llmos.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(self.data.path, {"tokenizer": self.data.meta["tokenizer"]})
+        val = self.data.shards["val"][0]
+        prompt = [int(t) for t in val[:16]]
+        self.model.eval()
+        n = min(self.cfg.sample_tokens, self.model_config.max_seq_len - len(prompt))
+        seq = generate(self.model, prompt, SamplingParams(temperature=0.8, top_k=50, max_tokens=n, seed=0))[0]
+        self.model.train()
+        return tok.decode(prompt, skip_special=False) + tok.decode(seq.output, skip_special=False)
+
+    def save(self):
+        if not self.d.main:
+            return None
+        tok_meta = self.data.meta["tokenizer"]
+        config = {
+            "model": self.model_config.to_dict(),
+            "name": self.out.name,
+            "license": (self.init or {}).get("meta", {}).get("license", "as the training data"),
+            "description": f"trained with llmos train on {self.data.path}",
+            "source": str(self.data.path),
+            "tokenizer": {k: tok_meta.get(k) for k in ("bos_token", "eos_token", "add_bos_token", "stop_tokens", "mask_token")},
+            "prompt_style": self.data.meta.get("prompt_style") or {"kind": "completion", "chat_template": None},
+            "generation": {"temperature": 0.8, "top_k": 50, "max_tokens": 256},
+            "train": asdict(self.cfg),
+            "data": {"path": str(self.data.path), "vocab_size": self.data.vocab_size},
+            "step": self.step,
+        }
+        train_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t0),
+            "best_val": self.best_val,
+            "data_rng": self.data_gen.get_state(),
+            "mask_rng": self.mask_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        return save_checkpoint(self.out, self.step, self.model.state_dict(), config,
+                               self.data.path / "tokenizer.json", train_state, self.cfg.keep_checkpoints)
+
+    def _log(self, record: dict):
+        if not self.d.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def progress(self) -> float:
+        """How far through the run, 0..1: by steps, or by wall time under a time limit."""
+        p = self.step / self.cfg.max_steps
+        if self.cfg.time_limit:
+            p = max(p, (self.elapsed_before + time.perf_counter() - self.t0) / self.cfg.time_limit)
+        return p
+
+    def run(self, until_step: int | None = None) -> dict:
+        """Train to max_steps (or the time limit); `until_step` pauses earlier with a checkpoint,
+        as an interruption would, without changing the schedule."""
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        self.model.train()
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * self.d.world * self.block
+        last = {}
+        if self.step == 0:
+            last = self._evaluate_and_save(first=True)
+        window_t, window_tokens = time.perf_counter(), 0
+        while self.step < min(cfg.max_steps, until_step or cfg.max_steps) and self.progress() < 1.0:
+            lr = learning_rate(cfg, self.progress(), self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            total = torch.zeros((), device=self.d.device)
+            for micro in range(cfg.grad_accum):
+                x, y = self.data.batch("train", cfg.batch_size * self.d.world, self.block, self.data_gen, self._rows())
+                sync = micro == cfg.grad_accum - 1 or not self.d.enabled
+                ctx = self.ddp.no_sync() if not sync else _null()
+                with ctx:
+                    loss = self._loss(x, y) / cfg.grad_accum
+                    loss.backward()
+                total += loss.detach()
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            else:
+                grad_norm = float("nan")
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens_seen += tokens_per_step
+            window_tokens += tokens_per_step
+            loss_value = float(all_reduce_mean(total, self.d))
+            if not math.isfinite(loss_value):
+                raise TrainError(f"the loss became {loss_value} at step {self.step}: lower --lr, or raise --warmup-steps")
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                now = time.perf_counter()
+                record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                          "tokens": self.tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
+                          "elapsed_s": self.elapsed_before + now - self.t0}
+                window_t, window_tokens = now, 0
+                self._log(record)
+                self.on_log(record)
+            if self.step % cfg.eval_interval == 0:
+                last = self._evaluate_and_save()
+        if not last or last.get("step") != self.step:
+            last = self._evaluate_and_save()
+        last["replicas_identical"] = self._replicas_identical()
+        last["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.t0
+        if self.d.main:
+            self._log({"final": True, **last})
+            plot_metrics(self.out)
+        return last
+
+    def _evaluate_and_save(self, first: bool = False) -> dict:
+        metrics = {"step": self.step, **self.evaluate()}
+        self.best_val = min(self.best_val, metrics["val_loss"])
+        if self.d.main and not first:
+            metrics["sample"] = self.sample()
+            path = self.save()
+            metrics["checkpoint"] = str(path)
+        self._log({k: v for k, v in metrics.items()})
+        self.on_eval(metrics)
+        return metrics
+
+    def _replicas_identical(self) -> bool | None:
+        """Distributed runs: every rank's weights must be bit-identical after training."""
+        if not self.d.enabled:
+            return None
+        import hashlib
+
+        import torch.distributed as dist
+
+        h = hashlib.sha256()
+        for p in self.model.parameters():
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        digests = [None] * self.d.world
+        dist.all_gather_object(digests, h.hexdigest())
+        return len(set(digests)) == 1
+
+    def close(self):
+        if self.d.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plot_metrics(run_dir: Path):
+    """loss.png beside the checkpoints: training loss per logged step, validation per eval."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    steps, losses, vsteps, vlosses = [], [], [], []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r and "final" not in r:
+            steps.append(r["step"])
+            losses.append(r["loss"])
+        if "val_loss" in r and "final" not in r:
+            vsteps.append(r["step"])
+            vlosses.append(r["val_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, losses, label="train (batch)", linewidth=0.8, alpha=0.7)
+    ax.plot(vsteps, vlosses, "o-", label="validation", linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / ".loss.png.tmp"
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(run_dir / "loss.png")

@@ -1,0 +1,212 @@
+"""`llmos train`: the loop, exact resume, atomic checkpoints, distributed runs, MLM, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO
+from llmos.data.prepare import PrepareConfig, prepare
+from llmos.train.checkpoint import latest_checkpoint
+from llmos.train.trainer import TrainConfig, TrainError, Trainer
+
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+TINY = dict(n_layer=2, n_head=2, d_model=32, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def shake(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    src = d / "shake.txt"
+    src.write_text(SHAKESPEARE.read_text()[:60000])
+    prepare(PrepareConfig([str(src)], str(d / "char")))
+    return d / "char"
+
+
+def config(**kw):
+    base = dict(preset="tiny", model=dict(TINY), batch_size=8, block_size=32, max_steps=16, eval_interval=8,
+                eval_iters=2, log_interval=1, warmup_steps=4, lr=3e-3, sample_tokens=16)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_learns_and_writes_a_complete_run(shake, tmp_path):
+    run = tmp_path / "run"
+    final = Trainer(shake, run, config(max_steps=40, eval_interval=20)).run()
+    m = metrics(run)
+    first_val = next(r["val_loss"] for r in m if "val_loss" in r)
+    assert final["val_loss"] < first_val - 0.5  # 4.2 nats for a uniform guess over ~60 chars
+    ckpt = latest_checkpoint(run)
+    assert {p.name for p in ckpt.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"}
+    assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    train_lines = [r for r in m if "tokens_per_s" in r]
+    assert len(train_lines) == 40 and all(r["tokens_per_s"] > 0 for r in train_lines)
+    assert isinstance(final["sample"], str) and len(final["sample"]) > 16
+    # a run folder works wherever a model name does
+    from llmos.llm import LLM
+
+    llm = LLM.load(str(run))
+    out = llm.generate("ROMEO:", llm.sampling(max_tokens=20, seed=1))
+    assert len(out.completions[0].token_ids) == 20
+
+
+def test_resume_continues_exactly(shake, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(shake, straight, config(max_steps=16)).run()
+    halves = tmp_path / "halves"
+    Trainer(shake, halves, config(max_steps=16)).run(until_step=8)
+    # the second half: a new process would do the same; the trainer state comes from disk
+    Trainer(shake, halves, config(max_steps=16), resume=True).run()
+    a = [r for r in metrics(straight) if "tokens_per_s" in r]
+    b = [r for r in metrics(halves) if "tokens_per_s" in r]
+    assert [r["step"] for r in b] == list(range(1, 17))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+    fa, fb = metrics(straight)[-1], metrics(halves)[-1]
+    assert fa["val_loss"] == pytest.approx(fb["val_loss"], abs=1e-5)
+
+
+def test_run_folder_guards(shake, tmp_path):
+    run = tmp_path / "run"
+    Trainer(shake, run, config(max_steps=4, eval_interval=4)).run()
+    with pytest.raises(TrainError, match="--resume"):
+        Trainer(shake, run, config(max_steps=8))
+    with pytest.raises(TrainError, match="model"):
+        Trainer(shake, run, config(max_steps=8, model=dict(TINY, n_layer=3)), resume=True)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(model=dict(TINY, d_model=30, n_head=4)), "divisible by n_head"),
+    (dict(lr=2.0), "lr must be"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(block_size=100), "exceeds the model's context"),
+    (dict(objective="gan"), "objective"),
+])
+def test_bad_training_options(shake, tmp_path, kw, message):
+    with pytest.raises(TrainError, match=message):
+        Trainer(shake, tmp_path / "r", config(**kw))
+
+
+def test_corpus_smaller_than_one_window(tmp_path):
+    (tmp_path / "small.txt").write_text("tiny corpus, just a few words")
+    prepare(PrepareConfig([str(tmp_path / "small.txt")], str(tmp_path / "ds")))
+    with pytest.raises(TrainError, match="fewer than one window"):
+        Trainer(tmp_path / "ds", tmp_path / "r", config(block_size=64))
+
+
+def test_failed_save_keeps_the_last_checkpoint(shake, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    Trainer(shake, run, config(max_steps=4, eval_interval=4)).run()
+    good = latest_checkpoint(run)
+    import safetensors.torch
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        Trainer(shake, run, config(max_steps=8, eval_interval=4), resume=True).run()
+    monkeypatch.undo()
+    assert latest_checkpoint(run) == good
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    from llmos.models import load_checkpoint
+
+    load_checkpoint(good, "fp32")
+
+
+def test_killed_during_training_leaves_a_loadable_checkpoint(shake, tmp_path):
+    """SIGKILL at arbitrary moments of a run that saves every step."""
+    from llmos.models import load_checkpoint
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "llmos", "train", str(shake), "-o", str(run), "--preset", "tiny",
+           "--set", "n_layer=2", "--set", "d_model=32", "--set", "n_head=2", "--set", "max_seq_len=64",
+           "--block-size", "32", "--batch-size", "4", "--max-steps", "100000", "--eval-interval", "1", "--eval-iters", "1"]
+    for delay in (0.05, 0.37, 0.81):
+        before = latest_checkpoint(run)
+        proc = subprocess.Popen(cmd + (["--resume"] if before else []), env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while latest_checkpoint(run) == before and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)  # until this process has written a checkpoint of its own
+        time.sleep(delay)  # then somewhere in the middle of the next steps and saves
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        ckpt = latest_checkpoint(run)
+        assert ckpt is not None
+        load_checkpoint(ckpt, "fp32")
+        torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert int(latest_checkpoint(run).name.split("-")[1]) > 0
+
+
+def test_two_process_ddp_matches_one_process(shake, tmp_path):
+    common = ["--preset", "tiny", "--set", "n_layer=2", "--set", "d_model=32", "--set", "n_head=2",
+              "--set", "max_seq_len=64", "--block-size", "32", "--max-steps", "6", "--eval-interval", "6",
+              "--eval-iters", "2", "--warmup-steps", "2", "--lr", "0.003", "--log-interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "llmos", "train", str(shake), "-o", str(tmp_path / "ddp"), "--batch-size", "4", *common],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "llmos", "train", str(shake), "-o", str(tmp_path / "one"),
+                             "--batch-size", "8", *common], capture_output=True, text=True, env=env, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    a, b = metrics(tmp_path / "ddp"), metrics(tmp_path / "one")
+    assert a[-1]["final"] and a[-1]["replicas_identical"] is True
+    la = [r["loss"] for r in a if "tokens_per_s" in r]
+    lb = [r["loss"] for r in b if "tokens_per_s" in r]
+    assert len(la) == len(lb) == 6
+    assert la == pytest.approx(lb, abs=1e-4)
+    assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-4)
+
+
+def test_masked_lm_and_embeddings(shake, tmp_path):
+    run = tmp_path / "mlm"
+    final = Trainer(shake, run, config(objective="mlm", max_steps=30, eval_interval=30)).run()
+    m = metrics(run)
+    first_val = next(r["val_loss"] for r in m if "val_loss" in r)
+    assert final["val_loss"] < first_val
+    cfg = json.loads((latest_checkpoint(run) / "config.json").read_text())
+    assert cfg["model"]["causal"] is False
+    from llmos.llm import LLM
+
+    llm = LLM.load(str(run), precision="fp32")
+    vecs = llm.embed(["To be, or not to be", "KING HENRY:", "To be, or not to be"])
+    assert vecs.shape == (3, 32)
+    assert torch.allclose(vecs.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert torch.allclose(vecs[0], vecs[2], atol=1e-6)
+    from llmos.export import ExportError, export
+
+    with pytest.raises(ExportError, match="masked-LM"):
+        export(latest_checkpoint(run), tmp_path / "x")
+
+
+def test_export_loads_in_transformers_with_equal_logits(shake, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmos.export import export
+    from llmos.models import load_checkpoint
+
+    run = tmp_path / "run"
+    Trainer(shake, run, config(max_steps=6, eval_interval=6, model=dict(TINY, n_kv_head=1))).run()
+    out = export(latest_checkpoint(run), tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    ours = load_checkpoint(latest_checkpoint(run), "fp32")
+    text = "ROMEO: What light"
+    ids = ours.tokenizer.encode(text)
+    assert tok(text, add_special_tokens=False).input_ids == ids
+    with torch.no_grad():
+        a = ours.model(torch.tensor([ids]))
+        b = hf(torch.tensor([ids])).logits
+    assert (a - b).abs().max().item() < 1e-4
