@@ -259,71 +259,6 @@ def generate(
 
 
 @app.command()
-def write(
-    task: Annotated[str, typer.Argument(help="What to write: story, poem, continue, ... (see `llmos tasks`).")],
-    brief: Annotated[str, typer.Argument(help="What it is about (for `continue`: the text to continue; '-' reads stdin).")],
-    model: ModelOpt = None,
-    var: Annotated[list[str], typer.Option("--var", help="A template variable, KEY=VALUE (repeatable), e.g. --var form=haiku.")] = [],
-    n: Annotated[int, typer.Option("-n", help="Number of candidates.")] = 1,
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
-    top_p: Annotated[Optional[float], typer.Option()] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Make the text reproducible.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    precision: PrecisionOpt = "fp16",
-):
-    """Write a story, a poem, or continue a text, with the task's own prompt and settings.
-
-    Examples:
-
-      llmos write poem "the sea at night"
-
-      llmos write poem "autumn rain" --var form=haiku -n 3 --seed 1
-
-      llmos write continue "The door had been locked for forty years." --max-tokens 120
-    """
-    from llmos.llm import Result
-    from llmos.writing import TaskError
-    from llmos.writing import write as write_task
-
-    if brief == "-":
-        brief = sys.stdin.read()
-    variables = parse_vars(var)
-    llm = load_llm(model, precision)
-    result = Result("", 0, [])
-    try:
-        stream = write_task(llm, task, brief, variables, n=n, result=result, max_tokens=max_tokens,
-                            temperature=temperature, top_p=top_p, seed=seed)
-        first = next(stream, None)
-    except (TaskError, ValueError) as e:
-        fail(str(e))
-
-    def chained():
-        if first is not None:
-            yield first
-        yield from stream
-
-    run_stream(llm, chained(), n, result, as_json)
-
-
-@app.command()
-def tasks():
-    """List the writing tasks (built in, and your own in $LLMOS_HOME/templates)."""
-    from rich.table import Table
-
-    from llmos.writing import TaskError, list_tasks
-
-    try:
-        found = list_tasks()
-    except TaskError as e:
-        fail(str(e))
-    table = Table("task", "description", "variables")
-    for name, t in found.items():
-        table.add_row(name, t.description, ", ".join(t.variables) or "-")
-    out.print(table)
-
-
-@app.command()
 def pull(
     name: Annotated[str, typer.Argument(help="A bundled model name.")] = store.DEFAULT_MODEL,
     force: Annotated[bool, typer.Option(help="Download and convert again even if present.")] = False,
@@ -361,6 +296,7 @@ def list_models(as_json: Annotated[bool, typer.Option("--json")] = False):
 
 def main():
     import llmos.cli_train  # noqa: F401  (registers prepare, ngram, train, export, embed)
+    import llmos.cli_write  # noqa: F401  (registers write, tasks, forms, story)
 
     try:
         app()

@@ -48,6 +48,7 @@ def test_training_learns_and_writes_a_complete_run(shake, tmp_path):
     ckpt = latest_checkpoint(run)
     assert {p.name for p in ckpt.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json", "train_state.pt"}
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     train_lines = [r for r in m if "tokens_per_s" in r]
     assert len(train_lines) == 40 and all(r["tokens_per_s"] > 0 for r in train_lines)
     assert isinstance(final["sample"], str) and len(final["sample"]) > 16

@@ -41,6 +41,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" (EOS, stop token or caller), "length"
     seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for repetition penalty
     counts: torch.Tensor | None = None  # (V,) output token counts, for presence/frequency
+    constraint_state: object = None  # where params.constraint's state machine stands
 
     @classmethod
     def start(cls, prompt: list[int], params: SamplingParams, vocab_size: int, index: int = 0):
@@ -57,6 +58,8 @@ class Sequence:
             seq.seen[torch.tensor(prompt, dtype=torch.long)] = True
         if params.presence_penalty or params.frequency_penalty:
             seq.counts = torch.zeros(vocab_size)
+        if params.constraint is not None:
+            seq.constraint_state = params.constraint.start()
         return seq
 
     @property
@@ -75,6 +78,8 @@ class Sequence:
             self.seen[token] = True
         if self.counts is not None:
             self.counts[token] += 1
+        if self.params.constraint is not None and token not in self.params.stop_token_ids:
+            self.constraint_state = self.params.constraint.advance(self.constraint_state, token)
         if token in self.params.stop_token_ids:
             self.finish_reason = "stop"
         elif len(self.output) >= self.params.max_tokens:
@@ -95,6 +100,9 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         seen = torch.stack([s.seen for s in group]) if group[0].seen is not None else None
         counts = torch.stack([s.counts for s in group]) if group[0].counts is not None else None
         processed = process_logits(sub, params, [s.history for s in group], seen, counts)
+        if params.constraint is not None:
+            allowed = torch.stack([params.constraint.mask(s.constraint_state) for s in group])
+            processed = processed.masked_fill(~allowed[:, : processed.shape[-1]], float("-inf"))
         tokens[rows] = sample(processed, params, [s.generator for s in group])
     for row, seq in enumerate(seqs):
         lp = None

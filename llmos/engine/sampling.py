@@ -7,11 +7,25 @@ Order (as in HF and vLLM): bans and biases -> penalties -> temperature -> trunca
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 NEG_INF = float("-inf")
+
+
+class Constraint(Protocol):
+    """Decoding under a grammar: `mask(state)` gives the allowed next tokens as a (V,) bool
+    tensor, `advance(state, token)` the state after a token. States must be hashable so that
+    masks can be cached; a finished state allows only stop tokens."""
+
+    def start(self) -> Hashable: ...
+
+    def mask(self, state: Hashable) -> torch.Tensor: ...
+
+    def advance(self, state: Hashable, token: int) -> Hashable: ...
 
 
 @dataclass
@@ -31,6 +45,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus the top k
+    dry_multiplier: float = 0.0  # DRY repetition penalty (0: off); see apply_dry
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    constraint: Constraint | None = None  # a state machine that masks tokens (poetic forms)
 
     def __post_init__(self):
         self.validate()
@@ -60,6 +78,9 @@ class SamplingParams:
               f"logprobs must be between 0 and 20, got {self.logprobs}")
         for seq in self.banned_sequences:
             check(len(seq) > 0, "banned_sequences must not contain an empty sequence")
+        check(self.dry_multiplier >= 0, f"dry_multiplier must be >= 0 (0 turns it off), got {self.dry_multiplier}")
+        check(self.dry_base >= 1, f"dry_base must be >= 1, got {self.dry_base}")
+        check(self.dry_allowed_length >= 1, f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}")
 
     @property
     def greedy(self) -> bool:
@@ -106,6 +127,35 @@ def ban_repeated_ngrams(logits: torch.Tensor, histories: list[list[int]], n: int
 
 
 # --- penalties -------------------------------------------------------------------------------
+
+
+def apply_dry(logits: torch.Tensor, histories: list[list[int]], multiplier: float, base: float,
+              allowed_length: int, max_match: int = 64) -> torch.Tensor:
+    """DRY ("don't repeat yourself"): if the text ends with a sequence that occurred before, the
+    token that followed it then is penalised by multiplier * base ** (match - allowed_length),
+    where match is the length of the repeated suffix. Longer repeats are punished exponentially
+    harder; short common phrases (up to allowed_length tokens) go free."""
+    if multiplier <= 0:
+        return logits
+    logits = logits.clone()
+    for row, h in enumerate(histories):
+        n = len(h)
+        if n < 2:
+            continue
+        last = h[-1]
+        penalties: dict[int, int] = {}
+        for i in range(n - 1):  # every earlier occurrence of the last token
+            if h[i] != last:
+                continue
+            length = 1
+            while length < max_match and i - length >= 0 and h[i - length] == h[n - 1 - length]:
+                length += 1
+            nxt = h[i + 1]
+            penalties[nxt] = max(penalties.get(nxt, 0), length)
+        for token, length in penalties.items():
+            if length >= allowed_length:
+                logits[row, token] -= multiplier * base ** (length - allowed_length)
+    return logits
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -223,7 +273,7 @@ def process_logits(
         logits = apply_presence_frequency(
             logits, counts, params.presence_penalty, params.frequency_penalty
         )
-    return logits
+    return apply_dry(logits, histories, params.dry_multiplier, params.dry_base, params.dry_allowed_length)
 
 
 def sample(

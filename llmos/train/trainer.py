@@ -256,6 +256,7 @@ class Trainer:
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.best_val = float("inf")
+        self.tensorboard = None
         if self.checkpoint is not None:
             self._restore()
         self.ddp = self.model
@@ -378,6 +379,18 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard is None:
+            try:  # TensorBoard logs too, when the tensorboard package is installed
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self.tensorboard = False
+        if self.tensorboard and "step" in record:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
 
     def progress(self) -> float:
         """How far through the run, 0..1: by steps, or by wall time under a time limit."""
@@ -468,6 +481,8 @@ class Trainer:
         return len(set(digests)) == 1
 
     def close(self):
+        if self.tensorboard:
+            self.tensorboard.close()
         if self.d.enabled:
             import torch.distributed as dist
 

@@ -1,5 +1,7 @@
-"""Creative writing tasks: prompt templates (data files) rendered for instruct or base models."""
+"""Creative writing: tasks as YAML templates (English and Chinese), poetic forms kept by
+constrained decoding, story mode with Memory, Author's Note and Lorebook, candidate ranking,
+and long form (outline -> chapters)."""
 
-from llmos.writing.tasks import Task, TaskError, list_tasks, load_task, render, write
+from llmos.writing.tasks import Task, TaskError, WriteRequest, list_tasks, load_task, prepare_write, render, write
 
-__all__ = ["Task", "TaskError", "list_tasks", "load_task", "render", "write"]
+__all__ = ["Task", "TaskError", "WriteRequest", "list_tasks", "load_task", "prepare_write", "render", "write"]

@@ -1,12 +1,15 @@
-"""Writing tasks are data: a YAML file per task, with an instruct-model prompt (chat messages)
-and a base-model prompt (few-shot completion), variables and default sampling settings.
+"""Writing tasks are data: one YAML file per task, with an English and a Chinese section, each
+holding a prompt for instruct models (chat messages) and one for base models (a few-shot
+completion prompt), plus variables, default sampling settings and stop strings.
 
 Built-in tasks live in llmos/writing/templates; a user's own go in $LLMOS_HOME/templates and
-take precedence over built-ins of the same name.
+take precedence over built-ins of the same name. A user file may hold a single language at
+the top level (instruct / base / stop), which then serves both.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,12 @@ import yaml
 from llmos.settings import llmos_home
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
+LANGS = ("en", "zh")
+MULTILINGUAL_MODEL = "gemma3-270m"  # the default for Chinese tasks
+BANNED_PHRASES = [  # stock phrases small models lean on; banned in every task unless allowed
+    "a testament to", "tapestry of", "in the realm of", "a symphony of", "delve into",
+    "it is important to note", "in conclusion", "nestled in", "a kaleidoscope of",
+]
 
 
 class TaskError(ValueError):
@@ -23,14 +32,20 @@ class TaskError(ValueError):
 
 
 @dataclass
+class Prompt:
+    instruct: dict  # {"system"?: template, "user": template}
+    base: str  # template of a completion prompt
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Task:
     name: str
     description: str
-    instruct: dict  # {"system": str?, "user": str}: jinja templates
-    base: str  # jinja template of a completion prompt
+    prompts: dict[str, Prompt]  # by language
     variables: dict = field(default_factory=dict)  # name -> {"default": ..., "help": ...}
     params: dict = field(default_factory=dict)  # default sampling settings
-    stop: list[str] = field(default_factory=list)  # stop strings for the base prompt
+    internal: bool = False  # a stage of a larger pipeline (hidden from `llmos tasks`)
     path: Path | None = None
 
     @classmethod
@@ -41,32 +56,52 @@ class Task:
             raise TaskError(f"{path}: not a readable YAML task file ({e})") from None
         if not isinstance(data, dict):
             raise TaskError(f"{path}: a task file must be a YAML mapping")
-        missing = [k for k in ("description", "instruct", "base") if k not in data]
-        if missing:
-            raise TaskError(f"{path}: missing field(s) {', '.join(missing)}")
-        if not isinstance(data["instruct"], dict) or "user" not in data["instruct"]:
-            raise TaskError(f"{path}: 'instruct' must be a mapping with a 'user' template")
-        unknown = set(data) - {"description", "instruct", "base", "variables", "params", "stop"}
+        known = {"description", "variables", "params", "internal", "en", "zh", "instruct", "base", "stop"}
+        unknown = set(data) - known
         if unknown:
             raise TaskError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}")
-        return cls(
-            name=path.stem, description=str(data["description"]), instruct=data["instruct"],
-            base=str(data["base"]), variables=data.get("variables") or {},
-            params=data.get("params") or {}, stop=list(data.get("stop") or []), path=path,
-        )
+        if "description" not in data:
+            raise TaskError(f"{path}: missing field 'description'")
+        prompts = {}
+        for lang in LANGS:
+            section = data.get(lang)
+            if section is not None:
+                prompts[lang] = _prompt(path, section, lang)
+        if "instruct" in data or "base" in data:
+            single = _prompt(path, data, "top level")
+            for lang in LANGS:
+                prompts.setdefault(lang, single)
+        if not prompts:
+            raise TaskError(f"{path}: needs an 'en' or 'zh' section (or instruct/base at the top level)")
+        variables = data.get("variables") or {}
+        if not isinstance(variables, dict):
+            raise TaskError(f"{path}: 'variables' must be a mapping")
+        return cls(path.stem, str(data["description"]), prompts, variables,
+                   data.get("params") or {}, bool(data.get("internal")), path)
+
+
+def _prompt(path: Path, section: dict, where: str) -> Prompt:
+    if not isinstance(section, dict):
+        raise TaskError(f"{path}: section {where} must be a mapping")
+    missing = [k for k in ("instruct", "base") if k not in section]
+    if missing:
+        raise TaskError(f"{path}: section {where} lacks {', '.join(missing)}")
+    if not isinstance(section["instruct"], dict) or "user" not in section["instruct"]:
+        raise TaskError(f"{path}: 'instruct' in {where} must be a mapping with a 'user' template")
+    return Prompt(section["instruct"], str(section["base"]), list(section.get("stop") or []))
 
 
 def task_dirs() -> list[Path]:
     return [llmos_home() / "templates", BUILTIN_DIR]
 
 
-def list_tasks() -> dict[str, Task]:
+def list_tasks(include_internal: bool = False) -> dict[str, Task]:
     tasks: dict[str, Task] = {}
     for d in reversed(task_dirs()):  # user templates override built-ins
         if d.is_dir():
             for path in sorted(d.glob("*.yaml")):
                 tasks[path.stem] = Task.from_file(path)
-    return dict(sorted(tasks.items()))
+    return {k: t for k, t in sorted(tasks.items()) if include_internal or not t.internal}
 
 
 def load_task(name: str) -> Task:
@@ -74,8 +109,20 @@ def load_task(name: str) -> Task:
         path = d / f"{name}.yaml"
         if path.is_file():
             return Task.from_file(path)
-    known = ", ".join(list_tasks())
-    raise TaskError(f"unknown task {name!r}; tasks: {known}")
+    raise TaskError(f"unknown task {name!r}; tasks: {', '.join(list_tasks())}")
+
+
+def has_han(text: str) -> bool:
+    return bool(re.search(r"[\u3400-\u9fff]", text))
+
+
+def pick_language(brief: str, lang: str | None = None, form: str | None = None) -> str:
+    """--lang if given; Chinese for a Chinese form or a brief written in Chinese; else English."""
+    if lang:
+        if lang not in LANGS:
+            raise TaskError(f"--lang must be one of {', '.join(LANGS)}, got {lang!r}")
+        return lang
+    return "zh" if (form and has_han(form)) or has_han(brief) else "en"
 
 
 def _environment():
@@ -85,38 +132,100 @@ def _environment():
     return ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 
 
-def render(task: Task, brief: str, variables: dict | None = None, chat: bool = True):
+def render(task: Task, brief: str, variables: dict | None = None, chat: bool = True, lang: str = "en"):
     """The prompt for `task`: chat messages (instruct models) or a completion string (base
-    models), with the stop strings that go with it."""
-    from jinja2 import UndefinedError
+    models), and the stop strings that go with it."""
+    from jinja2 import TemplateError, UndefinedError
 
-    values = {k: spec.get("default") for k, spec in task.variables.items() if isinstance(spec, dict)}
+    prompt = task.prompts.get(lang) or next(iter(task.prompts.values()))
+    values = {k: spec.get("default") if isinstance(spec, dict) else spec for k, spec in task.variables.items()}
     values.update(variables or {})
-    values["brief"] = brief
+    values.update(brief=brief, brief_lang="zh" if has_han(brief) else "en", lang=lang)
     missing = [k for k, v in values.items() if v is None]
     if missing:
-        raise TaskError(
-            f"task {task.name!r} needs variable(s) {', '.join(missing)}: pass --var "
-            + " --var ".join(f"{k}=..." for k in missing)
-        )
+        raise TaskError(f"task {task.name!r} needs variable(s) {', '.join(missing)}: pass "
+                        + " ".join(f"--var {k}=..." for k in missing))
     env = _environment()
     try:
         if chat:
             messages = []
-            if task.instruct.get("system"):
-                messages.append({"role": "system", "content": env.from_string(task.instruct["system"]).render(values).strip()})
-            messages.append({"role": "user", "content": env.from_string(task.instruct["user"]).render(values).strip()})
+            if prompt.instruct.get("system"):
+                messages.append({"role": "system", "content": env.from_string(prompt.instruct["system"]).render(values).strip()})
+            messages.append({"role": "user", "content": env.from_string(prompt.instruct["user"]).render(values).strip()})
             return messages, []
-        return env.from_string(task.base).render(values), list(task.stop)
+        return env.from_string(prompt.base).render(values), list(prompt.stop)
     except UndefinedError as e:
         raise TaskError(f"task {task.name!r}: {e.message}; pass it with --var NAME=VALUE") from None
+    except TemplateError as e:
+        raise TaskError(f"task {task.name!r}: template error: {e}") from None
 
 
-def write(llm, task_name: str, brief: str, variables: dict | None = None, n: int = 1,
-          result=None, **overrides) -> Iterator:
-    """Stream the writing of `task_name` about `brief` (deltas, as LLM.stream yields them)."""
-    task = load_task(task_name)
+@dataclass
+class WriteRequest:
+    """Everything `write` needs besides the model; the CLI and the server fill it in."""
+
+    task: str
+    brief: str
+    variables: dict = field(default_factory=dict)
+    lang: str | None = None
+    form: str | None = None
+    n: int = 1
+    overrides: dict = field(default_factory=dict)  # sampling settings
+    banned_phrases: list[str] | None = None  # None: BANNED_PHRASES; [] allows all
+
+
+def prepare_write(llm, req: WriteRequest):
+    """(prompt, SamplingParams, stop strings, form) for a request: template, language, form
+    constraint, banned phrases and the task's sampling presets, in that order of precedence
+    (the request's overrides win)."""
+    from llmos.writing import forms
+
+    task = load_task(req.task)
+    lang = pick_language(req.brief, req.lang, req.form)
+    variables = dict(req.variables)
+    form = None
+    if req.form:
+        form = forms.get_form(req.form)
+        variables["form"] = form.name
+    elif "form" in variables and variables["form"] in forms.FORMS:
+        form = forms.get_form(variables["form"])
     chat = llm.tokenizer.has_chat_template
-    prompt, stops = render(task, brief, variables, chat=chat)
-    params = llm.sampling(**{**task.params, **{k: v for k, v in overrides.items() if v is not None}})
-    return llm.stream(prompt, params, n=n, stop=stops, result=result)
+    prompt, stops = render(task, req.brief, variables, chat=chat, lang=lang)
+    settings = {**task.params, **{k: v for k, v in req.overrides.items() if v is not None}}
+    phrases = BANNED_PHRASES if req.banned_phrases is None else req.banned_phrases
+    settings["banned_sequences"] = banned_sequences(llm.tokenizer, phrases)
+    if form is not None:
+        from llmos.writing.tokens import token_table
+
+        settings["constraint"] = forms.make_constraint(
+            form, token_table(llm.tokenizer), llm.model.config.vocab_size,
+            acrostic=variables.get("acrostic"), rhyme=_truthy(variables.get("rhyme")),
+            chars=int(variables["chars"]) if variables.get("chars") else None,
+        )
+        settings["max_tokens"] = max(settings.get("max_tokens", 0), form.max_tokens)
+        settings["banned_sequences"] = []  # the form's machine decides what may be written
+        stops = []
+    return prompt, llm.sampling(**settings), stops, form
+
+
+def _truthy(value) -> bool | None:
+    if value is None:
+        return None
+    return str(value).lower() in ("1", "true", "yes", "on")
+
+
+def banned_sequences(tokenizer, phrases: list[str]) -> list[list[int]]:
+    """Each phrase as the model would spell it: with and without a leading space, and capitalised."""
+    seqs = []
+    for phrase in phrases:
+        for form in {phrase, " " + phrase, phrase[:1].upper() + phrase[1:], " " + phrase[:1].upper() + phrase[1:]}:
+            ids = tokenizer.encode(form, add_bos=False)
+            if ids and ids not in seqs:
+                seqs.append(ids)
+    return seqs
+
+
+def write(llm, req: WriteRequest, result=None) -> Iterator:
+    """Stream the writing (deltas, as LLM.stream yields them)."""
+    prompt, params, stops, _ = prepare_write(llm, req)
+    return llm.stream(prompt, params, n=req.n, stop=stops, result=result)

@@ -1,0 +1,340 @@
+"""`llmos write | tasks | forms | story`: thin commands over llmos.writing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from llmos.cli import ModelOpt, PrecisionOpt, app, err, fail, load_llm, out, parse_vars, result_json, run_stream
+
+
+@app.command()
+def write(
+    task: Annotated[str, typer.Argument(help="What to write (see `llmos tasks`): story, poem, rewrite, novel, ...")],
+    brief: Annotated[str, typer.Argument(help="What it is about (the text itself for continue/expand/shorten/rewrite/translate; '-' reads stdin).")],
+    model: ModelOpt = None,
+    lang: Annotated[Optional[str], typer.Option(help="en or zh (default: from the brief; Chinese uses the multilingual model).")] = None,
+    form: Annotated[Optional[str], typer.Option(help="A form kept by constrained decoding (see `llmos forms`), e.g. sonnet, haiku, 五言绝句.")] = None,
+    var: Annotated[list[str], typer.Option("--var", help="A template variable KEY=VALUE (repeatable): acrostic=春夏秋冬, rhyme=true, n=5, to=zh ...")] = [],
+    n: Annotated[int, typer.Option("-n", help="Number of candidates, generated in one batch.")] = 1,
+    rank: Annotated[bool, typer.Option(help="Order candidates by likelihood, form, repetition and distinctness (see docs/writing.md).")] = False,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    dry: Annotated[Optional[float], typer.Option(help="DRY repetition penalty strength (0.8 is typical; 0 = off).")] = None,
+    allow_phrases: Annotated[bool, typer.Option(help="Do not ban stock phrases such as 'a testament to'.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Make the text reproducible.")] = None,
+    chapters: Annotated[int, typer.Option(help="novel: number of chapters.")] = 5,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="novel: the book folder.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    precision: PrecisionOpt = "fp16",
+):
+    """Write with a task's own prompts and settings, in English or Chinese.
+
+    Examples:
+
+      llmos write poem "the sea at night"
+
+      llmos write poem "autumn rain" --form haiku -n 4 --rank --seed 1
+
+      llmos write poem 春天 --form 藏头诗 --var acrostic=春夏秋冬
+
+      llmos write rewrite "me and him goes to the market yesterday"
+
+      llmos write novel "a city where it never rains" --chapters 5 -o book/
+    """
+    from llmos.llm import Result
+    from llmos.writing import forms as form_lib
+    from llmos.writing.tasks import MULTILINGUAL_MODEL, TaskError, WriteRequest, pick_language, prepare_write
+
+    if brief == "-":
+        brief = sys.stdin.read()
+    variables = parse_vars(var)
+    try:
+        language = pick_language(brief, lang, form)
+    except TaskError as e:
+        fail(str(e))
+    model = model or (MULTILINGUAL_MODEL if language == "zh" else None)
+    if task == "novel":
+        return _novel(brief, chapters, output, model, language, seed, precision)
+    if n < 1:
+        fail("-n must be at least 1")
+    req = WriteRequest(task, brief, variables, language, form, n,
+                       dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                            dry_multiplier=dry, logprobs=0 if rank else None),
+                       [] if allow_phrases else None)
+    llm = load_llm(model, precision)
+    result = Result("", 0, [])
+    try:
+        prompt, params, stops, chosen_form = prepare_write(llm, req)
+        stream = llm.stream(prompt, params, n=n, stop=stops, result=result)
+        first = next(stream, None)
+    except (TaskError, form_lib.FormError, ValueError) as e:
+        fail(str(e))
+
+    def chained():
+        if first is not None:
+            yield first
+        yield from stream
+
+    quiet = as_json or task in ("rewrite", "brainstorm") or rank
+    run_stream(llm, chained(), n, result, as_json=quiet)
+    extra = _after(task, brief, variables, result, chosen_form, rank, as_json)
+    if as_json:
+        print(json.dumps({**result_json(llm, result), **extra}, ensure_ascii=False, indent=2))
+
+
+def _after(task, brief, variables, result, chosen_form, rank, as_json) -> dict:
+    """Post-processing that some tasks need: ranking, form checks, revisions, idea lists."""
+    from llmos.writing import forms as form_lib
+    from llmos.writing.edit import distinct_ideas, parse_revision, word_diff
+    from llmos.writing.rank import rank as rank_candidates
+
+    extra: dict = {}
+    check = None
+    if chosen_form is not None:
+        opts = dict(acrostic=variables.get("acrostic"), chars=int(variables["chars"]) if variables.get("chars") else None)
+        from llmos.writing.tasks import _truthy
+
+        opts["rhyme"] = _truthy(variables.get("rhyme"))
+
+        def check(text):
+            return form_lib.check(chosen_form, text, **opts)
+
+        extra["form"] = {"name": chosen_form.name,
+                         "problems": [check(c.text) for c in result.completions]}
+    if rank:
+        ranked = rank_candidates(result.completions, check)
+        extra["ranking"] = [{"index": r.index, "score": round(r.score, 4), **{k: round(v, 4) for k, v in r.parts.items()}}
+                            for r in ranked]
+        if not as_json:
+            for pos, r in enumerate(ranked, 1):
+                detail = ", ".join(f"{k} {v:.2f}" for k, v in r.parts.items())
+                out.print(f"--- #{pos}: candidate {r.index + 1}, score {r.score:.2f} ({detail}) ---", highlight=False)
+                out.print(r.text, highlight=False, markup=False)
+    if task == "rewrite":
+        revised, suggestions = parse_revision(result.completions[0].text)
+        diff = word_diff(brief.strip(), revised)
+        extra["revision"] = {"revised": revised, "suggestions": suggestions, "diff": diff}
+        if not as_json:
+            out.print("[bold]Revised[/]")
+            out.print(revised, highlight=False, markup=False)
+            if suggestions:
+                out.print("\n[bold]Suggestions[/]")
+                for s in suggestions:
+                    out.print(f"- {s}", highlight=False, markup=False)
+            from rich.text import Text
+
+            line = Text()
+            for op, piece in diff:
+                line.append(piece, style={"-": "red strike", "+": "green", " ": ""}[op])
+            out.print("\n[bold]Changes[/]")
+            out.print(line)
+    if task == "brainstorm":
+        limit = int(variables.get("n", 5))
+        ideas = distinct_ideas([c.text for c in result.completions], limit)
+        extra["ideas"] = ideas
+        if not as_json:
+            for i, idea in enumerate(ideas, 1):
+                out.print(f"{i}. {idea}", highlight=False, markup=False)
+            if len(ideas) < limit:
+                err.print(f"[yellow]note:[/] {len(ideas)} distinct ideas out of {limit} asked; try -n 2 for more")
+    if chosen_form is not None and not as_json:
+        bad = [i + 1 for i, p in enumerate(extra["form"]["problems"]) if p]
+        err.print(f"[dim]form {chosen_form.name}: " + ("kept by every candidate" if not bad else f"broken in {bad}") + "[/]")
+    return extra
+
+
+def _novel(brief, chapters, output, model, language, seed, precision):
+    from llmos.writing.novel import Novel, NovelError
+
+    if output is None:
+        fail("novel needs -o BOOK_FOLDER (where each stage is saved as an editable file)")
+    llm = load_llm(model, precision)
+    try:
+        book = Novel(llm, output, brief, chapters, language, seed,
+                     on_stage=lambda what, path: err.print(f"writing {what} -> {path}", highlight=False))
+        stages = book.run()
+    except (NovelError, ValueError) as e:
+        fail(str(e))
+    made = sum(s.generated for s in stages)
+    err.print(f"[green]done:[/] {made} stage(s) written, {len(stages) - made} kept as they were, in {output}")
+
+
+@app.command()
+def tasks(as_json: Annotated[bool, typer.Option("--json")] = False):
+    """List the writing tasks (built in, and your own in $LLMOS_HOME/templates)."""
+    from rich.table import Table
+
+    from llmos.writing import TaskError, list_tasks
+
+    try:
+        found = list_tasks()
+    except TaskError as e:
+        fail(str(e))
+    if as_json:
+        print(json.dumps({k: {"description": t.description, "languages": list(t.prompts), "variables": list(t.variables)}
+                          for k, t in found.items()}, ensure_ascii=False, indent=2))
+        return
+    table = Table("task", "description", "languages", "variables")
+    for name, t in found.items():
+        table.add_row(name, t.description, ", ".join(t.prompts), ", ".join(t.variables) or "-")
+    out.print(table)
+
+
+@app.command("forms")
+def list_forms():
+    """List the forms that `llmos write --form` keeps by constrained decoding."""
+    from rich.table import Table
+
+    from llmos.writing.forms import FORMS
+
+    table = Table("form", "kind", "shape")
+    for f in FORMS.values():
+        table.add_row(f.name, {"han": "Chinese", "verse": "English", "limit": "length"}[f.kind], f.description)
+    out.print(table)
+
+
+story_app = typer.Typer(help="Story mode: a story file with Memory, Author's Note and Lorebook.", no_args_is_help=True)
+app.add_typer(story_app, name="story")
+
+
+def _load_story(path: Path):
+    from llmos.writing.story import Story, StoryError
+
+    try:
+        return Story.load(path)
+    except StoryError as e:
+        fail(str(e))
+
+
+@story_app.command("new")
+def story_new(
+    path: Annotated[Path, typer.Argument(help="The story file (JSON) to create.")],
+    title: Annotated[str, typer.Option()] = "",
+    text: Annotated[str, typer.Option(help="The opening text.")] = "",
+    memory: Annotated[str, typer.Option(help="Always in context: premise, style, main characters.")] = "",
+    note: Annotated[str, typer.Option("--note", help="Author's Note: steers the next few lines.")] = "",
+    note_depth: Annotated[int, typer.Option(help="Lines before the end where the Author's Note goes.")] = 3,
+    model: ModelOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing file.")] = False,
+):
+    """Create a story file."""
+    from llmos.writing.story import Story
+
+    if path.exists() and not force:
+        fail(f"{path} exists; use `llmos story continue {path}`, or --force to replace it")
+    Story(title=title, text=text, memory=memory, authors_note=note, authors_note_depth=note_depth,
+          model=model).save(path, allow_shorter=force)
+    err.print(f"[green]created[/] {path}", highlight=False)
+
+
+@story_app.command("continue")
+def story_continue(
+    path: Annotated[Path, typer.Argument(help="The story file.")],
+    model: ModelOpt = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    show_context: Annotated[bool, typer.Option(help="Print exactly what is sent to the model, and why.")] = False,
+    precision: PrecisionOpt = "fp16",
+):
+    """Continue the story, append the new text to the file (the previous version is kept as .bak)."""
+    from llmos.llm import Result
+    from llmos.writing.story import StoryError, assemble_context, continue_story
+
+    story = _load_story(path)
+    llm = load_llm(model or story.model, precision)
+    if show_context:
+        try:
+            prompt, parts = assemble_context(story, llm.tokenizer, llm.context_window,
+                                             max_tokens or story.sampler.get("max_tokens", 120))
+        except StoryError as e:
+            fail(str(e))
+        _print_context(parts)
+    result = Result("", 0, [])
+    try:
+        stream = continue_story(llm, story, max_tokens=max_tokens, seed=seed, result=result)
+        pieces = []
+        for delta in stream:
+            pieces.append(delta.text)
+            out.print(delta.text, end="", highlight=False, markup=False, soft_wrap=True)
+        out.print()
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped[/]; the story file is unchanged")
+        raise typer.Exit(130)
+    except (StoryError, ValueError) as e:
+        fail(str(e))
+    story.text += "".join(pieces)
+    story.save(path)
+
+
+def _print_context(parts):
+    from rich.panel import Panel
+
+    for p in parts:
+        style = "dim" if p.kind == "lore-skipped" else ""
+        err.print(Panel(p.text if p.kind != "lore-skipped" else "(not sent)", title=f"{p.kind} · {p.tokens} tokens",
+                        subtitle=p.reason, title_align="left", subtitle_align="left", style=style))
+
+
+@story_app.command("show")
+def story_show(
+    path: Annotated[Path, typer.Argument()],
+    context: Annotated[bool, typer.Option(help="Also show the context a continuation would send (for the default model).")] = False,
+    model: ModelOpt = None,
+):
+    """Show a story: its text, Memory, Author's Note and Lorebook."""
+    story = _load_story(path)
+    out.print(f"[bold]{story.title or path.stem}[/]")
+    out.print(story.text, highlight=False, markup=False)
+    err.print(f"\nMemory: {story.memory or '-'}\nAuthor's Note ({story.authors_note_depth} lines from the end): "
+              f"{story.authors_note or '-'}\nLorebook: {len(story.lorebook)} entries, budget {story.lore_budget} tokens",
+              highlight=False)
+    for e in story.lorebook:
+        err.print(f"  [{', '.join(e.keys) or 'constant'}] priority {e.priority}: {e.content[:80]}", highlight=False)
+    if context:
+        from llmos.writing.story import assemble_context
+
+        llm = load_llm(model or story.model, "fp32")
+        _, parts = assemble_context(story, llm.tokenizer, llm.context_window, story.sampler.get("max_tokens", 120))
+        _print_context(parts)
+
+
+@story_app.command("lore")
+def story_lore(
+    path: Annotated[Path, typer.Argument()],
+    keys: Annotated[str, typer.Option(help="Comma-separated keywords that bring the entry into context.")],
+    content: Annotated[str, typer.Option(help="What the model should know.")],
+    priority: Annotated[int, typer.Option(help="Higher is kept first when the budget is tight.")] = 100,
+    name: Annotated[str, typer.Option()] = "",
+):
+    """Add a Lorebook entry."""
+    from llmos.writing.story import LoreEntry
+
+    story = _load_story(path)
+    story.lorebook.append(LoreEntry([k.strip() for k in keys.split(",") if k.strip()], content, priority, name=name))
+    story.save(path)
+    err.print(f"[green]added[/] lore entry ({len(story.lorebook)} in all)")
+
+
+@story_app.command("import")
+def story_import(
+    path: Annotated[Path, typer.Argument(help="The story file (created if missing).")],
+    card: Annotated[Path, typer.Argument(help="A SillyTavern V2 character card or lorebook (JSON).")],
+):
+    """Import a SillyTavern character card or lorebook into a story."""
+    from llmos.cards import CardError, read_card
+    from llmos.writing.story import Story
+
+    try:
+        c = read_card(card)
+    except CardError as e:
+        fail(str(e))
+    story = _load_story(path) if path.exists() else Story()
+    story.add_card(c)
+    story.save(path)
+    err.print(f"[green]imported[/] {c.name}: {len(c.lore)} lore entries", highlight=False)

@@ -1,0 +1,216 @@
+"""Story mode: a story project in one JSON file, and the context sent to the model.
+
+The context is assembled, in this order, from:
+- Memory: always present (premise, style, main characters);
+- Lorebook entries whose keywords appear in the recent text (the last `scan_depth`
+  characters), most important first (higher priority), within `lore_budget` tokens; entries
+  marked `constant` are always candidates;
+- the story text, cut from the start to fit the model's window, with the Author's Note inserted
+  `authors_note_depth` lines before the end (close enough to steer the next sentences).
+`explain_context` reports every part with its size and the reason it is there.
+
+A story file is written atomically (temporary file, then rename) and the previous version is
+kept as FILE.bak; an update that would leave the file with less text than it held is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from llmos.cards import Card, LoreRecord
+
+
+class StoryError(ValueError):
+    pass
+
+
+@dataclass
+class LoreEntry:
+    keys: list[str]
+    content: str
+    priority: int = 100
+    enabled: bool = True
+    case_sensitive: bool = False
+    constant: bool = False
+    name: str = ""
+
+    def triggered_by(self, text: str) -> str | None:
+        """The keyword found in `text`, if any."""
+        hay = text if self.case_sensitive else text.lower()
+        for key in self.keys:
+            if key and (key if self.case_sensitive else key.lower()) in hay:
+                return key
+        return None
+
+
+@dataclass
+class Story:
+    title: str = ""
+    text: str = ""
+    memory: str = ""
+    authors_note: str = ""
+    authors_note_depth: int = 3
+    lorebook: list[LoreEntry] = field(default_factory=list)
+    lore_budget: int = 300  # tokens
+    scan_depth: int = 2000  # characters of recent text searched for lore keywords
+    sampler: dict = field(default_factory=lambda: {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.1,
+                                                   "max_tokens": 120})
+    model: str | None = None
+    version: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "story") -> Story:
+        if not isinstance(data, dict):
+            raise StoryError(f"{where}: a story file must hold a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(data) - set(known)
+        if unknown:
+            raise StoryError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        types = {"title": str, "text": str, "memory": str, "authors_note": str, "authors_note_depth": int,
+                 "lore_budget": int, "scan_depth": int, "sampler": dict, "lorebook": list, "version": int}
+        for key, typ in types.items():
+            if key in data and not isinstance(data[key], typ):
+                raise StoryError(f"{where}: field {key!r} must be {typ.__name__}, got {type(data[key]).__name__}")
+        if "model" in data and data["model"] is not None and not isinstance(data["model"], str):
+            raise StoryError(f"{where}: field 'model' must be a string")
+        lore = []
+        for i, e in enumerate(data.get("lorebook", [])):
+            if not isinstance(e, dict) or not isinstance(e.get("content"), str) or not isinstance(e.get("keys", []), list):
+                raise StoryError(f"{where}: lorebook entry {i} needs 'keys' (a list) and 'content' (text)")
+            extra = set(e) - {f.name for f in fields(LoreEntry)}
+            if extra:
+                raise StoryError(f"{where}: lorebook entry {i} has unknown field(s) {', '.join(sorted(extra))}")
+            lore.append(LoreEntry(**e))
+        return cls(**{**{k: v for k, v in data.items() if k != "lorebook"}, "lorebook": lore})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Story:
+        path = Path(path)
+        if not path.is_file():
+            raise StoryError(f"{path} does not exist; create it with `llmos story new {path}`")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoryError(f"{path} is not valid JSON ({e}); the previous version may be in {path}.bak") from None
+        return cls.from_dict(data, str(path))
+
+    def save(self, path: str | Path, allow_shorter: bool = False):
+        path = Path(path)
+        if path.exists() and not allow_shorter:
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                if len(self.text) < len(old.get("text", "")):
+                    raise StoryError(f"refusing to save {path} with less text than it holds "
+                                     f"({len(self.text)} < {len(old.get('text', ''))} characters)")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                pass  # an unreadable old file is kept as the backup below
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(asdict(self), f, ensure_ascii=False, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            shutil.copy2(path, path.with_name(path.name + ".bak"))
+        tmp.replace(path)
+
+    def add_card(self, card: Card):
+        """Merge a character card (or lorebook): its description into Memory, its lore entries
+        into the Lorebook, its first message as the opening if the story is empty."""
+        parts = [f"{card.name}: {card.description}".strip(": ") if card.description else ""]
+        if card.personality:
+            parts.append(f"{card.name}'s personality: {card.personality}")
+        if card.scenario:
+            parts.append(f"Scenario: {card.scenario}")
+        block = "\n".join(p for p in parts if p)
+        if block and block not in self.memory:
+            self.memory = (self.memory + "\n" + block).strip()
+        for r in card.lore:
+            self.lorebook.append(LoreEntry(**asdict(r)) if isinstance(r, LoreRecord) else r)
+        if not self.text and card.first_message:
+            self.text = card.first_message
+        if not self.title:
+            self.title = card.name
+
+
+@dataclass
+class ContextPart:
+    kind: str  # memory | lore | story | authors_note
+    text: str
+    tokens: int
+    reason: str
+
+
+def assemble_context(story: Story, tokenizer, window: int, max_tokens: int) -> tuple[str, list[ContextPart]]:
+    """The prompt for continuing `story`, and what went into it (see the module docstring)."""
+    budget = window - max_tokens - 8
+    if budget <= 16:
+        raise StoryError(f"the model's window ({window}) leaves no room for context with max_tokens={max_tokens}")
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_bos=False)) if text else 0
+
+    parts: list[ContextPart] = []
+    used = 0
+    if story.memory.strip():
+        memory = story.memory.strip()
+        parts.append(ContextPart("memory", memory, count(memory), "Memory: always included"))
+        used += parts[-1].tokens
+    recent = story.text[-story.scan_depth:]
+    candidates = []
+    for entry in story.lorebook:
+        if not entry.enabled:
+            continue
+        key = entry.triggered_by(recent)
+        if key or entry.constant:
+            candidates.append((entry, key))
+    lore_used = 0
+    for entry, key in sorted(candidates, key=lambda c: -c[0].priority):
+        n = count(entry.content)
+        why = f'keyword "{key}" in the recent text' if key else "constant entry"
+        if lore_used + n > story.lore_budget or used + n > budget:
+            parts.append(ContextPart("lore-skipped", entry.content, n,
+                                     f"{why}, priority {entry.priority}: left out, over the lore budget ({story.lore_budget} tokens)"))
+            continue
+        parts.append(ContextPart("lore", entry.content.strip(), n, f"Lorebook {entry.name or entry.keys[0]!r}: {why}, priority {entry.priority}"))
+        lore_used += n
+        used += n
+    note = f"[Author's note: {story.authors_note.strip()}]" if story.authors_note.strip() else ""
+    room = budget - used - count(note) - 4
+    text = story.text
+    cut = 0
+    if count(text) > room:  # keep the end of the story: drop whole lines from the start
+        lines = text.split("\n")
+        while len(lines) > 1 and count("\n".join(lines)) > room:
+            lines.pop(0)
+        kept = "\n".join(lines)
+        if count(kept) > room:  # one very long line: keep its last `room` tokens
+            ids = tokenizer.encode(kept, add_bos=False)
+            kept = tokenizer.decode(ids[-room:]) if room > 0 else ""
+        cut = len(text) - len(kept)
+        text = kept
+    if note:
+        lines = text.split("\n")
+        depth = min(max(story.authors_note_depth, 0), len(lines))
+        at = len(lines) - depth
+        text = "\n".join(lines[:at] + [note] + lines[at:]) if text else note
+    reason = "Story text" + (f": the first {cut} characters left out to fit the window" if cut else ", whole")
+    parts.append(ContextPart("story", text, count(text), reason))
+    if note:
+        parts.append(ContextPart("authors_note", note, count(note),
+                                 f"Author's Note: inserted {story.authors_note_depth} lines before the end"))
+    head = [p.text for p in parts if p.kind in ("memory", "lore")]
+    prompt = ("\n".join(head) + "\n***\n" if head else "") + text
+    return prompt, parts
+
+
+def continue_story(llm, story: Story, n: int = 1, max_tokens: int | None = None, seed: int | None = None,
+                   result=None):
+    """Stream the continuation of `story` (plain completion: the story is the prompt)."""
+    settings = {**story.sampler, **({"max_tokens": max_tokens} if max_tokens else {}), **({"seed": seed} if seed is not None else {})}
+    params = llm.sampling(**settings)
+    prompt, _ = assemble_context(story, llm.tokenizer, llm.context_window, params.max_tokens)
+    return llm.stream(prompt, params, n=n, result=result)
