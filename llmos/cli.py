@@ -102,13 +102,15 @@ def banned_sequences(llm, words: list[str]) -> list[list[int]]:
     return seqs
 
 
-def run_stream(llm, stream, n: int, result, as_json: bool, show_prompt: str | None = None):
-    """Print a stream: one candidate streams live; several are shown together as they grow."""
+def run_stream(llm, stream, n: int, result, as_json: bool, show_prompt: str | None = None, silent: bool = False):
+    """Print a stream: one candidate streams live; several are shown together as they grow.
+    as_json prints the result as JSON at the end instead; silent prints nothing (the caller
+    shows the result its own way)."""
     interrupted = False
     texts = [""] * n
     live = None
     try:
-        if as_json:
+        if as_json or silent:
             for _ in stream:
                 pass
         elif n == 1:
@@ -141,7 +143,7 @@ def run_stream(llm, stream, n: int, result, as_json: bool, show_prompt: str | No
         err.print("[yellow]stopped[/] (Ctrl-C)")
     if as_json and not interrupted:
         print(json.dumps(result_json(llm, result), ensure_ascii=False, indent=2))
-    elif not interrupted and result.timings:
+    elif not interrupted and result.timings and not silent:
         t = result.timings
         err.print(
             f"[dim]{t['prompt_tokens']} prompt + {t['generated_tokens']} generated tokens, "

@@ -82,7 +82,7 @@ def write(
         yield from stream
 
     quiet = as_json or task in ("rewrite", "brainstorm") or rank
-    run_stream(llm, chained(), n, result, as_json=quiet)
+    run_stream(llm, chained(), n, result, as_json=False, silent=quiet)
     extra = _after(task, brief, variables, result, chosen_form, rank, as_json)
     if as_json:
         print(json.dumps({**result_json(llm, result), **extra}, ensure_ascii=False, indent=2))

@@ -131,8 +131,8 @@ FORMS: dict[str, Form] = {f.name: f for f in [
          syllables=((7, 10), (7, 10), (4, 7), (4, 7), (7, 10)), rhyme=((0, 1, 4), (2, 3)), max_tokens=160),
     Form("acrostic", "verse", "each line starts with the next letter of --var acrostic", syllables=((4, 12),),
          acrostic=True, max_tokens=400),
-    Form("slogan", "limit", "one line, at most 12 words", max_words=12, max_tokens=48),
-    Form("title", "limit", "one line, at most 10 words", max_words=10, max_tokens=40),
+    Form("slogan", "limit", "one line, at most 12 words (100 characters)", max_words=12, max_chars=100, max_tokens=48),
+    Form("title", "limit", "one line, at most 10 words (80 characters)", max_words=10, max_chars=80, max_tokens=40),
     Form("tweet", "limit", "at most 280 characters", max_chars=280, max_tokens=160),
 ]}
 
@@ -252,6 +252,35 @@ def _han_by_final() -> dict[str, frozenset]:
     return {k: frozenset(v) for k, v in groups.items()}
 
 
+_HAN_INDEX: dict = {}
+
+
+def _han_index(table: TokenTable) -> dict:
+    """Per vocabulary, once: tokens of whole Han characters as tensors (count, first character,
+    final of the last character), and the few other tokens a poem can use (punctuation,
+    newlines, mixtures, byte pieces of characters), which are checked one by one."""
+    key = id(table)
+    if key not in _HAN_INDEX:
+        pure, count, first, last, other = [], [], [], [], []
+        finals: dict[str, int] = {}
+        for i, p in enumerate(table.pieces):
+            if p is None or not (p.text or p.head or p.tail):
+                continue
+            if not all(is_han(c) or c in LINE_END or c == "\n" for c in p.text):
+                continue
+            if not p.head and not p.tail and p.text and all(is_han(c) for c in p.text):
+                pure.append(i)
+                count.append(len(p.text))
+                first.append(ord(p.text[0]))
+                last.append(finals.setdefault(han_final(p.text[-1]), len(finals)))
+            else:
+                other.append((i, p))
+        _HAN_INDEX[key] = {"pure_ids": torch.tensor(pure, dtype=torch.long), "count": torch.tensor(count),
+                           "first": torch.tensor(first), "last_final": torch.tensor(last),
+                           "finals": finals, "other": other}
+    return _HAN_INDEX[key]
+
+
 class HanPoem(FormConstraint):
     """State: (line, characters in the line, phase, pending bytes, rhyme final).
     phase: 0 writing the line, 1 punctuation written (a newline must follow), 2 done."""
@@ -262,13 +291,7 @@ class HanPoem(FormConstraint):
         self.lines, self.chars, self.acrostic = lines, chars, acrostic
         self.rhyme_lines = {i for g in rhyme for i in g[1:]}  # lines that rhyme with the group's first
         self.rhyme_first = {g[0] for g in rhyme}
-        # Only tokens made of Han characters, line-end punctuation and newlines, or byte pieces
-        # of characters, can ever appear in a poem: the masks are built from those.
-        self.candidates = [
-            (i, p) for i, p in enumerate(table.pieces)
-            if p is not None and (p.text or p.head or p.tail)
-            and all(is_han(c) or c in LINE_END or c == "\n" for c in p.text)
-        ]
+        self.index = _han_index(table)
         self._prefixes: dict = {}
 
     def start(self):
@@ -301,14 +324,18 @@ class HanPoem(FormConstraint):
         return None
 
     def _prefix_ok(self, state, tail: bytes) -> bool:
-        """Can the unfinished character `tail` still become an acceptable character here?"""
+        """Can the unfinished character `tail` still become an acceptable character here (a Han
+        character inside a line, a punctuation mark at its end)?"""
         line, pos, phase, _, final = state
-        if phase != 0 or pos >= self.chars:
+        if phase != 0:
             return False
-        choices = self._choices(line, pos, final)
-        key = choices if choices is not None else "any"
-        if key not in self._prefixes:
+        if pos == self.chars:
+            key, chars = "punct", LINE_END
+        else:
+            choices = self._choices(line, pos, final)
+            key = choices if choices is not None else "any"
             chars = choices if choices is not None else (chr(o) for o in range(0x3400, 0xA000) if is_han(chr(o)))
+        if key not in self._prefixes:
             self._prefixes[key] = {c.encode()[:k] for c in chars for k in range(1, len(c.encode()))}
         return tail in self._prefixes[key]
 
@@ -316,10 +343,15 @@ class HanPoem(FormConstraint):
         """The state after a token's bytes, or None if they break the form."""
         pending = state[3]
         if pending:
-            if len(pending) + len(piece.head) != utf8_length(pending[0]):
+            got = pending + piece.head
+            if len(got) < utf8_length(pending[0]):  # one more byte of the same character
+                if piece.text or piece.tail or not self._prefix_ok(state, got):
+                    return None
+                return (*state[:3], got, state[4])
+            if len(got) > utf8_length(pending[0]):
                 return None
             try:
-                ch = (pending + piece.head).decode("utf-8")
+                ch = got.decode("utf-8")
             except UnicodeDecodeError:
                 return None
             state = self._step(state, ch)
@@ -334,7 +366,19 @@ class HanPoem(FormConstraint):
         return state
 
     def allowed(self, state):
-        return [i for i, p in self.candidates if self.step_piece(state, p) is not None]
+        line, pos, phase, pending, final = state
+        idx = self.index
+        out = []
+        if phase == 0 and not pending and len(idx["pure_ids"]):
+            # tokens of whole Han characters, vectorised: they fit the rest of the line, begin
+            # with the acrostic character, and end on a rhyming character where one is due
+            ok = idx["count"] <= self.chars - pos
+            if pos == 0 and line < len(self.acrostic):
+                ok &= idx["first"] == ord(self.acrostic[line])
+            if line in self.rhyme_lines and final is not None:
+                ok &= (idx["count"] + pos < self.chars) | (idx["last_final"] == idx["finals"].get(final, -2))
+            out = idx["pure_ids"][ok].tolist()
+        return out + [i for i, p in idx["other"] if self.step_piece(state, p) is not None]
 
     def advance(self, state, token: int):
         piece = self.table.pieces[token] if token < len(self.table.pieces) else None

@@ -79,7 +79,9 @@ class Novel:
         if path.exists() and path.read_text(encoding="utf-8").strip():
             return Stage(path, False)
         self.on_stage(what, path)
-        _atomic_write(path, make())
+        text = make().strip()
+        # a model that wrote nothing still completes the stage: rerunning would only repeat it
+        _atomic_write(path, text or ("(nothing was written; edit this file)" if self.lang == "en" else "（未生成内容，可手动编辑）"))
         return Stage(path, True)
 
     def read(self, path: Path) -> str:
