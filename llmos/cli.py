@@ -62,6 +62,14 @@ class PullProgress:
 
 def load_llm(model: str | None, precision: str):
     from llmos.llm import LLM
+    from llmos.remote import RemoteError, RemoteLLM, load_remotes
+
+    try:
+        remotes = load_remotes()
+    except RemoteError as e:
+        fail(str(e))
+    if model in remotes:
+        return RemoteLLM(remotes[model])
 
     progress = PullProgress()
     try:
@@ -223,6 +231,8 @@ def generate(
     from llmos.engine.generate import ContextError
     from llmos.llm import Result
 
+    if llm.tokenizer is None and (beams or ban or logprobs is not None):
+        fail("--beams, --ban and --logprobs need a local model")
     if beams:
         if any(v is not None for v in (temperature, top_k, top_p, min_p, typical_p, seed)):
             err.print("[yellow]note:[/] beam search is deterministic; sampling options are ignored")
@@ -299,6 +309,7 @@ def list_models(as_json: Annotated[bool, typer.Option("--json")] = False):
 def main():
     import llmos.cli_train  # noqa: F401  (registers prepare, ngram, train, export, embed)
     import llmos.cli_write  # noqa: F401  (registers write, tasks, forms, story)
+    import llmos.cli_serve  # noqa: F401  (registers serve)
 
     try:
         app()

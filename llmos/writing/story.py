@@ -151,7 +151,11 @@ def assemble_context(story: Story, tokenizer, window: int, max_tokens: int) -> t
         raise StoryError(f"the model's window ({window}) leaves no room for context with max_tokens={max_tokens}")
 
     def count(text: str) -> int:
-        return len(tokenizer.encode(text, add_bos=False)) if text else 0
+        if not text:
+            return 0
+        if tokenizer is None:  # a remote model: about four characters a token
+            return len(text) // 4 + 1
+        return len(tokenizer.encode(text, add_bos=False))
 
     parts: list[ContextPart] = []
     used = 0
@@ -188,8 +192,11 @@ def assemble_context(story: Story, tokenizer, window: int, max_tokens: int) -> t
             lines.pop(0)
         kept = "\n".join(lines)
         if count(kept) > room:  # one very long line: keep its last `room` tokens
-            ids = tokenizer.encode(kept, add_bos=False)
-            kept = tokenizer.decode(ids[-room:]) if room > 0 else ""
+            if tokenizer is None:
+                kept = kept[-4 * room:] if room > 0 else ""
+            else:
+                ids = tokenizer.encode(kept, add_bos=False)
+                kept = tokenizer.decode(ids[-room:]) if room > 0 else ""
         cut = len(text) - len(kept)
         text = kept
     if note:

@@ -189,11 +189,15 @@ def prepare_write(llm, req: WriteRequest):
         variables["form"] = form.name
     elif "form" in variables and variables["form"] in forms.FORMS:
         form = forms.get_form(variables["form"])
-    chat = llm.tokenizer.has_chat_template
+    local = llm.tokenizer is not None  # a remote model has no tokenizer here, and chats
+    chat = llm.tokenizer.has_chat_template if local else True
     prompt, stops = render(task, req.brief, variables, chat=chat, lang=lang)
     settings = {**task.params, **{k: v for k, v in req.overrides.items() if v is not None}}
     phrases = BANNED_PHRASES if req.banned_phrases is None else req.banned_phrases
-    settings["banned_sequences"] = banned_sequences(llm.tokenizer, phrases)
+    if local:
+        settings["banned_sequences"] = banned_sequences(llm.tokenizer, phrases)
+    if form is not None and not local:
+        raise forms.FormError("forms are kept by masking tokens, which needs a local model (-m with a local name)")
     if form is not None:
         from llmos.writing.tokens import token_table
 

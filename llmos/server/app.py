@@ -1,0 +1,505 @@
+"""`llmos serve`: the OpenAI-compatible API, LLMOS's own endpoints and the studio page.
+
+Routes are thin: a request becomes a scheduler Request (or, for a remote model, a call to its
+server), and events become JSON or server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmos.server import protocol as P
+from llmos.server.metrics import Metrics
+from llmos.server.scheduler import QueueFull, Request, Scheduler
+
+STATIC = Path(__file__).parent / "static"
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over `limit` bytes with 413, declared or not."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await _send_error(send, 413, f"request body over {self.limit} bytes")
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise APIError(413, f"request body over {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+async def _send_error(send, status: int, message: str):
+    body = json.dumps(P.error_body(message)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len: int = 2048, max_queue: int = 64,
+               request_timeout: float = 300.0, max_body: int = 1_000_000, remotes: dict | None = None,
+               store=None) -> FastAPI:
+    app = FastAPI(title="LLMOS", version="0.1.0",
+                  description="OpenAI-compatible API, writing tasks and the writing studio of LLMOS.")
+    scheduler = Scheduler(llm, max_batch=max_batch, max_len=max_len, max_queue=max_queue)
+    metrics = Metrics(scheduler)
+    remotes = remotes or {}
+    app.state.scheduler, app.state.llm, app.state.metrics = scheduler, llm, metrics
+    if store is None:
+        from llmos.store import Store
+
+        store = Store()
+    app.state.store = store
+    app.add_middleware(BodyLimit, limit=max_body)
+
+    @app.on_event("shutdown")
+    def _close():
+        scheduler.close()
+
+    # -- errors: always an OpenAI error object, never a bare 500 for bad input --
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        metrics.count_request(request.url.path, exc.status)
+        return JSONResponse(P.error_body(exc.message, exc.param, exc.kind), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        metrics.count_request(request.url.path, 400)
+        return JSONResponse(P.error_body(f"{param}: {msg}" if param else msg, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        metrics.count_request(request.url.path, exc.status_code)
+        return JSONResponse(P.error_body(str(exc.detail)), status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: HTTPRequest, call_next):
+        path = request.url.path
+        if api_key and (path.startswith("/v1/") or path.startswith("/api/")):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                metrics.count_request(path, 401)
+                return JSONResponse(P.error_body("missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                                 kind="authentication_error"), status_code=401)
+        try:
+            return await call_next(request)
+        except APIError as e:
+            return JSONResponse(P.error_body(e.message, e.param, e.kind), status_code=e.status, headers=e.headers)
+
+    # -- helpers --
+
+    def local_name() -> str:
+        return llm.name
+
+    def pick(model: str | None):
+        """(local LLM or None, remote client or None) for a request's `model` field."""
+        if model in (None, "", local_name()):
+            return llm, None
+        if model in remotes:
+            return None, remotes[model]
+        raise APIError(404, f"model {model!r} is not served here; GET /v1/models lists the models", "model",
+                       "not_found_error")
+
+    async def submit(ids: list[int], params, n: int, stops: list[str]) -> Request:
+        loop = asyncio.get_running_loop()
+        req = Request(ids, params, n=n, stop=stops, deadline=time.monotonic() + request_timeout,
+                      loop=loop, events=asyncio.Queue())
+        try:
+            scheduler.submit(req)
+        except QueueFull:
+            raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
+                           kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise APIError(400, str(e), "prompt") from None
+        return req
+
+    async def events_of(req: Request, http: HTTPRequest):
+        """Scheduler events until every candidate has finished; a client that disconnects
+        cancels its sequences."""
+        done = 0
+        try:
+            while done < req.n:
+                try:
+                    event = await asyncio.wait_for(req.events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        req.cancelled = True
+                        return
+                    continue
+                if event.finish_reason == "error":
+                    raise APIError(500, f"generation failed: {event.text}", kind="server_error")
+                if event.finish_reason is not None:
+                    done += 1
+                yield event
+        finally:
+            if done < req.n:
+                req.cancelled = True
+
+    def finalize(req: Request, path: str, status: int = 200):
+        metrics.observe(req, status)
+        metrics.count_request(path, status)
+
+    def sampling(body, logprobs):
+        try:
+            params = body.sampling(llm, logprobs, llm.model.config.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), _param_of(str(e))) from None
+        from dataclasses import replace
+
+        return replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(llm.tokenizer.stop_ids)))
+
+    # -- OpenAI API --
+
+    @app.get("/v1/models")
+    def models():
+        data = [{"id": local_name(), "object": "model", "created": P.now(), "owned_by": "llmos"}]
+        data += [{"id": name, "object": "model", "created": P.now(), "owned_by": f"remote:{r.kind}"} for name, r in remotes.items()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(body: P.CompletionRequest, http: HTTPRequest):
+        local, remote = pick(body.model)
+        if remote is not None:
+            return await remote.proxy("completions", body.model_dump(exclude_none=True), body.stream)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(prompts) != 1:
+            raise APIError(400, "send one prompt per request (a list of several is not supported)", "prompt")
+        prompt = prompts[0]
+        ids = llm.tokenizer.encode(prompt)
+        if not ids:
+            raise APIError(400, "the prompt is empty", "prompt")
+        params = sampling(body, body.logprobs)
+        req = await submit(ids, params, body.n, body.stops())
+        rid, created, name = P.new_id("cmpl"), P.now(), local_name()
+        prefix = prompt if body.echo else ""
+        if body.stream:
+            async def sse():
+                try:
+                    if prefix:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                                    "choices": [{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}
+                                                for i in range(body.n)]})
+                    async for e in events_of(req, http):
+                        lp = _completion_logprobs(llm, [e.logprob]) if e.logprob is not None and e.finish_reason is None else None
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                                    "choices": [{"index": e.index, "text": e.text, "logprobs": lp,
+                                                 "finish_reason": e.finish_reason}]})
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                                    "choices": [], "usage": _usage(req)})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    finalize(req, http.url.path)
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        reasons = {}
+        async for e in events_of(req, http):
+            if e.finish_reason:
+                reasons[e.index] = e.finish_reason
+        finalize(req, http.url.path)
+        choices = []
+        for i, seq in enumerate(req.sequences):
+            lp = _completion_logprobs(llm, seq.logprobs) if body.logprobs is not None else None
+            choices.append({"index": i, "text": prefix + req.texts[i], "logprobs": lp,
+                            "finish_reason": _finish(reasons.get(i))})
+        return {"id": rid, "object": "text_completion", "created": created, "model": name,
+                "choices": choices, "usage": _usage(req)}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
+        local, remote = pick(body.model)
+        if remote is not None:
+            return await remote.proxy("chat/completions", body.model_dump(exclude_none=True), body.stream)
+        if body.max_completion_tokens and not body.max_tokens:
+            body.max_tokens = body.max_completion_tokens
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+        try:
+            ids = llm.tokenizer.encode_chat(messages)
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling(body, k)
+        req = await submit(ids, params, body.n, body.stops() + llm.tokenizer.chat_stop_strings())
+        rid, created, name = P.new_id("chatcmpl"), P.now(), local_name()
+        if body.stream:
+            async def sse():
+                try:
+                    for i in range(body.n):
+                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                                    "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                 "logprobs": None, "finish_reason": None}]})
+                    async for e in events_of(req, http):
+                        if e.finish_reason is not None:
+                            choice = {"index": e.index, "delta": {}, "logprobs": None, "finish_reason": _finish(e.finish_reason)}
+                        else:
+                            lp = {"content": _chat_logprobs(llm, [e.logprob])} if body.logprobs and e.logprob else None
+                            choice = {"index": e.index, "delta": {"content": e.text}, "logprobs": lp, "finish_reason": None}
+                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                                    "choices": [choice]})
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                                    "choices": [], "usage": _usage(req)})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    finalize(req, http.url.path)
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        reasons = {}
+        async for e in events_of(req, http):
+            if e.finish_reason:
+                reasons[e.index] = e.finish_reason
+        finalize(req, http.url.path)
+        choices = []
+        for i, seq in enumerate(req.sequences):
+            lp = {"content": _chat_logprobs(llm, seq.logprobs)} if body.logprobs else None
+            choices.append({"index": i, "message": {"role": "assistant", "content": req.texts[i]},
+                            "logprobs": lp, "finish_reason": _finish(reasons.get(i))})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": name,
+                "choices": choices, "usage": _usage(req)}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: P.EmbeddingRequest):
+        local, remote = pick(body.model)
+        if remote is not None:
+            return await remote.proxy("embeddings", body.model_dump(exclude_none=True), False)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if not texts or any(not t for t in texts):
+            raise APIError(400, "input must be a non-empty string or list of non-empty strings", "input")
+        vectors = await asyncio.to_thread(_embed, llm, texts)
+        tokens = sum(len(llm.tokenizer.encode(t, add_bos=False)) for t in texts)
+        metrics.count_request("/v1/embeddings", 200)
+        return {"object": "list", "model": local_name(),
+                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    # -- LLMOS endpoints --
+
+    @app.post("/api/write")
+    async def write(body: P.WriteRequestBody, http: HTTPRequest):
+        from llmos.writing import forms
+        from llmos.writing.tasks import TaskError, WriteRequest, prepare_write
+
+        local, remote = pick(body.model)
+        if remote is not None:
+            raise APIError(400, "writing tasks run on the local model here; use the OpenAI endpoints for remote ones", "model")
+        req_w = WriteRequest(body.task, body.brief, body.variables, body.lang, body.form, body.n,
+                             dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  seed=body.seed, logprobs=body.logprobs))
+        try:
+            prompt, params, stops, form = prepare_write(llm, req_w)
+            ids = llm.encode_prompt(prompt)
+        except (TaskError, forms.FormError) as e:
+            raise APIError(400, str(e), "task" if "task" in str(e) else "form") from None
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        from dataclasses import replace
+
+        params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(llm.tokenizer.stop_ids)))
+        req = await submit(ids, params, body.n, stops)
+        if body.stream:
+            async def sse():
+                try:
+                    async for e in events_of(req, http):
+                        yield _sse({"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
+                                    "logprob": _chat_logprobs(llm, [e.logprob])[0] if e.logprob else None})
+                    yield "data: [DONE]\n\n"
+                finally:
+                    finalize(req, http.url.path)
+            return StreamingResponse(sse(), media_type="text/event-stream")
+        reasons = {}
+        async for e in events_of(req, http):
+            if e.finish_reason:
+                reasons[e.index] = e.finish_reason
+        finalize(req, http.url.path)
+        out = []
+        for i, seq in enumerate(req.sequences):
+            item = {"index": i, "text": req.texts[i], "finish_reason": _finish(reasons.get(i))}
+            if form is not None:
+                item["form_problems"] = forms.check(form, req.texts[i], acrostic=body.variables.get("acrostic"),
+                                                    chars=int(body.variables["chars"]) if body.variables.get("chars") else None)
+            if body.logprobs is not None:
+                item["logprobs"] = _chat_logprobs(llm, seq.logprobs)
+            out.append(item)
+        return {"task": body.task, "model": local_name(), "candidates": out, "usage": _usage(req)}
+
+    @app.get("/api/tasks")
+    def tasks():
+        from llmos.writing import list_tasks
+        from llmos.writing.forms import FORMS
+
+        return {"tasks": {k: {"description": t.description, "variables": t.variables, "languages": list(t.prompts)}
+                          for k, t in list_tasks().items()},
+                "forms": {k: {"kind": f.kind, "description": f.description} for k, f in FORMS.items()}}
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": local_name(), "running": scheduler.running, "queued": scheduler.queue_depth}
+
+    @app.get("/metrics")
+    def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    # -- studio projects --
+
+    @app.get("/api/projects")
+    def list_projects():
+        return {"projects": app.state.store.list_projects()}
+
+    @app.post("/api/projects")
+    async def create_project(http: HTTPRequest):
+        body = await _json_object(http)
+        return app.state.store.save_project(str(body.get("name") or "Untitled"), body.get("data") or {})
+
+    @app.get("/api/projects/{project_id}")
+    def get_project(project_id: int):
+        try:
+            return app.state.store.get_project(project_id)
+        except KeyError:
+            raise APIError(404, f"no project {project_id}", "project_id", "not_found_error") from None
+
+    @app.put("/api/projects/{project_id}")
+    async def put_project(project_id: int, http: HTTPRequest):
+        body = await _json_object(http)
+        try:
+            return app.state.store.save_project(str(body.get("name") or "Untitled"), body.get("data") or {}, project_id)
+        except KeyError:
+            raise APIError(404, f"no project {project_id}", "project_id", "not_found_error") from None
+
+    @app.delete("/api/projects/{project_id}")
+    def delete_project(project_id: int):
+        try:
+            app.state.store.delete_project(project_id)
+        except KeyError:
+            raise APIError(404, f"no project {project_id}", "project_id", "not_found_error") from None
+        return {"deleted": project_id}
+
+    @app.get("/api/projects/{project_id}/export")
+    def export_project(project_id: int, format: str = "json"):
+        try:
+            p = app.state.store.get_project(project_id)
+        except KeyError:
+            raise APIError(404, f"no project {project_id}", "project_id", "not_found_error") from None
+        if format == "json":
+            return Response(json.dumps(p, ensure_ascii=False, indent=2), media_type="application/json",
+                            headers={"Content-Disposition": f'attachment; filename="project-{project_id}.json"'})
+        if format in ("md", "markdown"):
+            return Response(_markdown(p), media_type="text/markdown",
+                            headers={"Content-Disposition": f'attachment; filename="project-{project_id}.md"'})
+        raise APIError(400, "format must be json or md", "format")
+
+    # -- the studio --
+
+    @app.get("/", include_in_schema=False)
+    def studio():
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str):
+        path = (STATIC / name).resolve()
+        if path.parent != STATIC.resolve() or not path.is_file():
+            raise APIError(404, "no such file", kind="not_found_error")
+        return FileResponse(path)
+
+    return app
+
+
+async def _json_object(http: HTTPRequest) -> dict:
+    try:
+        body = await http.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the body must be JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    if "data" in body and not isinstance(body["data"], dict):
+        raise APIError(400, "data must be an object", "data")
+    return body
+
+
+def _markdown(project: dict) -> str:
+    data = project.get("data", {})
+    lines = [f"# {project['name']}", ""]
+    for key, title in (("memory", "Memory"), ("authors_note", "Author's Note")):
+        if data.get(key):
+            lines += [f"**{title}:** {data[key]}", ""]
+    text = data.get("text")
+    if text is None and isinstance(data.get("nodes"), dict) and data.get("current") in data["nodes"]:
+        node, parts = data["current"], []
+        while node is not None and node in data["nodes"]:
+            parts.append(data["nodes"][node].get("text", ""))
+            node = data["nodes"][node].get("parent")
+        text = "".join(reversed(parts))
+    lines.append(text or "")
+    for entry in data.get("lorebook", []) or []:
+        if isinstance(entry, dict):
+            lines += ["", f"- **{', '.join(entry.get('keys', []))}**: {entry.get('content', '')}"]
+    return "\n".join(lines) + "\n"
+
+
+def _embed(llm, texts):
+    return [v.tolist() for v in llm.embed(texts)]
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _finish(reason):
+    return {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}.get(reason, reason)
+
+
+def _usage(req: Request) -> dict:
+    generated = sum(len(s.output) for s in req.sequences)
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": generated, "total_tokens": len(req.prompt) + generated}
+
+
+def _param_of(message: str) -> str | None:
+    head = message.split(" ", 1)[0].strip(":")
+    return head if head.replace("_", "").isalpha() else None
+
+
+def _completion_logprobs(llm, lps) -> dict:
+    tok = llm.tokenizer
+    lps = [lp for lp in lps if lp is not None]
+    return {"tokens": [tok.token_text(lp.token) for lp in lps],
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{tok.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": []}
+
+
+def _chat_logprobs(llm, lps) -> list[dict]:
+    tok = llm.tokenizer
+
+    def item(token, logprob):
+        text = tok.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [{**item(lp.token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
+            for lp in lps if lp is not None]

@@ -1,0 +1,69 @@
+"""Prometheus text exposition of the server's counters, gauges and latency histograms."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Histogram:
+    def __init__(self):
+        self.counts = [0] * len(BUCKETS)
+        self.total, self.n = 0.0, 0
+
+    def observe(self, value: float):
+        self.total += value
+        self.n += 1
+        for i, b in enumerate(BUCKETS):
+            if value <= b:
+                self.counts[i] += 1
+
+    def render(self, name: str) -> list[str]:
+        lines = [f"# TYPE {name} histogram"]
+        for b, c in zip(BUCKETS, self.counts):
+            lines.append(f'{name}_bucket{{le="{b}"}} {c}')
+        lines += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.total:.6f}", f"{name}_count {self.n}"]
+        return lines
+
+
+class Metrics:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.latency, self.ttft = Histogram(), Histogram()
+        self.started = time.time()
+
+    def count_request(self, path: str, status: int):
+        with self.lock:
+            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+
+    def observe(self, req, status: int = 200):
+        """A finished generation request: its latency and time to first token."""
+        now = time.monotonic()
+        with self.lock:
+            self.latency.observe((req.finished_at or now) - req.submitted)
+            if req.first_token_at:
+                self.ttft.observe(req.first_token_at - req.submitted)
+
+    def render(self) -> str:
+        s = self.scheduler.stats
+        lines = ["# TYPE llmos_requests_total counter"]
+        with self.lock:
+            for (path, status), n in sorted(self.requests.items()):
+                lines.append(f'llmos_requests_total{{path="{path}",status="{status}"}} {n}')
+            lines += [
+                "# TYPE llmos_generation_requests_total counter", f"llmos_generation_requests_total {s['requests']}",
+                "# TYPE llmos_prompt_tokens_total counter", f"llmos_prompt_tokens_total {s['prompt_tokens']}",
+                "# TYPE llmos_generation_tokens_total counter", f"llmos_generation_tokens_total {s['generated_tokens']}",
+                "# TYPE llmos_rejected_requests_total counter", f"llmos_rejected_requests_total {s['rejected']}",
+                "# TYPE llmos_decode_steps_total counter", f"llmos_decode_steps_total {s['steps']}",
+                "# TYPE llmos_queue_depth gauge", f"llmos_queue_depth {self.scheduler.queue_depth}",
+                "# TYPE llmos_running_sequences gauge", f"llmos_running_sequences {self.scheduler.running}",
+                "# TYPE llmos_uptime_seconds gauge", f"llmos_uptime_seconds {time.time() - self.started:.1f}",
+            ]
+            lines += self.latency.render("llmos_request_latency_seconds")
+            lines += self.ttft.render("llmos_time_to_first_token_seconds")
+        return "\n".join(lines) + "\n"
