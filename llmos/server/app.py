@@ -65,9 +65,17 @@ async def _send_error(send, status: int, message: str):
 def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len: int = 2048, max_queue: int = 64,
                request_timeout: float = 300.0, max_body: int = 1_000_000, remotes: dict | None = None,
                store=None) -> FastAPI:
-    app = FastAPI(title="LLMOS", version="0.1.0",
-                  description="OpenAI-compatible API, writing tasks and the writing studio of LLMOS.")
+    from contextlib import asynccontextmanager
+
     scheduler = Scheduler(llm, max_batch=max_batch, max_len=max_len, max_queue=max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        scheduler.close()
+
+    app = FastAPI(title="LLMOS", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API, writing tasks and the writing studio of LLMOS.")
     metrics = Metrics(scheduler)
     remotes = remotes or {}
     app.state.scheduler, app.state.llm, app.state.metrics = scheduler, llm, metrics
@@ -77,10 +85,6 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
         store = Store()
     app.state.store = store
     app.add_middleware(BodyLimit, limit=max_body)
-
-    @app.on_event("shutdown")
-    def _close():
-        scheduler.close()
 
     # -- errors: always an OpenAI error object, never a bare 500 for bad input --
 
@@ -297,7 +301,9 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
         tokens = sum(len(llm.tokenizer.encode(t, add_bos=False)) for t in texts)
         metrics.count_request("/v1/embeddings", 200)
         return {"object": "list", "model": local_name(),
-                "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)],
+                "data": [{"object": "embedding", "index": i,
+                          "embedding": _base64(v) if body.encoding_format == "base64" else v}
+                         for i, v in enumerate(vectors)],
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     # -- LLMOS endpoints --
@@ -461,6 +467,13 @@ def _markdown(project: dict) -> str:
         if isinstance(entry, dict):
             lines += ["", f"- **{', '.join(entry.get('keys', []))}**: {entry.get('content', '')}"]
     return "\n".join(lines) + "\n"
+
+
+def _base64(vector: list[float]) -> str:
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def _embed(llm, texts):

@@ -102,7 +102,7 @@ class EmbeddingRequest(BaseModel):
 
     input: str | list[str]
     model: str | None = None
-    encoding_format: Literal["float"] = "float"
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 class WriteRequestBody(BaseModel):
