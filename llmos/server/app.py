@@ -356,6 +356,44 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
             out.append(item)
         return {"task": body.task, "model": local_name(), "candidates": out, "usage": _usage(req)}
 
+    @app.post("/api/story/continue")
+    async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
+        """Server-sent events: first {"context": [...]} (what is sent and why), then one event per
+        token {"text", "token", "logprob", "top": [[text, logprob], ...]}, then [DONE]."""
+        from dataclasses import replace
+
+        from llmos.writing.story import LoreEntry, Story, StoryError, assemble_context
+
+        story = Story(text=body.text, memory=body.memory, authors_note=body.authors_note,
+                      authors_note_depth=body.authors_note_depth, lore_budget=body.lore_budget,
+                      lorebook=[LoreEntry(e.keys, e.content, e.priority, e.enabled, constant=e.constant) for e in body.lorebook])
+        try:
+            prompt, parts = assemble_context(story, llm.tokenizer, scheduler.max_len, body.max_tokens)
+            params = llm.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                  top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                                  seed=body.seed, logprobs=body.logprobs)
+        except (StoryError, ValueError) as e:
+            raise APIError(400, str(e), _param_of(str(e))) from None
+        params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(llm.tokenizer.stop_ids)))
+        ids = llm.tokenizer.encode(prompt) if prompt else [llm.tokenizer.bos_id or 0]
+        req = await submit(ids, params, 1, [])
+        tok = llm.tokenizer
+
+        async def sse():
+            try:
+                yield _sse({"context": [{"kind": p.kind, "tokens": p.tokens, "reason": p.reason, "text": p.text}
+                                        for p in parts]})
+                async for e in events_of(req, http):
+                    item = {"text": e.text, "finish_reason": e.finish_reason}
+                    if e.logprob is not None and e.finish_reason is None:
+                        item.update(token=e.logprob.token, logprob=e.logprob.logprob,
+                                    top=[[tok.token_text(t), v] for t, v in e.logprob.top])
+                    yield _sse(item)
+                yield "data: [DONE]\n\n"
+            finally:
+                finalize(req, http.url.path)
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
     @app.get("/api/tasks")
     def tasks():
         from llmos.writing import list_tasks

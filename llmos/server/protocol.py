@@ -135,3 +135,32 @@ def now() -> int:
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class LoreItem(BaseModel):
+    keys: list[str] = []
+    content: str
+    priority: int = 100
+    enabled: bool = True
+    constant: bool = False
+
+
+class StoryContinueBody(BaseModel):
+    """POST /api/story/continue: continue a story with Memory, Author's Note and Lorebook."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str
+    memory: str = ""
+    authors_note: str = ""
+    authors_note_depth: int = Field(3, ge=0)
+    lorebook: list[LoreItem] = []
+    lore_budget: int = Field(300, ge=0)
+    max_tokens: int = Field(80, ge=1, le=2048)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    logprobs: int | None = Field(5, ge=0, le=20)

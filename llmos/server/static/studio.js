@@ -1,0 +1,544 @@
+// LLMOS Studio: a story editor whose generations form a tree of alternatives, with a
+// probability view, sampler presets, Memory / Author's Note / Lorebook, task forms and chat.
+// Projects are saved on the server (/api/projects). No build step: plain modern JavaScript.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const PRESETS = {
+  balanced: { temperature: 0.8, top_p: 0.95, top_k: 0, min_p: 0.0, repetition_penalty: 1.1, max_tokens: 80 },
+  creative: { temperature: 1.1, top_p: 0.98, top_k: 0, min_p: 0.05, repetition_penalty: 1.05, max_tokens: 120 },
+  precise: { temperature: 0.3, top_p: 0.9, top_k: 40, min_p: 0.0, repetition_penalty: 1.15, max_tokens: 60 },
+};
+const SAMPLER_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens"];
+
+let project = null; // {id, name, data}
+let history = { undo: [], redo: [] };
+let controller = null; // AbortController of the running generation
+let saveTimer = null;
+let editTimer = null;
+
+// ---------------------------------------------------------------- project data
+
+function emptyData() {
+  return {
+    nodes: { root: { id: "root", parent: null, text: "", kind: "root", created: Date.now() } },
+    current: "root", memory: "", authors_note: "", an_depth: 3, lorebook: [],
+    sampler: { ...PRESETS.balanced }, preset: "balanced", chat: [], persona: null,
+  };
+}
+
+function nodes() { return project.data.nodes; }
+function node(id) { return nodes()[id]; }
+function pathTo(id) {
+  const out = [];
+  for (let n = node(id); n; n = n.parent ? node(n.parent) : null) out.unshift(n);
+  return out;
+}
+function textOf(id) { return pathTo(id).map((n) => n.text).join(""); }
+function childrenOf(id) {
+  return Object.values(nodes()).filter((n) => n.parent === id).sort((a, b) => a.created - b.created);
+}
+function newNode(parent, text, kind, tokens) {
+  const id = "n" + Date.now().toString(36) + Math.random().toString(36).slice(2, 7);
+  nodes()[id] = { id, parent, text, kind, tokens: tokens || null, created: Date.now() };
+  return id;
+}
+function setCurrent(id, record = true) {
+  if (id === project.data.current) return;
+  if (record) { history.undo.push(project.data.current); history.redo = []; }
+  project.data.current = id;
+  render();
+  scheduleSave();
+}
+
+// ---------------------------------------------------------------- server calls
+
+function headers(extra = {}) {
+  const key = localStorage.getItem("llmos-api-key");
+  return { "Content-Type": "application/json", ...(key ? { Authorization: "Bearer " + key } : {}), ...extra };
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, { ...options, headers: headers(options.headers) });
+  if (!res.ok) {
+    let message = res.statusText;
+    try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }
+    throw new Error(`${res.status}: ${message}`);
+  }
+  return res;
+}
+
+async function* sse(path, body, signal) {
+  const res = await api(path, { method: "POST", body: JSON.stringify(body), signal });
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const chunk = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      for (const line of chunk.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return;
+        yield JSON.parse(data);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------- saving and loading
+
+function scheduleSave() {
+  $("#save-state").textContent = "unsaved changes";
+  clearTimeout(saveTimer);
+  saveTimer = setTimeout(save, 600);
+}
+
+async function save() {
+  clearTimeout(saveTimer);
+  project.name = $("#project-name").value || "Untitled story";
+  const body = JSON.stringify({ name: project.name, data: project.data });
+  try {
+    let res;
+    if (project.id == null) {
+      res = await api("/api/projects", { method: "POST", body });
+      project.id = (await res.json()).id;
+      location.hash = "p=" + project.id;
+      localStorage.setItem("llmos-last-project", project.id);
+      await refreshProjectList();
+    } else {
+      await api(`/api/projects/${project.id}`, { method: "PUT", body });
+    }
+    $("#save-state").textContent = "saved";
+  } catch (e) {
+    $("#save-state").textContent = "not saved: " + e.message;
+  }
+}
+
+async function refreshProjectList() {
+  try {
+    const { projects } = await (await api("/api/projects")).json();
+    const select = $("#project-list");
+    select.innerHTML = '<option value="">Open…</option>' + projects.map(
+      (p) => `<option value="${p.id}">${escapeHtml(p.name)}</option>`).join("");
+  } catch (e) { /* the key may be missing: shown when saving */ }
+}
+
+async function openProject(id) {
+  const res = await api(`/api/projects/${id}`);
+  const p = await res.json();
+  project = { id: p.id, name: p.name, data: { ...emptyData(), ...p.data } };
+  history = { undo: [], redo: [] };
+  location.hash = "p=" + p.id;
+  localStorage.setItem("llmos-last-project", p.id);
+  loadPanels();
+  render();
+  $("#save-state").textContent = "saved";
+}
+
+function newProject() {
+  project = { id: null, name: "Untitled story", data: emptyData() };
+  history = { undo: [], redo: [] };
+  location.hash = "";
+  loadPanels();
+  render();
+}
+
+// ---------------------------------------------------------------- rendering
+
+function escapeHtml(s) {
+  return String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+}
+
+function render() {
+  const editor = $("#editor");
+  const text = textOf(project.data.current);
+  if (editor.value !== text) editor.value = text;
+  $("#project-name").value = project.name;
+  renderAlternatives();
+  renderTree();
+  renderProbabilities();
+  $("#undo").disabled = history.undo.length === 0;
+  $("#redo").disabled = history.redo.length === 0 && childrenOf(project.data.current).length === 0;
+  $("#retry").disabled = !["gen"].includes(node(project.data.current).kind);
+}
+
+function renderAlternatives() {
+  const cur = node(project.data.current);
+  const list = $("#alternatives");
+  list.innerHTML = "";
+  if (!cur.parent) return;
+  for (const sib of childrenOf(cur.parent)) {
+    const li = document.createElement("li");
+    li.textContent = (sib.text.trim().slice(0, 90) || "(empty)") + (sib.kind === "edit" ? "  [edited]" : "");
+    li.dataset.id = sib.id;
+    if (sib.id === cur.id) li.classList.add("current");
+    li.onclick = () => setCurrent(sib.id);
+    list.appendChild(li);
+  }
+}
+
+function renderTree() {
+  const onPath = new Set(pathTo(project.data.current).map((n) => n.id));
+  const tree = $("#tree");
+  tree.innerHTML = "";
+  const walk = (id, depth) => {
+    for (const child of childrenOf(id)) {
+      const li = document.createElement("li");
+      li.style.paddingLeft = depth * 1.1 + "rem";
+      li.textContent = "• " + (child.text.trim().slice(0, 60) || "(empty)");
+      li.dataset.id = child.id;
+      if (onPath.has(child.id)) li.classList.add("on-path");
+      li.onclick = () => setCurrent(child.id);
+      tree.appendChild(li);
+      walk(child.id, depth + 1);
+    }
+  };
+  walk("root", 0);
+}
+
+function probabilityColor(logprob) {
+  const p = Math.exp(logprob);
+  const alpha = Math.min(0.85, (1 - p) * 0.9);
+  return `rgba(230, 90, 60, ${alpha.toFixed(2)})`;
+}
+
+function renderProbabilities() {
+  const view = $("#probability");
+  const on = $("#show-probs").checked;
+  view.classList.toggle("hidden", !on);
+  if (!on) return;
+  const cur = node(project.data.current);
+  view.innerHTML = "";
+  const before = cur.parent ? textOf(cur.parent) : "";
+  const lead = document.createElement("span");
+  lead.className = "muted";
+  lead.textContent = before.slice(-300);
+  view.appendChild(lead);
+  if (!cur.tokens || !cur.tokens.length) {
+    view.appendChild(document.createTextNode(cur.text));
+    return;
+  }
+  cur.tokens.forEach((t, i) => {
+    const span = document.createElement("span");
+    span.className = "tok";
+    span.textContent = t.text;
+    span.dataset.index = i;
+    span.style.background = probabilityColor(t.logprob);
+    span.title = `p = ${(Math.exp(t.logprob) * 100).toFixed(1)}%`;
+    span.onclick = (ev) => showAlternatives(ev, cur.id, i);
+    view.appendChild(span);
+  });
+}
+
+function showAlternatives(ev, nodeId, index) {
+  const popup = $("#token-popup");
+  const t = node(nodeId).tokens[index];
+  popup.innerHTML = "";
+  for (const [text, lp] of t.top || []) {
+    const b = document.createElement("button");
+    b.innerHTML = `<span>${escapeHtml(JSON.stringify(text))}</span><span class="muted">${(Math.exp(lp) * 100).toFixed(1)}%</span>`;
+    b.onclick = () => { popup.classList.add("hidden"); continueFromAlternative(nodeId, index, text, lp); };
+    popup.appendChild(b);
+  }
+  popup.style.left = ev.pageX + "px";
+  popup.style.top = ev.pageY + 12 + "px";
+  popup.classList.remove("hidden");
+}
+
+// ---------------------------------------------------------------- editing
+
+function applyEdit() {
+  const newText = $("#editor").value;
+  const cur = project.data.current;
+  const old = textOf(cur);
+  if (newText === old) return;
+  let common = 0;
+  while (common < old.length && common < newText.length && old[common] === newText[common]) common++;
+  // the deepest node on the path that lies wholly before the change
+  let anchor = "root";
+  let end = 0;
+  for (const n of pathTo(cur)) {
+    if (n.id === "root") continue;
+    if (end + n.text.length <= common) { anchor = n.id; end += n.text.length; } else break;
+  }
+  const c = node(cur);
+  if (c.kind === "edit" && c.parent === anchor) {
+    c.text = newText.slice(end); // keep typing into the same edit
+    c.tokens = null;
+    render();
+    scheduleSave();
+    return;
+  }
+  const id = newNode(anchor, newText.slice(end), "edit");
+  setCurrent(id);
+}
+
+// ---------------------------------------------------------------- generation
+
+function storyBody(text) {
+  const s = project.data.sampler;
+  return {
+    text, memory: project.data.memory, authors_note: project.data.authors_note,
+    authors_note_depth: Number(project.data.an_depth) || 0,
+    lorebook: project.data.lorebook.filter((e) => e.content.trim()).map((e) => ({
+      keys: e.keys.split(",").map((k) => k.trim()).filter(Boolean), content: e.content })),
+    max_tokens: Number(s.max_tokens) || 80, temperature: Number(s.temperature), top_p: Number(s.top_p),
+    top_k: Number(s.top_k) || 0, min_p: Number(s.min_p) || 0, repetition_penalty: Number(s.repetition_penalty) || 1,
+    logprobs: 5,
+  };
+}
+
+async function generateFrom(parentId, prefixTokens = null) {
+  if (controller) return;
+  clearTimeout(editTimer);
+  applyEdit();
+  const base = parentId;
+  const tokens = prefixTokens ? [...prefixTokens] : [];
+  const id = newNode(base, tokens.map((t) => t.text).join(""), "gen", tokens);
+  setCurrent(id);
+  controller = new AbortController();
+  $("#generate").disabled = true;
+  $("#stop").disabled = false;
+  $("#status").textContent = "writing…";
+  const n = node(id);
+  try {
+    for await (const ev of sse("/api/story/continue", storyBody(textOf(id)), controller.signal)) {
+      if (ev.context) { renderContext(ev.context); continue; }
+      if (ev.finish_reason) continue;
+      n.text += ev.text;
+      if (ev.logprob !== undefined) n.tokens.push({ text: ev.text, logprob: ev.logprob, top: ev.top });
+      else if (n.tokens.length) n.tokens[n.tokens.length - 1].text += ev.text;
+      render();
+    }
+    $("#status").textContent = "";
+  } catch (e) {
+    $("#status").textContent = e.name === "AbortError" ? "stopped" : "error: " + e.message;
+  } finally {
+    controller = null;
+    $("#generate").disabled = false;
+    $("#stop").disabled = true;
+    render();
+    scheduleSave();
+  }
+}
+
+function continueFromAlternative(nodeId, index, text, logprob) {
+  const n = node(nodeId);
+  const kept = n.tokens.slice(0, index).concat([{ text, logprob, top: n.tokens[index].top }]);
+  generateFrom(n.parent, kept);
+}
+
+function renderContext(parts) {
+  const box = $("#context");
+  box.innerHTML = "";
+  for (const p of parts) {
+    const div = document.createElement("div");
+    div.className = "part";
+    div.innerHTML = `<strong>${escapeHtml(p.kind)}</strong> · ${p.tokens} tokens · <em>${escapeHtml(p.reason)}</em>\n${escapeHtml(p.text.slice(-400))}`;
+    box.appendChild(div);
+  }
+}
+
+// ---------------------------------------------------------------- panels
+
+function loadPanels() {
+  const d = project.data;
+  for (const f of SAMPLER_FIELDS) $("#" + f).value = d.sampler[f];
+  $("#preset").value = d.preset || "balanced";
+  $("#memory").value = d.memory;
+  $("#authors-note").value = d.authors_note;
+  $("#an-depth").value = d.an_depth;
+  if (d.persona) $("#persona").value = d.persona;
+  renderLorebook();
+  renderChat();
+}
+
+function renderLorebook() {
+  const box = $("#lorebook");
+  box.innerHTML = "";
+  project.data.lorebook.forEach((e, i) => {
+    const div = document.createElement("div");
+    div.className = "lore-entry";
+    div.innerHTML = `<input placeholder="keywords, comma separated" value="${escapeHtml(e.keys)}">
+      <textarea rows="2" placeholder="What the model should know">${escapeHtml(e.content)}</textarea>
+      <button>Remove</button>`;
+    const [keys, content, remove] = div.children;
+    keys.oninput = () => { e.keys = keys.value; scheduleSave(); };
+    content.oninput = () => { e.content = content.value; scheduleSave(); };
+    remove.onclick = () => { project.data.lorebook.splice(i, 1); renderLorebook(); scheduleSave(); };
+    box.appendChild(div);
+  });
+}
+
+// ---------------------------------------------------------------- tasks tab
+
+async function loadTasks() {
+  try {
+    const { tasks, forms } = await (await api("/api/tasks")).json();
+    $("#task").innerHTML = Object.keys(tasks).map((t) => `<option>${t}</option>`).join("");
+    $("#form").innerHTML = '<option value="">(none)</option>' +
+      Object.entries(forms).map(([k, f]) => `<option value="${escapeHtml(k)}">${escapeHtml(k)} (${escapeHtml(f.description)})</option>`).join("");
+    const describe = () => { $("#task-description").textContent = tasks[$("#task").value]?.description || ""; };
+    $("#task").onchange = describe;
+    $("#task").value = "poem";
+    describe();
+  } catch (e) { $("#task-status").textContent = e.message; }
+}
+
+async function runTask() {
+  const variables = {};
+  if ($("#acrostic").value.trim()) variables.acrostic = $("#acrostic").value.trim();
+  const body = { task: $("#task").value, brief: $("#brief").value, n: Number($("#task-n").value) || 1,
+                 variables, form: $("#form").value || null };
+  $("#task-status").textContent = "writing…";
+  $("#task-results").innerHTML = "";
+  try {
+    const out = await (await api("/api/write", { method: "POST", body: JSON.stringify(body) })).json();
+    for (const c of out.candidates) {
+      const div = document.createElement("div");
+      div.className = "result";
+      div.textContent = c.text;
+      if (c.form_problems) {
+        const note = document.createElement("div");
+        note.className = "muted";
+        note.textContent = c.form_problems.length ? "form: " + c.form_problems.join("; ") : "form kept";
+        div.appendChild(note);
+      }
+      const insert = document.createElement("button");
+      insert.textContent = "Insert into story";
+      insert.onclick = () => {
+        const id = newNode(project.data.current, "\n\n" + c.text, "edit");
+        setCurrent(id);
+        switchTab("story");
+      };
+      div.appendChild(insert);
+      $("#task-results").appendChild(div);
+    }
+    $("#task-status").textContent = "";
+  } catch (e) { $("#task-status").textContent = e.message; }
+}
+
+// ---------------------------------------------------------------- chat tab
+
+function renderChat() {
+  const log = $("#chat-log");
+  log.innerHTML = "";
+  for (const m of project.data.chat) {
+    const div = document.createElement("div");
+    div.className = "msg " + m.role;
+    div.textContent = m.content;
+    log.appendChild(div);
+  }
+  log.scrollTop = log.scrollHeight;
+}
+
+async function sendChat() {
+  const text = $("#chat-message").value.trim();
+  if (!text || controller) return;
+  $("#chat-message").value = "";
+  project.data.persona = $("#persona").value;
+  project.data.chat.push({ role: "user", content: text });
+  const reply = { role: "assistant", content: "" };
+  project.data.chat.push(reply);
+  renderChat();
+  const messages = [{ role: "system", content: project.data.persona }, ...project.data.chat.slice(0, -1)];
+  controller = new AbortController();
+  try {
+    for await (const ev of sse("/v1/chat/completions", { messages, stream: true, max_tokens: 200, temperature: 0.7 },
+                               controller.signal)) {
+      const delta = ev.choices && ev.choices[0] && ev.choices[0].delta;
+      if (delta && delta.content) { reply.content += delta.content; renderChat(); }
+    }
+  } catch (e) { reply.content += `\n[${e.message}]`; renderChat(); }
+  controller = null;
+  scheduleSave();
+}
+
+// ---------------------------------------------------------------- wiring
+
+function switchTab(name) {
+  document.querySelectorAll(".tabs button").forEach((b) => b.classList.toggle("active", b.dataset.tab === name));
+  document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t.id === "tab-" + name));
+}
+
+function wire() {
+  document.querySelectorAll(".tabs button").forEach((b) => { b.onclick = () => switchTab(b.dataset.tab); });
+  $("#editor").addEventListener("input", () => { clearTimeout(editTimer); editTimer = setTimeout(applyEdit, 400); });
+  $("#editor").addEventListener("keydown", (e) => { if (e.key === "Enter" && e.ctrlKey) generateFrom(project.data.current); });
+  $("#generate").onclick = () => { applyEdit(); generateFrom(project.data.current); };
+  $("#stop").onclick = () => controller && controller.abort();
+  $("#retry").onclick = () => { const cur = node(project.data.current); if (cur.kind === "gen") generateFrom(cur.parent); };
+  $("#undo").onclick = () => {
+    if (!history.undo.length) return;
+    history.redo.push(project.data.current);
+    setCurrent(history.undo.pop(), false);
+  };
+  $("#redo").onclick = () => {
+    const target = history.redo.length ? history.redo.pop() : (childrenOf(project.data.current).slice(-1)[0] || {}).id;
+    if (!target) return;
+    history.undo.push(project.data.current);
+    setCurrent(target, false);
+  };
+  $("#show-probs").onchange = renderProbabilities;
+  $("#preset").onchange = () => {
+    project.data.preset = $("#preset").value;
+    project.data.sampler = { ...PRESETS[project.data.preset] };
+    loadPanels();
+    scheduleSave();
+  };
+  for (const f of SAMPLER_FIELDS) $("#" + f).oninput = () => { project.data.sampler[f] = $("#" + f).value; scheduleSave(); };
+  $("#memory").oninput = () => { project.data.memory = $("#memory").value; scheduleSave(); };
+  $("#authors-note").oninput = () => { project.data.authors_note = $("#authors-note").value; scheduleSave(); };
+  $("#an-depth").oninput = () => { project.data.an_depth = $("#an-depth").value; scheduleSave(); };
+  $("#add-lore").onclick = () => { project.data.lorebook.push({ keys: "", content: "" }); renderLorebook(); };
+  $("#project-name").oninput = scheduleSave;
+  $("#new-project").onclick = newProject;
+  $("#project-list").onchange = () => { if ($("#project-list").value) openProject($("#project-list").value); };
+  $("#export-json").onclick = (e) => { e.preventDefault(); download("json"); };
+  $("#export-md").onclick = (e) => { e.preventDefault(); download("md"); };
+  $("#api-key").value = localStorage.getItem("llmos-api-key") || "";
+  $("#api-key").onchange = () => { localStorage.setItem("llmos-api-key", $("#api-key").value); init(); };
+  $("#run-task").onclick = runTask;
+  $("#chat-send").onclick = sendChat;
+  $("#chat-message").addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
+  $("#chat-clear").onclick = () => { project.data.chat = []; renderChat(); scheduleSave(); };
+  document.addEventListener("click", (e) => {
+    if (!e.target.closest("#token-popup") && !e.target.classList.contains("tok")) $("#token-popup").classList.add("hidden");
+  });
+}
+
+async function download(format) {
+  await save();
+  const res = await api(`/api/projects/${project.id}/export?format=${format}`);
+  const blob = await res.blob();
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `${project.name}.${format === "md" ? "md" : "json"}`;
+  a.click();
+}
+
+async function init() {
+  try {
+    const models = await (await api("/v1/models")).json();
+    $("#model-name").textContent = "model: " + models.data[0].id;
+  } catch (e) { $("#model-name").textContent = e.message; }
+  await refreshProjectList();
+  await loadTasks();
+  const fromHash = (location.hash.match(/p=(\d+)/) || [])[1];
+  const id = fromHash || localStorage.getItem("llmos-last-project");
+  let opened = false;
+  if (id) {
+    try { await openProject(id); opened = true; } catch (e) { /* gone: start afresh */ }
+  }
+  if (!opened) newProject();
+  document.body.dataset.ready = "true";  // everything loaded: the page takes input now
+}
+
+wire();
+init();
