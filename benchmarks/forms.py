@@ -14,11 +14,11 @@ benchmarks/results/forms.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+from dataclasses import replace
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, print_table, write_json
+
 TASK = {"slogan": "slogan", "title": "title", "tweet": "social"}
 VARIABLES = {"藏头诗": {"acrostic": "春夏秋冬"}, "acrostic": {"acrostic": "MOON"}}
 
@@ -33,15 +33,11 @@ def run(llm, form_name: str, samples: int, constrained: bool, batch: int) -> dic
     req = WriteRequest(TASK.get(form_name, "poem"), brief, dict(variables), form=form_name)
     prompt, params, stops, _ = prepare_write(llm, req)
     if not constrained:
-        from dataclasses import replace
-
         params = replace(params, constraint=None)
     ok, tokens, t0 = 0, 0, time.perf_counter()
     examples = []
     for start in range(0, samples, batch):
         n = min(batch, samples - start)
-        from dataclasses import replace
-
         result = llm.generate(prompt, replace(params, seed=1000 + start), n=n, stop=stops)
         for c in result.completions:
             problems = forms.check(form, c.text, **variables)
@@ -63,7 +59,7 @@ def main():
     ap.add_argument("--forms", default=",".join(FORMS))
     ap.add_argument("--samples", type=int, default=50)
     ap.add_argument("--batch", type=int, default=25)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "forms.json"))
+    ap.add_argument("--out", default=str(RESULTS / "forms.json"))
     args = ap.parse_args()
     results, rows = {}, []
     for model in args.models.split(","):
@@ -75,13 +71,9 @@ def main():
             rows.append([form, model, f"{free['rate']:.0%}", f"{kept['rate']:.0%}", f"{kept['tokens_per_s']:.0f}"])
             print("  ".join(rows[-1]), flush=True)
     header = ["form", "model", "free", "constrained", "constrained tok/s"]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     print()
-    for line in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"samples": args.samples, "results": results}, ensure_ascii=False, indent=2))
-    print(f"\nwrote {args.out}")
+    print_table(header, rows)
+    write_json(args.out, {"samples": args.samples, "results": results})
 
 
 if __name__ == "__main__":

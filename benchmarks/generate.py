@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, cpu_name, print_table, write_json
+
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
 
 
@@ -128,7 +127,7 @@ def main():
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("-n", type=int, default=1)
     ap.add_argument("--child", choices=["llmos", "hf"])
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
+    ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args()
     if args.child == "llmos":
         print(json.dumps(run_llmos(args.models, args.precision, args.repeats, args.n)))
@@ -140,7 +139,7 @@ def main():
     import torch
 
     rows, results = [], {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(),
-                         "cpu": _cpu_name(), "models": {}}
+                         "cpu": cpu_name(), "models": {}}
     for model in args.models.split(","):
         r = {
             "hf_fp32": child(dict(engine="hf", model=model, repeats=args.repeats)),
@@ -158,22 +157,9 @@ def main():
                          f"{res['load_s']:.2f}", f"{res['peak_rss_mib']:.0f}"])
         results["models"][model] = r
     header = ["model", "engine", "decode tok/s", "vs HF", "prefill tok/s", "TTFT s", "load s", "peak RSS MiB"]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    print_table(header, rows)
+    write_json(args.out, results)
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import RESULTS, ROOT, cpu_name, print_table, write_json
+
 CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides.
@@ -117,13 +118,13 @@ def main():
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of the headline run")
     ap.add_argument("--recipe", help="JSON overrides of the headline recipe")
     ap.add_argument("--work", help="folder for data and runs (default: a temporary folder)")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_shakespeare.json"))
+    ap.add_argument("--out", default=str(RESULTS / "train_shakespeare.json"))
     args = ap.parse_args()
     only = set(args.only.split(","))
     work = Path(args.work or tempfile.mkdtemp(prefix="llmos-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_data(work)
-    results = {"threads": torch.get_num_threads(), "cpu": _cpu_name()}
+    results = {"threads": torch.get_num_threads(), "cpu": cpu_name()}
     if Path(args.out).exists():
         results = {**json.loads(Path(args.out).read_text()), **results}
     rows = []
@@ -156,22 +157,9 @@ def main():
         rows.append([f"best in {args.minutes:g} minutes", f"{r['params'] / 1e6:.2f}M", f"{r['wall_s']:.0f}",
                      f"{r['val_loss']:.3f}", f"{r['tokens_per_s_median']:,.0f}", "nanoGPT scaled: 1.52"])
     header = ["run", "params", "wall s", "val loss", "tok/s", "note"]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for line in [header, ["-" * w for w in widths], *rows]:
-        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    print_table(header, rows)
+    write_json(args.out, results)
 
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

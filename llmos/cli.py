@@ -91,8 +91,6 @@ def parse_vars(pairs: list[str]) -> dict:
 
 
 def sampling_from_options(llm, opts: dict):
-    from llmos.engine.sampling import SamplingParams  # noqa: F401  (validation errors are ValueError)
-
     try:
         return llm.sampling(**opts)
     except (TypeError, ValueError) as e:
@@ -310,6 +308,7 @@ def main():
     import llmos.cli_train  # noqa: F401  (registers prepare, ngram, train, export, embed)
     import llmos.cli_write  # noqa: F401  (registers write, tasks, forms, story)
     import llmos.cli_serve  # noqa: F401  (registers serve)
+    import llmos.cli_chat  # noqa: F401  (registers chat, sessions, personas, kb)
 
     try:
         app()

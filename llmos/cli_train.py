@@ -179,7 +179,6 @@ def _run_with_progress(trainer):
 
     from llmos.train.trainer import TrainError
 
-    cfg = trainer.cfg
     main = trainer.d.main
     mc = trainer.model_config
     if main:

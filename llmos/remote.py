@@ -152,8 +152,6 @@ class RemoteModel:
     # -- synchronous streaming, for the CLI and the writing layer --
 
     def stream_chat(self, messages: list[dict], params: SamplingParams, stop: list[str] | None = None) -> Iterator[str]:
-        import httpx
-
         if self.kind == "anthropic":
             payload = self._anthropic_payload(messages, params, True, stop)
             url = f"{self.base_url.rstrip('/')}/v1/messages"

@@ -1,4 +1,4 @@
-"""The SQLite store in $LLMOS_HOME: studio projects (and, in later migrations, chat sessions).
+"""The SQLite store in $LLMOS_HOME: studio projects, chat sessions and knowledge bases.
 
 The schema changes only through numbered, append-only migrations, each applied once in its own
 transaction and recorded in `migrations`. WAL mode and a busy timeout let several processes
@@ -25,6 +25,71 @@ MIGRATIONS: list[tuple[str, str]] = [
             updated_at REAL NOT NULL
         );
     """),
+    ("m002_chat", """
+        CREATE TABLE chat_sessions (
+            id INTEGER PRIMARY KEY,
+            title TEXT NOT NULL DEFAULT '',
+            persona TEXT NOT NULL,
+            persona_data TEXT NOT NULL,
+            model TEXT NOT NULL DEFAULT '',
+            kb TEXT,
+            summary TEXT NOT NULL DEFAULT '',
+            summary_upto INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL DEFAULT 'open',
+            handover INTEGER NOT NULL DEFAULT 0,
+            handover_reason TEXT NOT NULL DEFAULT '',
+            unhappy INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        );
+        CREATE TABLE chat_turns (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES chat_sessions(id) ON DELETE CASCADE,
+            role TEXT NOT NULL,
+            content TEXT NOT NULL,
+            active INTEGER NOT NULL DEFAULT 1,
+            rating INTEGER,
+            meta TEXT NOT NULL DEFAULT '{}',
+            created_at REAL NOT NULL
+        );
+        CREATE INDEX chat_turns_session ON chat_turns(session_id, id);
+        CREATE TABLE chat_facts (
+            id INTEGER PRIMARY KEY,
+            session_id INTEGER NOT NULL REFERENCES chat_sessions(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            source TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            UNIQUE(session_id, text)
+        );
+    """),
+    ("m003_knowledge_bases", """
+        CREATE TABLE kb_bases (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            embedder TEXT NOT NULL,
+            created_at REAL NOT NULL
+        );
+        CREATE TABLE kb_documents (
+            id INTEGER PRIMARY KEY,
+            kb_id INTEGER NOT NULL REFERENCES kb_bases(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            added_at REAL NOT NULL,
+            UNIQUE(kb_id, path)
+        );
+        CREATE TABLE kb_passages (
+            id INTEGER PRIMARY KEY,
+            doc_id INTEGER NOT NULL REFERENCES kb_documents(id) ON DELETE CASCADE,
+            kb_id INTEGER NOT NULL REFERENCES kb_bases(id) ON DELETE CASCADE,
+            ord INTEGER NOT NULL,
+            heading TEXT NOT NULL DEFAULT '',
+            text TEXT NOT NULL,
+            question TEXT,
+            answer TEXT,
+            vector BLOB NOT NULL
+        );
+        CREATE INDEX kb_passages_kb ON kb_passages(kb_id);
+    """),
 ]
 
 
@@ -50,6 +115,10 @@ class Store:
         self.db.row_factory = sqlite3.Row
         self.lock = threading.RLock()
         self.migrate()
+
+    def transaction(self):
+        """`with store.transaction():` runs its statements as one IMMEDIATE transaction."""
+        return _Transaction(self)
 
     def migrate(self):
         with self.lock:
@@ -102,3 +171,19 @@ class Store:
         with self.lock:
             if self.db.execute("DELETE FROM projects WHERE id = ?", (project_id,)).rowcount == 0:
                 raise KeyError(project_id)
+
+
+class _Transaction:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def __enter__(self):
+        self.store.lock.acquire()
+        self.store.db.execute("BEGIN IMMEDIATE")
+        return self.store.db
+
+    def __exit__(self, kind, value, tb):
+        try:
+            self.store.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            self.store.lock.release()

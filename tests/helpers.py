@@ -3,7 +3,10 @@ loading and generation run through the same code paths as the bundled models."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -108,3 +111,17 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.server.config.app.state.scheduler.close()
+
+
+def llmos(*args, home, stdin=None, timeout=300):
+    """Run the `llmos` command as a real process with its own LLMOS_HOME."""
+    env = {**os.environ, "LLMOS_HOME": str(home), "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "llmos", *args], capture_output=True, text=True,
+                          env=env, input=stdin, timeout=timeout)
+
+
+def assert_clean_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr

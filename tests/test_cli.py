@@ -10,19 +10,7 @@ import time
 import pytest
 
 from conftest import BUNDLED_HOME
-
-
-def llmos(*args, home, stdin=None, timeout=300):
-    env = {**os.environ, "LLMOS_HOME": str(home), "COLUMNS": "120"}
-    return subprocess.run([sys.executable, "-m", "llmos", *args], capture_output=True, text=True,
-                          env=env, input=stdin, timeout=timeout)
-
-
-def assert_clean_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for needle in needles:
-        assert needle in proc.stderr, proc.stderr
+from helpers import assert_clean_error, llmos
 
 
 def test_generate_json(tiny_dir, session_home):

@@ -75,8 +75,8 @@ def test_split_is_by_document_and_seeded(tmp_path):
     for i in range(30):
         (d / f"{i}.txt").write_text(" ".join(rng.choice(words, 40 + i)))
     a = prepare(PrepareConfig([str(d)], str(tmp_path / "a"), seed=1))
-    b = prepare(PrepareConfig([str(d)], str(tmp_path / "b"), seed=1))
-    c = prepare(PrepareConfig([str(d)], str(tmp_path / "c"), seed=2))
+    prepare(PrepareConfig([str(d)], str(tmp_path / "b"), seed=1))
+    prepare(PrepareConfig([str(d)], str(tmp_path / "c"), seed=2))
     assert a["val_documents"] >= 2 and a["train_documents"] + a["val_documents"] == 30
     va = (tmp_path / "a" / "val_000.bin").read_bytes()
     assert va == (tmp_path / "b" / "val_000.bin").read_bytes()

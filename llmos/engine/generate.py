@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -88,12 +88,22 @@ class Sequence:
 
 def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Choose the next token of each row (B, V) -> (B,), then record it in its sequence.
-    Rows sharing one SamplingParams object are processed as one batch."""
+    Rows whose samplers are the same (seeds and lengths may differ: a server's requests) are
+    processed as one batch; each row still draws from its own generator."""
     tokens = torch.empty(len(seqs), dtype=torch.long)
-    groups: dict[int, list[int]] = {}
+    groups: list[tuple[SamplingParams, list[int]]] = []
+    keys: dict[int, SamplingParams] = {}
     for row, seq in enumerate(seqs):
-        groups.setdefault(id(seq.params), []).append(row)
-    for rows in groups.values():
+        key = keys.get(id(seq.params))
+        if key is None:
+            key = keys[id(seq.params)] = replace(seq.params, seed=None, max_tokens=1, stop_token_ids=[], logprobs=None)
+        for group_key, rows in groups:
+            if group_key == key:
+                rows.append(row)
+                break
+        else:
+            groups.append((key, [row]))
+    for _, rows in groups:
         params = seqs[rows[0]].params
         group = [seqs[r] for r in rows]
         sub = logits[rows] if len(rows) < len(seqs) else logits

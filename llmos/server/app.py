@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HTTPRequest
@@ -153,8 +154,13 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
         done = 0
         try:
             while done < req.n:
+                try:  # events usually wait already: no timer then
+                    event = req.events.get_nowait()
+                except asyncio.QueueEmpty:
+                    event = None
                 try:
-                    event = await asyncio.wait_for(req.events.get(), timeout=0.5)
+                    if event is None:
+                        event = await asyncio.wait_for(req.events.get(), timeout=0.5)
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         req.cancelled = True
@@ -178,8 +184,10 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
             params = body.sampling(llm, logprobs, llm.model.config.vocab_size)
         except ValueError as e:
             raise APIError(400, str(e), _param_of(str(e))) from None
-        from dataclasses import replace
+        return params if body.ignore_eos else with_eos(params)
 
+    def with_eos(params):
+        """The model's end-of-text tokens end every sequence (unless a request says ignore_eos)."""
         return replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(llm.tokenizer.stop_ids)))
 
     # -- OpenAI API --
@@ -326,9 +334,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
             raise APIError(400, str(e), "task" if "task" in str(e) else "form") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        from dataclasses import replace
-
-        params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(llm.tokenizer.stop_ids)))
+        params = with_eos(params)
         req = await submit(ids, params, body.n, stops)
         if body.stream:
             async def sse():
@@ -360,7 +366,6 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
     async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
         """Server-sent events: first {"context": [...]} (what is sent and why), then one event per
         token {"text", "token", "logprob", "top": [[text, logprob], ...]}, then [DONE]."""
-        from dataclasses import replace
 
         from llmos.writing.story import LoreEntry, Story, StoryError, assemble_context
 
@@ -374,7 +379,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                                   seed=body.seed, logprobs=body.logprobs)
         except (StoryError, ValueError) as e:
             raise APIError(400, str(e), _param_of(str(e))) from None
-        params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(llm.tokenizer.stop_ids)))
+        params = with_eos(params)
         ids = llm.tokenizer.encode(prompt) if prompt else [llm.tokenizer.bos_id or 0]
         req = await submit(ids, params, 1, [])
         tok = llm.tokenizer

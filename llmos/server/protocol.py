@@ -36,6 +36,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False  # run to max_tokens past end-of-text (fixed-length load tests)
 
     @field_validator("stop")
     @classmethod

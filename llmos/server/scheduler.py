@@ -55,9 +55,11 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
 
-    def emit(self, event: Event):
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _deliver(items: list[tuple[Request, Event]]):
+    for req, event in items:
+        req.events.put_nowait(event)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Scheduler:
         self.cache = KVCache(self.model.config, max_batch, self.max_len, cache_dtype(self.model))
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.slots: list[Slot] = []  # running rows, packed: slot i is cache row i
+        self._outbox: list[tuple[Request, Event]] = []  # events of this step, sent together
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0, "rejected": 0}
         self._stop = threading.Event()
         self._wake = threading.Condition()
@@ -129,6 +132,27 @@ class Scheduler:
                 for slot in list(self.slots):
                     self._finish(slot, "error", detail=f"{type(e).__name__}: {e}")
                 self.slots.clear()
+            finally:
+                self._flush()
+
+    def _send(self, req: Request, event: Event):
+        self._outbox.append((req, event))
+
+    def _flush(self):
+        """Hand the step's events to the event loops: one wake-up per loop per step, not one
+        per token (at 16 streams that is most of the server's overhead)."""
+        if not self._outbox:
+            return
+        by_loop: dict = {}
+        for req, event in self._outbox:
+            if req.loop is not None:
+                by_loop.setdefault(req.loop, []).append((req, event))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop has closed: nobody is listening
+                pass
 
     def _admit(self):
         while not self.waiting.empty():
@@ -142,7 +166,7 @@ class Scheduler:
             try:
                 self._prefill(req)
             except Exception as e:
-                req.emit(Event(0, finish_reason="error", text=f"{type(e).__name__}: {e}"))
+                self._send(req, Event(0, finish_reason="error", text=f"{type(e).__name__}: {e}"))
 
     def _prefill(self, req: Request):
         from llmos.llm import StopStrings
@@ -208,7 +232,7 @@ class Scheduler:
             elif req.deadline is not None and now > req.deadline and not seq.done:
                 seq.finish_reason = "length"
             if text or lp is not None:
-                req.emit(Event(slot.index, text, token, lp))
+                self._send(req, Event(slot.index, text, token, lp))
             if seq.done:
                 self._finish(slot, seq.finish_reason)
 
@@ -218,8 +242,8 @@ class Scheduler:
             tail = slot.cutter.feed(slot.decoder.flush()) + slot.cutter.finish()
             if tail:
                 req.texts[slot.index] += tail
-                req.emit(Event(slot.index, tail))
-        req.emit(Event(slot.index, detail, finish_reason=reason))
+                self._send(req, Event(slot.index, tail))
+        self._send(req, Event(slot.index, detail, finish_reason=reason))
         if slot in self.slots:
             row = self.slots.index(slot)
             last = len(self.slots) - 1

@@ -1,0 +1,258 @@
+"""Serving load: `llmos serve` under many clients, measured the way vLLM's serving benchmark does.
+
+    python benchmarks/serve.py                          # 32 prompts: one at a time, then 16 at once
+    python benchmarks/serve.py --rate 2                 # Poisson arrivals at 2 requests/s (16 at most in flight)
+    python benchmarks/serve.py --soak 600               # and a 10-minute run at 16 clients, memory sampled
+
+The script starts the server in its own process on a free port on 127.0.0.1, and sends N
+completion requests of a fixed shape: an input of --input-len tokens (slices of Tiny
+Shakespeare), --output-len tokens out (`ignore_eos`, so every request has the same length),
+sampled at temperature 0.8, streamed. The same requests run twice: sequentially (one client),
+then with up to --concurrency in flight, either all at once (--rate inf) or as Poisson arrivals.
+For each it reports request throughput, output tok/s, time to first token (TTFT) and time per
+output token after the first (TPOT) at p50/p99, failures, and the server's resident memory.
+The soak run keeps --concurrency clients busy for --soak seconds and compares the server's
+memory in its first and last minute. Results: a table on stdout and JSON in
+benchmarks/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+from common import RESULTS, ROOT, cpu_name, print_table, write_json
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def make_prompts(model: str, n: int, input_len: int) -> list[str]:
+    """n different prompts of input_len tokens each (by the model's own tokenizer)."""
+    from tokenizers import Tokenizer
+
+    from llmos.models import resolve
+
+    tok = Tokenizer.from_file(str(resolve(model) / "tokenizer.json"))
+    text_file = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    text = text_file.read_text() if text_file.exists() else " ".join(f"line {i} of a long story." for i in range(50000))
+    ids = tok.encode(text, add_special_tokens=False).ids
+    rng = random.Random(0)
+    starts = [rng.randrange(0, len(ids) - input_len) for _ in range(n)]
+    return [tok.decode(ids[s : s + input_len]) for s in starts]
+
+
+class Server:
+    def __init__(self, model: str, max_batch: int, precision: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "llmos", "serve", "-m", model, "--port", str(self.port),
+               "--max-batch", str(max_batch), "--max-queue", "1024", "--precision", precision]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout: float = 300):
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the server exited: {self.proc.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the server did not start in time")
+
+    def rss(self) -> float:
+        return rss_mib(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def one_request(client, url: str, prompt: str, output_len: int, seed: int) -> dict:
+    """Stream one completion; note when it was sent, when its first and last tokens came."""
+    body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0.8, "seed": seed, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                return {"ok": False, "error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
+            async for line in resp.aiter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                    first = time.perf_counter()
+    except Exception as e:  # a failed request is counted, not fatal
+        return {"ok": False, "error": repr(e)}
+    end = time.perf_counter()
+    if first is None or tokens != output_len:
+        return {"ok": False, "error": f"got {tokens} tokens, expected {output_len}"}
+    return {"ok": True, "start": t0, "ttft": first - t0, "tpot": (end - first) / max(1, tokens - 1),
+            "latency": end - t0, "tokens": tokens}
+
+
+async def run_load(url: str, prompts: list[str], output_len: int, concurrency: int, rate: float, seed0: int = 0) -> dict:
+    """Send every prompt; at most `concurrency` in flight; arrivals all at once (rate inf) or Poisson."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    gate = asyncio.Semaphore(concurrency)
+    rng = random.Random(seed0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def limited(i, prompt):
+            async with gate:
+                return await one_request(client, url, prompt, output_len, seed0 + i)
+
+        tasks = []
+        t0 = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            tasks.append(asyncio.create_task(limited(i, prompt)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    return summarize(results, wall)
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "requests": len(results), "failed": len(results) - len(ok),
+        "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
+        "wall_s": wall, "request_per_s": len(ok) / wall, "output_tok_s": tokens / wall,
+        **{f"{name}_p{q}_ms": 1000 * pct([r[name] for r in ok], q) for name in ("ttft", "tpot") for q in (50, 99)},
+        "latency_p50_s": pct([r["latency"] for r in ok], 50),
+    }
+
+
+async def soak(server: Server, prompts: list[str], output_len: int, concurrency: int, seconds: float) -> dict:
+    """Keep `concurrency` clients busy for `seconds`; sample the server's memory every 2 s."""
+    import httpx
+
+    samples: list[tuple[float, float]] = []
+    done = failed = tokens = 0
+    t0 = time.perf_counter()
+    stop_at = t0 + seconds
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker(w):
+            nonlocal done, failed, tokens
+            i = w
+            while time.perf_counter() < stop_at:
+                r = await one_request(client, server.url, prompts[i % len(prompts)], output_len, 10_000 + i)
+                done += 1
+                failed += not r["ok"]
+                tokens += r.get("tokens", 0)
+                i += concurrency
+
+        async def sampler():
+            while time.perf_counter() < stop_at:
+                samples.append((time.perf_counter() - t0, server.rss()))
+                await asyncio.sleep(2)
+
+        await asyncio.gather(sampler(), *(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - t0
+    first = [m for t, m in samples if t < 60]
+    last = [m for t, m in samples if t > samples[-1][0] - 60]
+    return {"seconds": wall, "requests": done, "failed": failed, "output_tok_s": tokens / wall,
+            "rss_first_minute_mib": statistics.median(first), "rss_last_minute_mib": statistics.median(last),
+            "rss_max_mib": max(m for _, m in samples), "rss_samples": [(round(t, 1), round(m, 1)) for t, m in samples]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals (default: all at once)")
+    ap.add_argument("--soak", type=float, default=0, help="seconds of sustained load at --concurrency (0: skip)")
+    ap.add_argument("--out", default=str(RESULTS / "serve.json"))
+    args = ap.parse_args()
+
+    from llmos.models import resolve
+
+    resolve(args.model)  # pull it first, outside any timing
+    prompts = make_prompts(args.model, args.num_prompts, args.input_len)
+    server = Server(args.model, max(args.concurrency, 1), args.precision)
+    try:
+        server.wait_ready()
+        asyncio.run(run_load(server.url, prompts[:2], 8, 2, float("inf"), seed0=99))  # warm-up
+        rss_start = server.rss()
+        results = {"model": args.model, "precision": args.precision, "cpu": cpu_name(),
+                   "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
+                   "concurrency": args.concurrency, "rate": str(args.rate), "rss_start_mib": rss_start}
+        print(f"sequential: {len(prompts)} requests, one at a time", flush=True)
+        results["sequential"] = asyncio.run(run_load(server.url, prompts, args.output_len, 1, float("inf")))
+        print(f"concurrent: up to {args.concurrency} in flight, rate {args.rate}", flush=True)
+        results["concurrent"] = asyncio.run(run_load(server.url, prompts, args.output_len, args.concurrency, args.rate))
+        results["rss_after_mib"] = server.rss()
+        results["speedup"] = results["concurrent"]["output_tok_s"] / results["sequential"]["output_tok_s"]
+        if args.soak:
+            print(f"soak: {args.concurrency} clients for {args.soak:.0f} s", flush=True)
+            results["soak"] = asyncio.run(soak(server, prompts, args.output_len, args.concurrency, args.soak))
+    finally:
+        server.stop()
+
+    rows = []
+    for name in ("sequential", "concurrent"):
+        r = results[name]
+        rows.append([name, f"{r['requests'] - r['failed']}/{r['requests']}", f"{r['request_per_s']:.2f}",
+                     f"{r['output_tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
+                     f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f}", f"{r['wall_s']:.0f}"])
+    print()
+    print_table(["run", "ok", "req/s", "output tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "wall s"], rows)
+    print(f"\nconcurrent / sequential output tok/s: {results['speedup']:.2f}x (target >= 5x)")
+    print(f"server RSS: {rss_start:.0f} MiB after warm-up, {results['rss_after_mib']:.0f} MiB after both runs")
+    if args.soak:
+        s = results["soak"]
+        print(f"soak {s['seconds']:.0f} s: {s['requests']} requests, {s['failed']} failed, {s['output_tok_s']:.1f} tok/s; "
+              f"RSS first minute {s['rss_first_minute_mib']:.0f} MiB, last minute {s['rss_last_minute_mib']:.0f} MiB, "
+              f"max {s['rss_max_mib']:.0f} MiB")
+    write_json(args.out, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""A conversation: one chat session driven turn by turn (the REPL, piped input and tests use it).
+
+Each user message goes through, in order: fact extraction (pinned), the persona's strategies
+(farewell, hand-over, topic guard), FAQ answers from the knowledge base, and otherwise the
+model, with the context assembled under the token budget (see memory.py). Every turn is
+stored as it happens; a reply cut short (Ctrl-C) is stored with what was written so far.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from llmos.chat import memory, strategies
+from llmos.chat.personas import Persona, load_persona, persona_from_dict
+from llmos.chat.sessions import SessionError, Sessions
+
+RETRIEVE_K = 3
+MIN_PASSAGE_SCORE = 0.25  # below this a passage is not about the question
+
+
+@dataclass
+class ChatSettings:
+    max_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    budget: int | None = None  # prompt tokens; default: the model's context minus max_tokens
+    extract_facts: bool = True
+
+
+class Conversation:
+    def __init__(self, llm, sessions: Sessions, session_id: int | None = None, persona: str | Persona | None = None,
+                 kb=None, settings: ChatSettings | None = None):
+        self.llm, self.sessions, self.kb = llm, sessions, kb
+        self.settings = settings or ChatSettings()
+        self.last_context: memory.Context | None = None
+        self.last_action: strategies.Action | None = None
+        self.on_context = None  # called with each assembled Context (for --show-context)
+        if session_id is None:
+            self.persona = persona if isinstance(persona, Persona) else load_persona(persona)
+            self.id = sessions.create(self.persona, llm.name, kb.name if kb else None)
+            if self.persona.greeting:
+                sessions.add_turn(self.id, "assistant", self.persona.greeting, greeting=True)
+        else:
+            row = sessions.get(session_id)
+            self.id = session_id
+            if persona is not None:
+                self.switch_persona(persona)
+            else:
+                self.persona = persona_from_dict(json.loads(row["persona_data"]), f"session {session_id}")
+            if row["status"] == "closed":
+                sessions.update(self.id, status="open")
+
+    # -- state --
+
+    @property
+    def row(self) -> dict:
+        return self.sessions.get(self.id)
+
+    def turns(self) -> list[dict]:
+        return self.sessions.turns(self.id)
+
+    @property
+    def closed(self) -> bool:
+        return self.row["status"] == "closed"
+
+    @property
+    def budget(self) -> int:
+        if self.settings.budget:
+            return self.settings.budget
+        return max(256, self.llm.context_window - self.settings.max_tokens - 8)
+
+    def count_tokens(self, messages: list[dict]) -> int:
+        if getattr(self.llm, "tokenizer", None) is None:  # a remote model: about 4 characters a token
+            return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+        return len(self.llm.encode_prompt(messages))
+
+    # -- a turn --
+
+    def send(self, text: str) -> Iterator[str]:
+        """Store the user's message and stream the reply (also stored)."""
+        text = text.strip()
+        if not text:
+            raise ValueError("an empty message")
+        self.sessions.add_turn(self.id, "user", text)
+        if self.settings.extract_facts:
+            for fact in memory.extract_facts(text):
+                self.sessions.add_fact(self.id, fact, source="extracted")
+        yield from self._respond(text)
+
+    def _respond(self, text: str) -> Iterator[str]:
+        row = self.row
+        unhappy = row["unhappy"] + 1 if strategies.is_unhappy(text) else 0
+        action = strategies.evaluate(self.persona, text, row["unhappy"])
+        self.last_action = action
+        if action is not None:
+            fields = {"unhappy": 0 if action.handover else unhappy}
+            if action.close:
+                fields["status"] = "closed"
+            if action.handover:
+                fields.update(handover=1, handover_reason=action.reason, status="handed over")
+            self.sessions.update(self.id, **fields)
+            self.sessions.add_turn(self.id, "assistant", action.reply, strategy=action.strategy, reason=action.reason)
+            yield action.reply
+            return
+        self.sessions.update(self.id, unhappy=unhappy)
+        passages = []
+        if self.kb is not None:
+            threshold = float(self.persona.strategies.get("faq", {}).get("threshold", 0.8))
+            faq = self.kb.faq_answer(text, threshold)
+            if faq is not None:
+                reply = f"{faq.answer}\n\nSource: {faq.source}"
+                self.sessions.add_turn(self.id, "assistant", reply, strategy="faq", passage=faq.passage_id, score=round(faq.score, 4))
+                yield reply
+                return
+            passages = [h for h in self.kb.search(text, RETRIEVE_K) if h.score >= MIN_PASSAGE_SCORE]
+        yield from self._generate(passages)
+
+    def _context(self, passages: list) -> memory.Context:
+        row = self.row
+        facts = self.sessions.facts(self.id)
+        ctx = memory.build_context(self.count_tokens, self.persona, facts, row["summary"], row["summary_upto"],
+                                   self.turns(), passages, self.budget)
+        if ctx.overflow:  # fold what no longer fits into the rolling summary, then assemble again
+            summary = memory.summarise(self.llm, row["summary"], ctx.overflow, self.persona.name)
+            self.sessions.update(self.id, summary=summary, summary_upto=ctx.overflow[-1]["id"])
+            ctx = memory.build_context(self.count_tokens, self.persona, facts, summary, ctx.overflow[-1]["id"],
+                                       self.turns(), passages, self.budget)
+        return ctx
+
+    def _generate(self, passages: list) -> Iterator[str]:
+        ctx = self._context(passages)
+        self.last_context = ctx
+        if self.on_context:
+            self.on_context(ctx)
+        s = self.settings
+        params = self.llm.sampling(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+        reply, finished = "", False
+        try:
+            for delta in self.llm.stream(ctx.messages, params, truncate="left"):
+                if delta.text:
+                    reply += delta.text
+                    yield delta.text
+            finished = True
+        finally:  # also when the reader stops early (Ctrl-C): keep what was written
+            reply = reply.strip()
+            if passages and finished:
+                cites = "; ".join(f"[{i}] {h.source}{' - ' + h.heading if h.heading else ''}" for i, h in enumerate(passages, 1))
+                tail = f"\n\nSources: {cites}"
+                reply += tail
+                yield tail
+            meta = {"interrupted": True} if not finished else {}
+            if passages:
+                meta["passages"] = [h.passage_id for h in passages]
+            self.sessions.add_turn(self.id, "assistant", reply, **meta)
+
+    # -- commands --
+
+    def _last(self, role: str) -> dict | None:
+        return next((t for t in reversed(self.turns()) if t["role"] == role and not t["meta"].get("greeting")), None)
+
+    def retry(self) -> Iterator[str]:
+        """A new reply to the last user message (the old one is kept, inactive)."""
+        user = self._last("user")
+        if user is None:
+            raise SessionError("nothing to retry yet")
+        self.sessions.deactivate([t["id"] for t in self.turns() if t["id"] > user["id"]])
+        yield from self._respond(user["content"])
+
+    def undo(self) -> str:
+        """Take back the last user message and the reply to it; returns the message."""
+        user = self._last("user")
+        if user is None:
+            raise SessionError("nothing to undo")
+        self.sessions.deactivate([t["id"] for t in self.turns() if t["id"] >= user["id"]])
+        return user["content"]
+
+    def edit(self, text: str) -> Iterator[str]:
+        """Replace the last user message with `text` and reply again."""
+        self.undo()
+        yield from self.send(text)
+
+    def rate(self, rating: int):
+        """Rate the last reply: 1-5, or +1/-1 for thumbs up/down (stored as 5 and 1)."""
+        if rating not in (1, 2, 3, 4, 5):
+            raise ValueError("a rating is 1 to 5 (or up/down)")
+        reply = self._last("assistant")
+        if reply is None:
+            raise SessionError("no reply to rate yet")
+        self.sessions.rate(reply["id"], rating)
+
+    def pin(self, fact: str) -> bool:
+        return self.sessions.add_fact(self.id, fact, source="user")
+
+    def switch_persona(self, persona: str | Persona):
+        self.persona = persona if isinstance(persona, Persona) else load_persona(persona)
+        self.sessions.update(self.id, persona=self.persona.name,
+                             persona_data=json.dumps(self.persona.to_dict(), ensure_ascii=False))

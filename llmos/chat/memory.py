@@ -1,0 +1,119 @@
+"""Memory within the context window: what of a conversation is sent to the model.
+
+The prompt is assembled under a token budget, in this order of priority:
+  1. the persona (and its example dialogue, if there is room),
+  2. pinned facts ("my name is...", set by /pin or extracted from the user's words),
+  3. the rolling summary of older turns,
+  4. knowledge-base passages for the current question,
+  5. the most recent turns, verbatim, newest first until the budget is spent.
+Turns that no longer fit and are not yet summarised are folded into the summary by the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+FACT_PATTERNS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"\bmy name is ([A-Z][\w'-]*(?: [A-Z][\w'-]*)?)"), "The user's name is {0}."),
+    (re.compile(r"\b(?:call me|i'?m called|i am called) ([A-Z][\w'-]*)", re.I), "The user's name is {0}."),
+    (re.compile(r"\bmy (novel|story|book|poem|script|screenplay|play|game|series) is (set in|about|called|titled|named) ([^.!?\n]+)", re.I),
+     "The user's {0} is {1} {2}."),
+    (re.compile(r"\bi(?: am|'m) writing (an? [^.!?\n]+)", re.I), "The user is writing {0}."),
+    (re.compile(r"\bi (live|work|study) (in|at) ([^.!?\n,]+)", re.I), "The user {0}s {1} {2}."),
+    (re.compile(r"\bmy (order number|order) is #?(\w+)", re.I), "The user's {0} is {1}."),
+    (re.compile(r"我叫([\u4e00-\u9fffA-Za-z]{1,8})"), "用户名叫{0}。"),
+    (re.compile(r"我的名字是([\u4e00-\u9fffA-Za-z]{1,8})"), "用户名叫{0}。"),
+    (re.compile(r"我的(小说|故事|书|剧本|诗)(?:的背景)?(设定在|发生在|叫|讲的是|写的是)([^，。！？,.!?\n]+)"), "用户的{0}{1}{2}。"),
+    (re.compile(r"我(住在|在)([^，。！？,.!?\n]{1,12})(工作|上学|读书)?"), "用户{0}{1}{2}。"),
+]
+
+
+def extract_facts(text: str) -> list[str]:
+    """Facts a user states about themselves or their work, as short sentences to pin."""
+    facts = []
+    for pattern, template in FACT_PATTERNS:
+        for m in pattern.finditer(text):
+            groups = [(g or "").strip() for g in m.groups()]
+            fact = template.format(*groups).replace("  ", " ")
+            if fact not in facts:
+                facts.append(fact)
+    return facts
+
+
+@dataclass
+class Context:
+    messages: list[dict]
+    tokens: int
+    budget: int
+    kept_turns: list[int] = field(default_factory=list)  # turn ids sent verbatim
+    overflow: list[dict] = field(default_factory=list)  # unsummarised turns that did not fit
+    passages: list = field(default_factory=list)  # knowledge-base hits sent
+
+    def render(self) -> str:
+        lines = [f"--- context: {self.tokens} of {self.budget} tokens, {len(self.kept_turns)} recent turns verbatim ---"]
+        for m in self.messages:
+            lines.append(f"[{m['role']}] {m['content']}")
+        lines.append("--- end of context ---")
+        return "\n".join(lines)
+
+
+def system_text(persona, facts: list[str], summary: str, passages: list) -> str:
+    parts = [persona.system_prompt()]
+    if facts:
+        parts.append("Facts to remember:\n" + "\n".join(f"- {f}" for f in facts))
+    if summary:
+        parts.append(f"Summary of the conversation so far: {summary}")
+    if passages:
+        refs = "\n".join(f"[{i}] ({h.source}{' - ' + h.heading if h.heading else ''}) {h.text}" for i, h in enumerate(passages, 1))
+        parts.append("Answer from these knowledge-base passages and cite them by number, like [1]. "
+                     "If they do not contain the answer, say you do not know.\n" + refs)
+    return "\n\n".join(parts)
+
+
+def build_context(count_tokens, persona, facts: list[str], summary: str, summary_upto: int,
+                  turns: list[dict], passages: list, budget: int) -> Context:
+    """The messages to send. `turns` are the session's active turns, oldest first, the last
+    one being the user's new message; `count_tokens(messages)` measures a prompt."""
+    fresh = [t for t in turns if t["id"] > summary_upto]
+    newest = [{"role": t["role"], "content": t["content"]} for t in fresh[-1:]]
+    # the summary gives way (its oldest part first) before the persona, facts or the new message
+    while True:
+        system = {"role": "system", "content": system_text(persona, facts, summary, passages)}
+        if not summary or count_tokens([system, *newest]) <= budget:
+            break
+        summary = summary[max(1, len(summary) // 4):] if len(summary) > 40 else ""
+    kept: list[dict] = []
+    for turn in reversed(fresh):  # newest first, while they fit
+        trial = [system, *({"role": t["role"], "content": t["content"]} for t in [turn, *kept])]
+        if kept and count_tokens(trial) > budget:
+            break
+        kept.insert(0, turn)
+    overflow = [t for t in fresh if t not in kept]
+    history = [{"role": t["role"], "content": t["content"]} for t in kept]
+    messages = [system, *history]
+    # the persona's example dialogue only when there is room for it, and no summary yet
+    examples = persona.example_messages()
+    if examples and not summary and not overflow and count_tokens([system, *examples, *history]) <= budget:
+        messages = [system, *examples, *history]
+    return Context(messages, count_tokens(messages), budget, [t["id"] for t in kept], overflow, list(passages))
+
+
+SUMMARY_INSTRUCTION = ("Write a short summary (at most 80 words) of the conversation below, for your own memory. "
+                       "Keep names, facts about the user, decisions and open questions. Write only the summary.")
+
+
+def summarise(llm, previous: str, turns: list[dict], persona_name: str, max_chars: int = 6000) -> str:
+    """Fold `turns` (and the previous summary) into a new summary, written by the model."""
+    transcript = "\n".join(f"{'User' if t['role'] == 'user' else persona_name}: {t['content']}" for t in turns)
+    if len(transcript) > max_chars:  # the oldest part goes first if even the summary input is too long
+        transcript = transcript[-max_chars:]
+    body = (f"Summary so far: {previous}\n\n" if previous else "") + f"Conversation:\n{transcript}"
+    messages = [{"role": "system", "content": SUMMARY_INSTRUCTION}, {"role": "user", "content": body}]
+    params = llm.sampling(temperature=0.0, max_tokens=120, repetition_penalty=1.1)
+    text = llm.generate(messages, params, truncate="left").completions[0].text.strip()
+    if text:
+        return text
+    # the model wrote nothing usable: keep an extractive digest rather than lose the turns
+    digest = "; ".join(f"the user said: {t['content'][:80]}" for t in turns if t["role"] == "user")
+    return (f"{previous} {digest}".strip())[-600:]
