@@ -305,3 +305,26 @@ def test_ctrl_c_interrupts_a_reply_and_keeps_the_session(tmp_path):
     assert turns[-1]["content"] == shown  # what was written before Ctrl-C is kept
 
 
+
+
+def test_a_killed_process_loses_no_turn(tmp_path):
+    from helpers import write_tiny_gguf
+
+    long_context = write_tiny_gguf(tmp_path / "long.gguf", context=1 << 16)
+    t = Terminal(["-m", str(long_context), "--max-tokens", "60000", "--budget", "200"], tmp_path)
+    try:
+        t.read_until("you> ")
+        t.type("a message before the crash")
+        t.read_until("assistant> ")
+        time.sleep(0.5)
+        t.proc.kill()  # SIGKILL mid-reply: no cleanup runs
+        t.proc.wait(timeout=30)
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+    proc = llmos("sessions", "export", "1", "--format", "json", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    turns = json.loads(proc.stdout)["turns"]
+    assert [x["content"] for x in turns if x["role"] == "user"] == ["a message before the crash"]
+    resumed = llmos("chat", "-m", str(long_context), "--session", "1", "--max-tokens", "3", stdin="still here?\n", home=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr

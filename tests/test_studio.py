@@ -120,7 +120,10 @@ def test_edit_text_tasks_and_chat(studio, browser):
     assert len(lines) == 4 and all(
         len(ln) == 6 and all("CJK" in unicodedata.name(c) for c in ln[:5]) for ln in lines)
     page.click(".tabs button[data-tab=chat]")
+    page.select_option("#persona-pick", "history-teacher")  # a built-in persona fills the prompt
+    assert page.eval_on_selector("#persona", "e => e.value").startswith("You are history-teacher.")
+    assert page.locator(".msg").count() == 1  # its greeting
     page.fill("#chat-message", "hello")
     page.click("#chat-send")
-    page.wait_for_function("() => document.querySelectorAll('.msg').length === 2")
+    page.wait_for_function("() => document.querySelectorAll('.msg').length === 3")
     page.close()

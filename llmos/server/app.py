@@ -408,6 +408,20 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                           for k, t in list_tasks().items()},
                 "forms": {k: {"kind": f.kind, "description": f.description} for k, f in FORMS.items()}}
 
+    @app.get("/api/personas")
+    def personas():
+        from llmos.chat.personas import PersonaError, list_personas, read_persona_file
+
+        found = []
+        for row in list_personas():
+            try:
+                p = read_persona_file(row["path"])
+            except PersonaError:
+                continue  # an invalid file of the user's: `llmos personas` says why
+            found.append({"name": p.name, "description": p.description, "greeting": p.greeting,
+                          "system": p.system_prompt(), "builtin": row["builtin"]})
+        return {"personas": found}
+
     @app.get("/health")
     def health():
         return {"status": "ok", "model": local_name(), "running": scheduler.running, "queued": scheduler.queue_depth}

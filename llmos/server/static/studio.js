@@ -523,6 +523,24 @@ async function download(format) {
   a.click();
 }
 
+async function loadPersonas() {
+  try {
+    const { personas } = await (await api("/api/personas")).json();
+    const pick = $("#persona-pick");
+    pick.innerHTML = '<option value="">(your own)</option>' +
+      personas.map((p) => `<option value="${escapeHtml(p.name)}">${escapeHtml(p.name)}</option>`).join("");
+    pick.onchange = () => {
+      const p = personas.find((x) => x.name === pick.value);
+      if (!p) return;
+      $("#persona").value = p.system;
+      project.data.persona = p.system;
+      if (p.greeting && !project.data.chat.length) project.data.chat.push({ role: "assistant", content: p.greeting });
+      renderChat();
+      scheduleSave();
+    };
+  } catch (e) { /* personas are optional: the text box still works */ }
+}
+
 async function init() {
   try {
     const models = await (await api("/v1/models")).json();
@@ -530,6 +548,7 @@ async function init() {
   } catch (e) { $("#model-name").textContent = e.message; }
   await refreshProjectList();
   await loadTasks();
+  await loadPersonas();
   const fromHash = (location.hash.match(/p=(\d+)/) || [])[1];
   const id = fromHash || localStorage.getItem("llmos-last-project");
   let opened = false;
