@@ -3,6 +3,7 @@
     python benchmarks/serve.py                          # 32 prompts: one at a time, then 16 at once
     python benchmarks/serve.py --rate 2                 # Poisson arrivals at 2 requests/s (16 at most in flight)
     python benchmarks/serve.py --soak 600               # and a 10-minute run at 16 clients, memory sampled
+    python benchmarks/serve.py --engine-only --out benchmarks/results/serve_engine.json   # no HTTP
 
 The script starts the server in its own process on a free port on 127.0.0.1, and sends N
 completion requests of a fixed shape: an input of --input-len tokens (slices of Tiny
@@ -199,6 +200,34 @@ async def soak(server: Server, prompts: list[str], output_len: int, concurrency:
             "rss_max_mib": max(m for _, m in samples), "rss_samples": [(round(t, 1), round(m, 1)) for t, m in samples]}
 
 
+def engine_only(model: str, precision: str, input_len: int, steps: int = 64) -> dict:
+    """The scheduler's decode steps in this process, without HTTP: 1 row against 16 rows."""
+    from dataclasses import replace
+
+    import torch
+
+    from llmos.llm import LLM
+    from llmos.server.scheduler import Request, Scheduler
+
+    torch.set_grad_enabled(False)
+    llm = LLM.load(model, precision=precision)
+    ids = llm.tokenizer.encode(make_prompts(model, 1, input_len)[0])[:input_len]
+    out = {}
+    for rows in (1, 16):
+        s = Scheduler(llm, max_batch=16, max_len=input_len + steps + 8)
+        s.close()  # drive it by hand, from this thread
+        params = llm.sampling(max_tokens=steps + 4, temperature=0.8)
+        for i in range(rows):
+            s.waiting.put(Request(ids, replace(params, seed=i, stop_token_ids=[])))
+        s._admit()
+        s._step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            s._step()
+        out[rows] = 1000 * (time.perf_counter() - t0) / steps
+    return {"ms_per_step_1": out[1], "ms_per_step_16": out[16], "speedup": 16 * out[1] / out[16]}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -209,12 +238,20 @@ def main():
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals (default: all at once)")
     ap.add_argument("--soak", type=float, default=0, help="seconds of sustained load at --concurrency (0: skip)")
+    ap.add_argument("--soak-only", action="store_true", help="skip the sequential/concurrent comparison")
+    ap.add_argument("--engine-only", action="store_true", help="time the scheduler's decode steps in-process, no HTTP")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
 
     from llmos.models import resolve
 
     resolve(args.model)  # pull it first, outside any timing
+    if args.engine_only:
+        r = engine_only(args.model, args.precision, args.input_len)
+        print(f"scheduler without HTTP: {r['ms_per_step_1']:.1f} ms per step for 1 row, {r['ms_per_step_16']:.1f} ms for 16 rows: "
+              f"{r['speedup']:.2f}x the tokens per second")
+        write_json(args.out, {"model": args.model, "cpu": cpu_name(), **r})
+        return
     prompts = make_prompts(args.model, args.num_prompts, args.input_len)
     server = Server(args.model, max(args.concurrency, 1), args.precision)
     try:
@@ -224,12 +261,13 @@ def main():
         results = {"model": args.model, "precision": args.precision, "cpu": cpu_name(),
                    "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                    "concurrency": args.concurrency, "rate": str(args.rate), "rss_start_mib": rss_start}
-        print(f"sequential: {len(prompts)} requests, one at a time", flush=True)
-        results["sequential"] = asyncio.run(run_load(server.url, prompts, args.output_len, 1, float("inf")))
-        print(f"concurrent: up to {args.concurrency} in flight, rate {args.rate}", flush=True)
-        results["concurrent"] = asyncio.run(run_load(server.url, prompts, args.output_len, args.concurrency, args.rate))
-        results["rss_after_mib"] = server.rss()
-        results["speedup"] = results["concurrent"]["output_tok_s"] / results["sequential"]["output_tok_s"]
+        if not args.soak_only:
+            print(f"sequential: {len(prompts)} requests, one at a time", flush=True)
+            results["sequential"] = asyncio.run(run_load(server.url, prompts, args.output_len, 1, float("inf")))
+            print(f"concurrent: up to {args.concurrency} in flight, rate {args.rate}", flush=True)
+            results["concurrent"] = asyncio.run(run_load(server.url, prompts, args.output_len, args.concurrency, args.rate))
+            results["rss_after_mib"] = server.rss()
+            results["speedup"] = results["concurrent"]["output_tok_s"] / results["sequential"]["output_tok_s"]
         if args.soak:
             print(f"soak: {args.concurrency} clients for {args.soak:.0f} s", flush=True)
             results["soak"] = asyncio.run(soak(server, prompts, args.output_len, args.concurrency, args.soak))
@@ -237,15 +275,16 @@ def main():
         server.stop()
 
     rows = []
-    for name in ("sequential", "concurrent"):
+    for name in ("sequential", "concurrent") if not args.soak_only else ():
         r = results[name]
         rows.append([name, f"{r['requests'] - r['failed']}/{r['requests']}", f"{r['request_per_s']:.2f}",
                      f"{r['output_tok_s']:.1f}", f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}",
                      f"{r['tpot_p50_ms']:.1f} / {r['tpot_p99_ms']:.1f}", f"{r['wall_s']:.0f}"])
-    print()
-    print_table(["run", "ok", "req/s", "output tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "wall s"], rows)
-    print(f"\nconcurrent / sequential output tok/s: {results['speedup']:.2f}x (target >= 5x)")
-    print(f"server RSS: {rss_start:.0f} MiB after warm-up, {results['rss_after_mib']:.0f} MiB after both runs")
+    if rows:
+        print()
+        print_table(["run", "ok", "req/s", "output tok/s", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "wall s"], rows)
+        print(f"\nconcurrent / sequential output tok/s: {results['speedup']:.2f}x (target >= 5x)")
+        print(f"server RSS: {rss_start:.0f} MiB after warm-up, {results['rss_after_mib']:.0f} MiB after both runs")
     if args.soak:
         s = results["soak"]
         print(f"soak {s['seconds']:.0f} s: {s['requests']} requests, {s['failed']} failed, {s['output_tok_s']:.1f} tok/s; "

@@ -89,8 +89,10 @@ def test_faq_answers_directly_and_chat_cites_sources(shop, tiny_llm):
     assert "".join(conv.send("Do you deliver to Ireland?")).endswith("Source: faq.md")
     reply = "".join(conv.send("What time do you open on Sunday?"))
     assert "Sources: [1] shop.md - Opening hours" in reply
-    system = conv.last_context.messages[0]["content"]
-    assert "[1] (shop.md - Opening hours)" in system and "cite them by number" in system
+    sent = conv.last_context.messages[-1]["content"]
+    assert "[1] (shop.md - Opening hours)" in sent and "cite them by number" in sent
+    assert sent.endswith("Question: What time do you open on Sunday?")
+    assert conv.turns()[-2]["content"] == "What time do you open on Sunday?"  # stored as typed
 
 
 @pytest.mark.bundled

@@ -4,7 +4,7 @@ The prompt is assembled under a token budget, in this order of priority:
   1. the persona (and its example dialogue, if there is room),
   2. pinned facts ("my name is...", set by /pin or extracted from the user's words),
   3. the rolling summary of older turns,
-  4. knowledge-base passages for the current question,
+  4. knowledge-base passages for the current question (placed just before it),
   5. the most recent turns, verbatim, newest first until the budget is spent.
 Turns that no longer fit and are not yet summarised are folded into the summary by the model.
 """
@@ -58,17 +58,23 @@ class Context:
         return "\n".join(lines)
 
 
-def system_text(persona, facts: list[str], summary: str, passages: list) -> str:
+def system_text(persona, facts: list[str], summary: str) -> str:
     parts = [persona.system_prompt()]
     if facts:
         parts.append("Facts to remember:\n" + "\n".join(f"- {f}" for f in facts))
     if summary:
         parts.append(f"Summary of the conversation so far: {summary}")
-    if passages:
-        refs = "\n".join(f"[{i}] ({h.source}{' - ' + h.heading if h.heading else ''}) {h.text}" for i, h in enumerate(passages, 1))
-        parts.append("Answer from these knowledge-base passages and cite them by number, like [1]. "
-                     "If they do not contain the answer, say you do not know.\n" + refs)
     return "\n\n".join(parts)
+
+
+def with_passages(question: str, passages: list) -> str:
+    """The user's message with the knowledge-base passages right before it: small models heed
+    text next to the question far better than text in the system prompt."""
+    if not passages:
+        return question
+    refs = "\n".join(f"[{i}] ({h.source}{' - ' + h.heading if h.heading else ''}) {h.text}" for i, h in enumerate(passages, 1))
+    return (f"Passages from the knowledge base:\n{refs}\n\nAnswer from these passages and cite them by number, "
+            f"like [1]. If they do not contain the answer, say you do not know.\n\nQuestion: {question}")
 
 
 def build_context(count_tokens, persona, facts: list[str], summary: str, summary_upto: int,
@@ -76,10 +82,12 @@ def build_context(count_tokens, persona, facts: list[str], summary: str, summary
     """The messages to send. `turns` are the session's active turns, oldest first, the last
     one being the user's new message; `count_tokens(messages)` measures a prompt."""
     fresh = [t for t in turns if t["id"] > summary_upto]
+    if fresh and passages:  # the passages travel with the newest message (not stored with it)
+        fresh = [*fresh[:-1], {**fresh[-1], "content": with_passages(fresh[-1]["content"], passages)}]
     newest = [{"role": t["role"], "content": t["content"]} for t in fresh[-1:]]
     # the summary gives way (its oldest part first) before the persona, facts or the new message
     while True:
-        system = {"role": "system", "content": system_text(persona, facts, summary, passages)}
+        system = {"role": "system", "content": system_text(persona, facts, summary)}
         if not summary or count_tokens([system, *newest]) <= budget:
             break
         summary = summary[max(1, len(summary) // 4):] if len(summary) > 40 else ""
@@ -89,12 +97,14 @@ def build_context(count_tokens, persona, facts: list[str], summary: str, summary
         if kept and count_tokens(trial) > budget:
             break
         kept.insert(0, turn)
-    overflow = [t for t in fresh if t not in kept]
+    kept_ids = {t["id"] for t in kept}
+    overflow = [t for t in fresh if t["id"] not in kept_ids]
     history = [{"role": t["role"], "content": t["content"]} for t in kept]
     messages = [system, *history]
-    # the persona's example dialogue only when there is room for it, and no summary yet
+    # the persona's example dialogue only when there is room for it, no summary yet, and no
+    # passages (with them, a small model copies the example instead of reading the passages)
     examples = persona.example_messages()
-    if examples and not summary and not overflow and count_tokens([system, *examples, *history]) <= budget:
+    if examples and not passages and not summary and not overflow and count_tokens([system, *examples, *history]) <= budget:
         messages = [system, *examples, *history]
     return Context(messages, count_tokens(messages), budget, [t["id"] for t in kept], overflow, list(passages))
 
