@@ -252,15 +252,14 @@ def _han_by_final() -> dict[str, frozenset]:
     return {k: frozenset(v) for k, v in groups.items()}
 
 
-_HAN_INDEX: dict = {}
-
-
 def _han_index(table: TokenTable) -> dict:
     """Per vocabulary, once: tokens of whole Han characters as tensors (count, first character,
     final of the last character), and the few other tokens a poem can use (punctuation,
     newlines, mixtures, byte pieces of characters), which are checked one by one."""
-    key = id(table)
-    if key not in _HAN_INDEX:
+    # kept on the table itself: a cache keyed by id(table) would hand a new table the index
+    # of a dead one that happened to have the same id
+    index = getattr(table, "_han_index", None)
+    if index is None:
         pure, count, first, last, other = [], [], [], [], []
         finals: dict[str, int] = {}
         for i, p in enumerate(table.pieces):
@@ -275,10 +274,10 @@ def _han_index(table: TokenTable) -> dict:
                 last.append(finals.setdefault(han_final(p.text[-1]), len(finals)))
             else:
                 other.append((i, p))
-        _HAN_INDEX[key] = {"pure_ids": torch.tensor(pure, dtype=torch.long), "count": torch.tensor(count),
-                           "first": torch.tensor(first), "last_final": torch.tensor(last),
-                           "finals": finals, "other": other}
-    return _HAN_INDEX[key]
+        index = {"pure_ids": torch.tensor(pure, dtype=torch.long), "count": torch.tensor(count),
+                 "first": torch.tensor(first), "last_final": torch.tensor(last), "finals": finals, "other": other}
+        table._han_index = index
+    return index
 
 
 class HanPoem(FormConstraint):
