@@ -14,7 +14,9 @@ benchmarks/results/forms.json.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 from dataclasses import replace
 
 from common import RESULTS, print_table, write_json
@@ -70,6 +72,9 @@ def main():
             results.setdefault(model, {})[form] = {"unconstrained": free, "constrained": kept}
             rows.append([form, model, f"{free['rate']:.0%}", f"{kept['rate']:.0%}", f"{kept['tokens_per_s']:.0f}"])
             print("  ".join(rows[-1]), flush=True)
+            # after every form, so that a long run stopped early keeps what it measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"samples": args.samples, "results": results}, ensure_ascii=False, indent=2))
     header = ["form", "model", "free", "constrained", "constrained tok/s"]
     print()
     print_table(header, rows)
