@@ -175,6 +175,15 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
             if done < req.n:
                 req.cancelled = True
 
+    async def finish_reasons(req: Request, http: HTTPRequest) -> dict[int, str]:
+        """Wait for a non-streamed request to end: each candidate's finish reason."""
+        reasons = {}
+        async for e in events_of(req, http):
+            if e.finish_reason:
+                reasons[e.index] = e.finish_reason
+        finalize(req, http.url.path)
+        return reasons
+
     def finalize(req: Request, path: str, status: int = 200):
         metrics.observe(req, status)
         metrics.count_request(path, status)
@@ -233,11 +242,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                 finally:
                     finalize(req, http.url.path)
             return StreamingResponse(sse(), media_type="text/event-stream")
-        reasons = {}
-        async for e in events_of(req, http):
-            if e.finish_reason:
-                reasons[e.index] = e.finish_reason
-        finalize(req, http.url.path)
+        reasons = await finish_reasons(req, http)
         choices = []
         for i, seq in enumerate(req.sequences):
             lp = _completion_logprobs(llm, seq.logprobs) if body.logprobs is not None else None
@@ -284,11 +289,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                 finally:
                     finalize(req, http.url.path)
             return StreamingResponse(sse(), media_type="text/event-stream")
-        reasons = {}
-        async for e in events_of(req, http):
-            if e.finish_reason:
-                reasons[e.index] = e.finish_reason
-        finalize(req, http.url.path)
+        reasons = await finish_reasons(req, http)
         choices = []
         for i, seq in enumerate(req.sequences):
             lp = {"content": _chat_logprobs(llm, seq.logprobs)} if body.logprobs else None
@@ -346,11 +347,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                 finally:
                     finalize(req, http.url.path)
             return StreamingResponse(sse(), media_type="text/event-stream")
-        reasons = {}
-        async for e in events_of(req, http):
-            if e.finish_reason:
-                reasons[e.index] = e.finish_reason
-        finalize(req, http.url.path)
+        reasons = await finish_reasons(req, http)
         out = []
         for i, seq in enumerate(req.sequences):
             item = {"index": i, "text": req.texts[i], "finish_reason": _finish(reasons.get(i))}
