@@ -140,6 +140,10 @@ def test_prompt_too_long_body_limit_and_bad_json(server):
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
     r = raw(server, "/v1/completions", {"prompt": "x" * 30_000})
     assert r.status_code == 413
+    pieces = (b'{"prompt": "' + b"x" * 10_000 if i == 0 else b"x" * 10_000 for i in range(3))  # chunked: no length
+    r = httpx.post(server.url + "/v1/completions", content=pieces, timeout=30,
+                   headers={"content-type": "application/json", "authorization": f"Bearer {KEY}"})
+    assert r.status_code == 413 and "body" in r.json()["error"]["message"]
     r = raw(server, "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400
 

@@ -30,34 +30,57 @@ class APIError(Exception):
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over `limit` bytes with 413, declared or not."""
+class Gate:
+    """ASGI middleware in front of every route: the API key (401) and the body size limit (413,
+    declared or not). Plain ASGI rather than an `@app.middleware` function, which would copy every
+    streamed chunk through an extra task and queue."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, api_key: str | None = None, on_reject=None):
+        self.app, self.limit, self.api_key, self.on_reject = app, limit, api_key, on_reject
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        path = scope.get("path", "")
+
+        async def reject(status: int, message: str, kind: str = "invalid_request_error"):
+            if self.on_reject:
+                self.on_reject(path, status)
+            await _send_error(send, status, message, kind)
+
+        if self.api_key and (path.startswith("/v1/") or path.startswith("/api/")):
+            if headers.get(b"authorization", b"") != f"Bearer {self.api_key}".encode():
+                return await reject(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                    "authentication_error")
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await _send_error(send, 413, f"request body over {self.limit} bytes")
-        seen = 0
-
-        async def limited():
-            nonlocal seen
+            return await reject(413, f"request body over {self.limit} bytes")
+        parts, seen = [], 0  # read the (small, JSON) body here so an over-long one is a clean 413
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise APIError(413, f"request body over {self.limit} bytes")
-            return message
+            if message["type"] != "http.request":
+                return  # the client went away
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                return await reject(413, f"request body over {self.limit} bytes")
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        replayed = False
 
-        return await self.app(scope, limited, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(parts), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
 
 
-async def _send_error(send, status: int, message: str):
-    body = json.dumps(P.error_body(message)).encode()
+async def _send_error(send, status: int, message: str, kind: str = "invalid_request_error"):
+    body = json.dumps(P.error_body(message, kind=kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
@@ -85,7 +108,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
 
         store = Store()
     app.state.store = store
-    app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(Gate, limit=max_body, api_key=api_key, on_reject=metrics.count_request)
 
     # -- errors: always an OpenAI error object, never a bare 500 for bad input --
 
@@ -107,19 +130,6 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
     async def _http(request, exc):
         metrics.count_request(request.url.path, exc.status_code)
         return JSONResponse(P.error_body(str(exc.detail)), status_code=exc.status_code)
-
-    @app.middleware("http")
-    async def _auth(request: HTTPRequest, call_next):
-        path = request.url.path
-        if api_key and (path.startswith("/v1/") or path.startswith("/api/")):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                metrics.count_request(path, 401)
-                return JSONResponse(P.error_body("missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                                 kind="authentication_error"), status_code=401)
-        try:
-            return await call_next(request)
-        except APIError as e:
-            return JSONResponse(P.error_body(e.message, e.param, e.kind), status_code=e.status, headers=e.headers)
 
     # -- helpers --
 
@@ -148,29 +158,27 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
             raise APIError(400, str(e), "prompt") from None
         return req
 
-    async def events_of(req: Request, http: HTTPRequest):
-        """Scheduler events until every candidate has finished; a client that disconnects
-        cancels its sequences."""
+    async def batches_of(req: Request, http: HTTPRequest):
+        """Scheduler events until every candidate has finished, in lists of those already
+        waiting (a stream behind by several tokens sends them in one write); a client that
+        disconnects cancels its sequences."""
         done = 0
         try:
             while done < req.n:
-                try:  # events usually wait already: no timer then
-                    event = req.events.get_nowait()
-                except asyncio.QueueEmpty:
-                    event = None
                 try:
-                    if event is None:
-                        event = await asyncio.wait_for(req.events.get(), timeout=0.5)
+                    batch = [await asyncio.wait_for(req.events.get(), timeout=0.5)] if req.events.empty() else []
                 except asyncio.TimeoutError:
                     if await http.is_disconnected():
                         req.cancelled = True
                         return
                     continue
-                if event.finish_reason == "error":
-                    raise APIError(500, f"generation failed: {event.text}", kind="server_error")
-                if event.finish_reason is not None:
-                    done += 1
-                yield event
+                while not req.events.empty():
+                    batch.append(req.events.get_nowait())
+                for event in batch:
+                    if event.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {event.text}", kind="server_error")
+                    done += event.finish_reason is not None
+                yield batch
         finally:
             if done < req.n:
                 req.cancelled = True
@@ -178,9 +186,8 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
     async def finish_reasons(req: Request, http: HTTPRequest) -> dict[int, str]:
         """Wait for a non-streamed request to end: each candidate's finish reason."""
         reasons = {}
-        async for e in events_of(req, http):
-            if e.finish_reason:
-                reasons[e.index] = e.finish_reason
+        async for batch in batches_of(req, http):
+            reasons.update((e.index, e.finish_reason) for e in batch if e.finish_reason)
         finalize(req, http.url.path)
         return reasons
 
@@ -230,11 +237,14 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                                     "choices": [{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}
                                                 for i in range(body.n)]})
-                    async for e in events_of(req, http):
+                    def chunk(e):
                         lp = _completion_logprobs(llm, [e.logprob]) if e.logprob is not None and e.finish_reason is None else None
-                        yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                                    "choices": [{"index": e.index, "text": e.text, "logprobs": lp,
-                                                 "finish_reason": e.finish_reason}]})
+                        return _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
+                                     "choices": [{"index": e.index, "text": e.text, "logprobs": lp,
+                                                  "finish_reason": e.finish_reason}]})
+
+                    async for batch in batches_of(req, http):
+                        yield "".join(map(chunk, batch))
                     if body.stream_options and body.stream_options.include_usage:
                         yield _sse({"id": rid, "object": "text_completion", "created": created, "model": name,
                                     "choices": [], "usage": _usage(req)})
@@ -274,14 +284,17 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
                         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                                     "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                  "logprobs": None, "finish_reason": None}]})
-                    async for e in events_of(req, http):
+                    def chunk(e):
                         if e.finish_reason is not None:
                             choice = {"index": e.index, "delta": {}, "logprobs": None, "finish_reason": _finish(e.finish_reason)}
                         else:
                             lp = {"content": _chat_logprobs(llm, [e.logprob])} if body.logprobs and e.logprob else None
                             choice = {"index": e.index, "delta": {"content": e.text}, "logprobs": lp, "finish_reason": None}
-                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                                    "choices": [choice]})
+                        return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
+                                     "choices": [choice]})
+
+                    async for batch in batches_of(req, http):
+                        yield "".join(map(chunk, batch))
                     if body.stream_options and body.stream_options.include_usage:
                         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
                                     "choices": [], "usage": _usage(req)})
@@ -340,9 +353,10 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
         if body.stream:
             async def sse():
                 try:
-                    async for e in events_of(req, http):
-                        yield _sse({"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
-                                    "logprob": _chat_logprobs(llm, [e.logprob])[0] if e.logprob else None})
+                    async for batch in batches_of(req, http):
+                        yield "".join(_sse({"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
+                                            "logprob": _chat_logprobs(llm, [e.logprob])[0] if e.logprob else None})
+                                      for e in batch)
                     yield "data: [DONE]\n\n"
                 finally:
                     finalize(req, http.url.path)
@@ -385,12 +399,15 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
             try:
                 yield _sse({"context": [{"kind": p.kind, "tokens": p.tokens, "reason": p.reason, "text": p.text}
                                         for p in parts]})
-                async for e in events_of(req, http):
+                def chunk(e):
                     item = {"text": e.text, "finish_reason": e.finish_reason}
                     if e.logprob is not None and e.finish_reason is None:
                         item.update(token=e.logprob.token, logprob=e.logprob.logprob,
                                     top=[[tok.token_text(t), v] for t, v in e.logprob.top])
-                    yield _sse(item)
+                    return _sse(item)
+
+                async for batch in batches_of(req, http):
+                    yield "".join(map(chunk, batch))
                 yield "data: [DONE]\n\n"
             finally:
                 finalize(req, http.url.path)
