@@ -141,6 +141,10 @@ def test_logprobs_of_reports_model_distribution():
 
 def test_top_p_candidate_shortcut_is_exact():
     torch.manual_seed(0)
-    for logits in (torch.randn(4, 5000) * 8, torch.randn(4, 5000)):  # peaky, then flat (fallback)
-        fast = S.top_p_filter(logits, 0.9, candidates=64)
-        assert torch.equal(fast, S.top_p_filter(logits, 0.9, candidates=5000))
+    peaky, flat = torch.randn(4, 5000) * 8, torch.randn(4, 5000)
+    mixed = torch.cat([peaky[:2], flat[:1], torch.randn(1, 5000) * 3])  # rows settle at different counts
+    for logits in (peaky, flat, mixed):
+        exact = S.top_p_filter(logits, 0.9, candidates=5000)
+        assert torch.equal(S.top_p_filter(logits, 0.9, candidates=64), exact)
+        assert torch.equal(S.top_p_filter(logits, 0.9, candidates=(16, 256)), exact)
+        assert torch.equal(S.top_p_filter(logits, 0.9), exact)

@@ -192,23 +192,36 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
-def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 1024) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, p: float, candidates: tuple[int, ...] = (64, 1024)) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability mass reaches p.
 
-    The set is found among the `candidates` likeliest tokens (a top-k is far cheaper than
-    sorting a 262k vocabulary); if their mass falls short of p for some row, the whole
-    vocabulary is sorted instead, so the result is always exact.
+    Each row's set is looked for among its likeliest `candidates[0]` tokens (a small top-k is
+    far cheaper than sorting a 50k-262k vocabulary); the rows whose mass falls short there try
+    the next, larger count, and in the end the whole vocabulary, so the result is always exact.
     """
     if p >= 1.0:
         return logits
-    k = min(candidates, logits.shape[-1])
-    values, order = torch.topk(logits, k, dim=-1)  # sorted, most likely first
-    probs = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()  # true probabilities
-    if k < logits.shape[-1] and bool((probs.sum(dim=-1) < p).any()):
-        return top_p_filter(logits, p, candidates=logits.shape[-1])
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each token
-    keep_sorted = mass_before < p  # the token that crosses p is kept; the top token always is
-    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    V = logits.shape[-1]
+    if isinstance(candidates, int):
+        candidates = (candidates,)
+    probs_all = logits.softmax(dim=-1)
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    rows = None  # all rows at first, then those still short of p
+    for k in sorted({min(c, V) for c in candidates} | {V}):
+        sub = probs_all if rows is None else probs_all[rows]
+        probs, order = torch.topk(sub, k, dim=-1)  # sorted, most likely first
+        done = probs.sum(dim=-1) >= p if k < V else torch.ones(len(sub), dtype=torch.bool)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the tokens ranked above each token
+        keep_sorted = mass_before < p  # the token that crosses p is kept; the top token always is
+        found = torch.zeros_like(sub, dtype=torch.bool).scatter(-1, order, keep_sorted)
+        if rows is None and bool(done.all()):
+            keep = found
+            break
+        index = torch.arange(len(logits)) if rows is None else rows
+        keep[index[done]] = found[done]
+        rows = index[~done]
+        if len(rows) == 0:
+            break
     return logits.masked_fill(~keep, NEG_INF)
 
 
