@@ -104,6 +104,10 @@ def test_requests_join_the_running_batch(client, tiny_llm, server):
     tokens = scheduler.stats["generated_tokens"] - before["generated_tokens"]
     assert tokens == 6 * 24
     assert steps < tokens * 0.6  # several sequences advanced per decode step
+    # Joining a batch at its own position changes nothing: each request writes what it writes alone.
+    for i, r in enumerate(results):
+        alone = tiny_llm.generate(f"story {i}", tiny_llm.sampling(max_tokens=24, temperature=0.8, seed=i))
+        assert r.choices[0].text == alone.completions[0].text
 
 
 def raw(server, path, body=None, key=KEY, method="POST", content=None, headers=None):

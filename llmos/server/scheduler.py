@@ -200,8 +200,11 @@ class Scheduler:
     def _step(self):
         n = len(self.slots)
         tokens = torch.tensor([[s.token] for s in self.slots])
-        pos = torch.tensor([[s.pos] for s in self.slots])
-        kv_len = int(pos.max()) + 1
+        positions = [s.pos for s in self.slots]
+        kv_len = max(positions) + 1
+        # Rows at one position (a lone request, or the candidates of one) take the lockstep
+        # path: no attention mask, and a plain slice write into the cache.
+        pos = None if min(positions) == kv_len - 1 else torch.tensor(positions)[:, None]
         logits = self.model(tokens, input_pos=pos, cache=self._rows(0, n), kv_len=kv_len)[:, -1]
         for s in self.slots:
             s.pos += 1
