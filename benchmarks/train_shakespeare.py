@@ -4,6 +4,7 @@ a plain PyTorch loop, bf16 against fp32, and the best validation loss in 10 minu
     python benchmarks/train_shakespeare.py                 # everything (~20 minutes on 2 cores)
     python benchmarks/train_shakespeare.py --only baby,ngram
     python benchmarks/train_shakespeare.py --only headline --minutes 10
+    python benchmarks/train_shakespeare.py --only peer,headline --minutes 10   # against nanoGPT's recipe, same budget
 
 Data: ../shared/data/tinyshakespeare.txt, prepared with `--tokenizer char` (the validation set
 is the last 10% of the text, cut at a line break, as in nanoGPT). Validation losses are in nats
@@ -114,7 +115,7 @@ def dtype_tokens_per_s(data_dir: Path, work: Path, steps: int = 150) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="ngram,baby,plain,dtype,headline")
+    ap.add_argument("--only", default="ngram,baby,plain,dtype,peer,headline")
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-time budget of the headline run")
     ap.add_argument("--recipe", help="JSON overrides of the headline recipe")
     ap.add_argument("--work", help="folder for data and runs (default: a temporary folder)")
@@ -150,6 +151,12 @@ def main():
         results["autocast"] = d
         rows.append(["baby GPT fp32 vs bf16 autocast", "-", "-", "-", f"{d['fp32']:,.0f} / {d['bf16']:,.0f}",
                      f"bf16 {d['bf16'] / d['fp32']:.2f}x"])
+    if "peer" in only:  # the baby GPT recipe, its schedule stretched over the same wall-time budget
+        recipe = {**BABY, "max_steps": 10**9, "eval_interval": 1000}
+        r = train_run(data_dir, work / "peer", recipe, time_limit=args.minutes * 60)
+        results["peer"] = {**r, "recipe": recipe, "minutes": args.minutes}
+        rows.append([f"nanoGPT baby GPT recipe, {args.minutes:g} minutes", f"{r['params'] / 1e6:.2f}M", f"{r['wall_s']:.0f}",
+                     f"{r['val_loss']:.3f}", f"{r['tokens_per_s_median']:,.0f}", "same machine, same budget"])
     if "headline" in only:
         recipe = {**HEADLINE, **json.loads(args.recipe or "{}")}
         r = train_run(data_dir, work / "headline", recipe, time_limit=args.minutes * 60)
