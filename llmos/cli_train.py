@@ -113,6 +113,7 @@ def train(
     min_lr: Annotated[Optional[float], typer.Option(help="Final learning rate (default lr/10).")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option()] = None,
     weight_decay: Annotated[Optional[float], typer.Option()] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw, or muon (orthogonalized updates for hidden matrices; more per step for small models).")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm (0 = off).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
     eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validation, samples and checkpoints.")] = None,
@@ -147,7 +148,7 @@ def train(
     model_over = {**values.pop("model", {}), **_overrides(set_)}
     flags = dict(preset=preset, init_from=init_from, objective=objective, batch_size=batch_size,
                  block_size=block_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr, min_lr=min_lr,
-                 warmup_steps=warmup_steps, weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype,
+                 warmup_steps=warmup_steps, weight_decay=weight_decay, optimizer=optimizer, grad_clip=grad_clip, dtype=dtype,
                  eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval, seed=seed)
     values.update({k: v for k, v in flags.items() if v is not None})
     try:

@@ -60,13 +60,14 @@ def test_training_learns_and_writes_a_complete_run(shake, tmp_path):
     assert len(out.completions[0].token_ids) == 20
 
 
-def test_resume_continues_exactly(shake, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_exactly(shake, tmp_path, optimizer):
     straight = tmp_path / "straight"
-    Trainer(shake, straight, config(max_steps=16)).run()
+    Trainer(shake, straight, config(max_steps=16, optimizer=optimizer)).run()
     halves = tmp_path / "halves"
-    Trainer(shake, halves, config(max_steps=16)).run(until_step=8)
+    Trainer(shake, halves, config(max_steps=16, optimizer=optimizer)).run(until_step=8)
     # the second half: a new process would do the same; the trainer state comes from disk
-    Trainer(shake, halves, config(max_steps=16), resume=True).run()
+    Trainer(shake, halves, config(max_steps=16, optimizer=optimizer), resume=True).run()
     a = [r for r in metrics(straight) if "tokens_per_s" in r]
     b = [r for r in metrics(halves) if "tokens_per_s" in r]
     assert [r["step"] for r in b] == list(range(1, 17))
@@ -76,6 +77,36 @@ def test_resume_continues_exactly(shake, tmp_path):
     assert fa["val_loss"] == pytest.approx(fb["val_loss"], abs=1e-5)
 
 
+def test_muon_learns(shake, tmp_path):
+    run = tmp_path / "run"
+    final = Trainer(shake, run, config(max_steps=40, eval_interval=20, optimizer="muon")).run()
+    first_val = next(r["val_loss"] for r in metrics(run) if "val_loss" in r)
+    assert final["val_loss"] < first_val - 0.5
+
+
+def test_muon_step_orthogonalizes_each_fused_matrix():
+    from llmos.train.optim import Muon, orthogonalize
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(48, 16))  # three stacked 16 x 16 matrices, like q, k, v
+    v = torch.nn.Parameter(torch.randn(8, 24))
+    w.grad, v.grad = torch.randn(48, 16), torch.randn(8, 24)
+    w0, v0 = w.detach().clone(), v.detach().clone()
+    Muon([w, v], lr=0.01, weight_decay=0.1, splits={w: [16, 16, 16]}).step()
+    # first step: the momentum buffer is (1 - mu) g, the Nesterov update (1 - mu^2) g, and
+    # orthogonalization removes the scale
+    parts = [orthogonalize(g) for g in w.grad.split(16)]
+    expect_w = w0 * (1 - 0.01 * 0.1) - 0.01 * 0.2 * 16**0.5 * torch.cat(parts)
+    expect_v = v0 * (1 - 0.01 * 0.1) - 0.01 * 0.2 * 24**0.5 * orthogonalize(v.grad)
+    assert torch.allclose(w.detach(), expect_w, atol=1e-5)
+    assert torch.allclose(v.detach(), expect_v, atol=1e-5)
+    for g in [orthogonalize(torch.randn(64, 16)), orthogonalize(torch.randn(3, 16, 40))]:
+        s = torch.linalg.svdvals(g)  # near-orthogonal: singular values near 1, not exactly 1
+        assert s.min() > 0.6 and s.max() < 1.25
+    with pytest.raises(ValueError, match="matrices only"):
+        Muon([torch.nn.Parameter(torch.ones(4))])
+
+
 def test_run_folder_guards(shake, tmp_path):
     run = tmp_path / "run"
     Trainer(shake, run, config(max_steps=4, eval_interval=4)).run()
@@ -83,6 +114,8 @@ def test_run_folder_guards(shake, tmp_path):
         Trainer(shake, run, config(max_steps=8))
     with pytest.raises(TrainError, match="model"):
         Trainer(shake, run, config(max_steps=8, model=dict(TINY, n_layer=3)), resume=True)
+    with pytest.raises(TrainError, match="optimizer='adamw'"):
+        Trainer(shake, run, config(max_steps=8, optimizer="muon"), resume=True)
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -91,6 +124,7 @@ def test_run_folder_guards(shake, tmp_path):
     (dict(batch_size=0), "batch_size"),
     (dict(block_size=100), "exceeds the model's context"),
     (dict(objective="gan"), "objective"),
+    (dict(optimizer="sgd"), "optimizer must be 'adamw' or 'muon'"),
 ])
 def test_bad_training_options(shake, tmp_path, kw, message):
     with pytest.raises(TrainError, match=message):

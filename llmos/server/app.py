@@ -352,11 +352,13 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
         req = await submit(ids, params, body.n, stops)
         if body.stream:
             async def sse():
+                def chunk(e):
+                    return _sse({"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
+                                 "logprob": _chat_logprobs(llm, [e.logprob])[0] if e.logprob else None})
+
                 try:
                     async for batch in batches_of(req, http):
-                        yield "".join(_sse({"index": e.index, "text": e.text, "finish_reason": e.finish_reason,
-                                            "logprob": _chat_logprobs(llm, [e.logprob])[0] if e.logprob else None})
-                                      for e in batch)
+                        yield "".join(map(chunk, batch))
                     yield "data: [DONE]\n\n"
                 finally:
                     finalize(req, http.url.path)

@@ -1,6 +1,7 @@
 """`llmos train`: the one training loop, for causal LM (default) and masked LM objectives.
 
-AdamW (weight decay on matrices and embeddings only), linear warmup then cosine decay,
+AdamW (weight decay on matrices and embeddings only), or Muon for the hidden matrices (see
+optim.py), linear warmup then cosine decay,
 gradient clipping and accumulation, optional bfloat16 autocast, periodic validation with
 perplexity and samples, `--time-limit` and `--max-steps`. Runs unchanged under `torchrun`
 (DistributedDataParallel: gloo on CPU, nccl on GPU; rank 0 logs and saves).
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from llmos.model import ModelConfig, Transformer
 from llmos.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, save_checkpoint
 from llmos.train.data import TokenData
+from llmos.train.optim import Muon, Optimizers
 
 
 class TrainError(ValueError):
@@ -43,6 +45,7 @@ class TrainConfig:
     min_lr: float | None = None  # default lr / 10
     warmup_steps: int = 100
     weight_decay: float = 0.1
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
@@ -61,6 +64,7 @@ class TrainConfig:
                 raise TrainError(message)
 
         check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
+        check(self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         check(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
@@ -169,12 +173,25 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> tuple[ModelConfig, 
     return mc, None
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def configure_optimizer(model: Transformer, cfg: TrainConfig, device) -> torch.optim.Optimizer | Optimizers:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    hidden = {}
+    if cfg.optimizer == "muon":
+        hidden = {name: p for name, p in params.items() if p.dim() == 2 and name.startswith("blocks.")}
+    rest = [p for name, p in params.items() if name not in hidden]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     # The fused kernel exists for CPU and CUDA; it replaces a Python loop over parameters.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    if not hidden:
+        return adamw
+    c = model.config
+    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    # Fused projections are orthogonalized matrix by matrix: q, k, v; gate and up.
+    splits = {p: [q, kv, kv] if name.endswith("wqkv.weight") else [c.d_ff, c.d_ff]
+              for name, p in hidden.items() if name.endswith(("wqkv.weight", "w13.weight"))}
+    muon = Muon(list(hidden.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, splits=splits)
+    return Optimizers(muon, adamw)
 
 
 def learning_rate(cfg: TrainConfig, progress: float, step: int) -> float:
@@ -269,7 +286,8 @@ class Trainer:
     def _check_same_run(self, saved: dict):
         train = saved.get("train", {})
         mine = asdict(self.cfg)
-        for key in ("preset", "model", "objective", "init_from", "block_size", "seed", "batch_size", "grad_accum"):
+        for key in ("preset", "model", "objective", "init_from", "block_size", "seed", "batch_size", "grad_accum",
+                    "optimizer"):
             if key in train and train[key] != mine[key]:
                 raise TrainError(
                     f"{self.out} holds a run with {key}={train[key]!r}, not {mine[key]!r}; resume it with its "
