@@ -36,9 +36,9 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 class Muon(torch.optim.Optimizer):
     """Momentum, orthogonalized per matrix, with decoupled weight decay.
 
-    A parameter that stacks several matrices along its rows (a fused q/k/v projection) names
-    their row counts in its group's `splits` ({parameter: [rows, ...]}), and each is
-    orthogonalized on its own. The step is scaled by 0.2 * sqrt(max(rows, cols)), which gives
+    A parameter that stacks several matrices along its rows (a fused q/k/v projection) has
+    their row counts in `splits` ({parameter: [rows, ...]}), and each is orthogonalized on
+    its own. The step is scaled by 0.2 * sqrt(max(rows, cols)), which gives
     updates the root-mean-square size of AdamW's, so AdamW's learning rate carries over
     (Liu et al. 2025, "Muon is Scalable for LLM Training").
     """
@@ -83,8 +83,8 @@ class Muon(torch.optim.Optimizer):
 
 
 class Optimizers:
-    """Several optimizers stepped as one: the trainer's schedule sets every group's lr,
-    scaled by the group's `lr_scale`."""
+    """Several optimizers stepped, zeroed and saved as one; the trainer's schedule sets the
+    same lr in every group of each."""
 
     def __init__(self, *optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
