@@ -40,7 +40,7 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
 
     from llmos.engine.generate import Generation
     from llmos.engine.sampling import SamplingParams
-    from llmos.models import load_checkpoint, resolve
+    from llmos.weights.store import load_checkpoint, resolve
 
     path = resolve(model)
     loads = []
@@ -75,7 +75,7 @@ def run_hf(model: str, repeats: int) -> dict:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from llmos import models
+    from llmos.weights import store as models
 
     spec = models.BUNDLED[model]
     cache = models.models_dir() / ".bench-gguf" / model

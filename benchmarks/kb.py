@@ -81,7 +81,7 @@ def main():
 
     from llmos.chat.kb import KnowledgeBase
     from llmos.embedder import get_embedder
-    from llmos.store import Store
+    from llmos.db import Store
 
     questions = [json.loads(line) for line in (DATA / "questions.jsonl").read_text().splitlines() if line.strip()]
     golds = [q["gold"] for q in questions]

@@ -50,7 +50,7 @@ def make_prompts(model: str, n: int, input_len: int) -> list[str]:
     """n different prompts of input_len tokens each (by the model's own tokenizer)."""
     from tokenizers import Tokenizer
 
-    from llmos.models import resolve
+    from llmos.weights.store import resolve
 
     tok = Tokenizer.from_file(str(resolve(model) / "tokenizer.json"))
     text_file = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -243,7 +243,7 @@ def main():
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
 
-    from llmos.models import resolve
+    from llmos.weights.store import resolve
 
     resolve(args.model)  # pull it first, outside any timing
     if args.engine_only:

@@ -131,7 +131,7 @@ def main():
         results = {**json.loads(Path(args.out).read_text()), **results}
     rows = []
     if "ngram" in only:
-        from llmos.ngram import evaluate_dataset
+        from llmos.train.ngram import evaluate_dataset
 
         results["ngram"] = {str(n): evaluate_dataset(data_dir, n) for n in (3, 5, 7)}
         for n, r in results["ngram"].items():

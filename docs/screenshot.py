@@ -25,7 +25,7 @@ def main():
 
     from llmos.llm import LLM
     from llmos.server.app import create_app
-    from llmos.store import Store
+    from llmos.db import Store
 
     llm = LLM.load("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp, socket.socket() as sock:

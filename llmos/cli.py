@@ -1,4 +1,4 @@
-"""The `llmos` command: thin wrappers over the Python API (llmos.llm, llmos.models, llmos.writing)."""
+"""The `llmos` command: thin wrappers over the Python API (llmos.llm, llmos.weights, llmos.writing)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from llmos import models as store
+from llmos.weights import store
 
 app = typer.Typer(
     name="llmos",

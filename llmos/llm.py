@@ -15,7 +15,7 @@ from pathlib import Path
 from llmos.engine.beam import beam_search
 from llmos.engine.generate import ContextError, Generation, Timings, TokenLogprob
 from llmos.engine.sampling import SamplingParams
-from llmos.models import LoadedModel, load
+from llmos.weights.store import LoadedModel, load
 
 TRUNCATION = ("error", "left")
 

@@ -31,7 +31,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tiny_gguf, session_home) -> Path:
-    from llmos import models
+    from llmos.weights import store as models
 
     old = os.environ.get("LLMOS_HOME")
     os.environ["LLMOS_HOME"] = str(session_home)
@@ -47,13 +47,13 @@ def tiny_dir(tiny_gguf, session_home) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llm(tiny_dir):
     from llmos.llm import LLM
-    from llmos.models import load_checkpoint
+    from llmos.weights.store import load_checkpoint
 
     return LLM(load_checkpoint(tiny_dir, "fp32"))
 
 
 def _pull(name: str) -> Path:
-    from llmos import models
+    from llmos.weights import store as models
 
     old = os.environ.get("LLMOS_HOME")
     os.environ["LLMOS_HOME"] = str(BUNDLED_HOME)

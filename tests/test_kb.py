@@ -11,7 +11,7 @@ import torch
 from conftest import BUNDLED_HOME, REPO
 from helpers import assert_clean_error, llmos
 from llmos.chat.kb import KBError, KnowledgeBase, split_passages
-from llmos.store import Store
+from llmos.db import Store
 
 SHOP = REPO / "benchmarks" / "data" / "shop"
 

@@ -20,7 +20,7 @@ KEY = "test-key"
 
 def make_server(tiny_llm, tmp_path_factory, **kw):
     from llmos.server.app import create_app
-    from llmos.store import Store
+    from llmos.db import Store
 
     store = Store(tmp_path_factory.mktemp("db") / "llmos.db")
     return ServerThread(create_app(tiny_llm, store=store, **kw))

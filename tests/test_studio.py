@@ -14,7 +14,7 @@ ARTIFACTS = REPO / "test-artifacts"
 @pytest.fixture(scope="module")
 def studio(tiny_llm, tmp_path_factory):
     from llmos.server.app import create_app
-    from llmos.store import Store
+    from llmos.db import Store
 
     s = ServerThread(create_app(tiny_llm, store=Store(tmp_path_factory.mktemp("db") / "studio.db")))
     yield s

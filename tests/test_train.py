@@ -153,14 +153,14 @@ def test_failed_save_keeps_the_last_checkpoint(shake, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert latest_checkpoint(run) == good
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
-    from llmos.models import load_checkpoint
+    from llmos.weights.store import load_checkpoint
 
     load_checkpoint(good, "fp32")
 
 
 def test_killed_during_training_leaves_a_loadable_checkpoint(shake, tmp_path):
     """SIGKILL at arbitrary moments of a run that saves every step."""
-    from llmos.models import load_checkpoint
+    from llmos.weights.store import load_checkpoint
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -220,7 +220,7 @@ def test_masked_lm_and_embeddings(shake, tmp_path):
     assert vecs.shape == (3, 32)
     assert torch.allclose(vecs.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert torch.allclose(vecs[0], vecs[2], atol=1e-6)
-    from llmos.export import ExportError, export
+    from llmos.weights.export import ExportError, export
 
     with pytest.raises(ExportError, match="masked-LM"):
         export(latest_checkpoint(run), tmp_path / "x")
@@ -229,8 +229,8 @@ def test_masked_lm_and_embeddings(shake, tmp_path):
 def test_export_loads_in_transformers_with_equal_logits(shake, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmos.export import export
-    from llmos.models import load_checkpoint
+    from llmos.weights.export import export
+    from llmos.weights.store import load_checkpoint
 
     run = tmp_path / "run"
     Trainer(shake, run, config(max_steps=6, eval_interval=6, model=dict(TINY, n_kv_head=1))).run()

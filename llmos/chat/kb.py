@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmos.store import Store
+from llmos.db import Store
 
 TEXT_SUFFIXES = {".md", ".markdown", ".txt", ".text", ".rst", ".org"}
 MAX_WORDS = 120  # words per passage (about 160 tokens: under the embedder's 256)

@@ -10,7 +10,7 @@ import json
 import time
 
 from llmos.chat.personas import Persona
-from llmos.store import Store
+from llmos.db import Store
 
 
 class SessionError(ValueError):

