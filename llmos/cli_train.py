@@ -77,24 +77,6 @@ def ngram(
               highlight=False)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    from llmos.model import ModelConfig
-
-    known = {f for f in ModelConfig.__dataclass_fields__}
-    values = {}
-    for pair in pairs:
-        if "=" not in pair:
-            fail(f"--set takes FIELD=VALUE, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        if key not in known:
-            fail(f"unknown model field {key!r}; fields: {', '.join(sorted(known))}")
-        try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw
-    return values
-
-
 @app.command()
 def train(
     data: Annotated[Path, typer.Argument(help="A folder written by `llmos prepare`.")],
@@ -132,47 +114,20 @@ def train(
 
       torchrun --nproc_per_node=2 -m llmos train data/shake -o runs/ddp --preset tiny
     """
-    import yaml
+    from llmos.train.config import build_train_config
+    from llmos.train.trainer import TrainError, Trainer
 
-    from llmos.train.trainer import TrainConfig, TrainError, Trainer, parse_duration
-
-    values: dict = {}
-    if config is not None:
-        try:
-            loaded = yaml.safe_load(config.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            fail(f"cannot read {config}: {e}")
-        if not isinstance(loaded, dict):
-            fail(f"{config} must hold a mapping of training options")
-        values.update(loaded)
-    model_over = {**values.pop("model", {}), **_overrides(set_)}
     flags = dict(preset=preset, init_from=init_from, objective=objective, batch_size=batch_size,
-                 block_size=block_size, grad_accum=grad_accum, max_steps=max_steps, lr=lr, min_lr=min_lr,
-                 warmup_steps=warmup_steps, weight_decay=weight_decay, optimizer=optimizer, grad_clip=grad_clip, dtype=dtype,
-                 eval_interval=eval_interval, eval_iters=eval_iters, log_interval=log_interval, seed=seed)
-    values.update({k: v for k, v in flags.items() if v is not None})
+                 block_size=block_size, grad_accum=grad_accum, max_steps=max_steps, time_limit=time_limit, lr=lr,
+                 min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, optimizer=optimizer,
+                 grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval, eval_iters=eval_iters,
+                 log_interval=log_interval, seed=seed)
     try:
-        if time_limit is not None:
-            values["time_limit"] = parse_duration(time_limit)
-        elif "time_limit" in values and isinstance(values["time_limit"], str):
-            values["time_limit"] = parse_duration(values["time_limit"])
-        if resume and output.exists() and not (preset or config or set_ or init_from or objective):
-            values = {**_saved_train_config(output), **{k: v for k, v in values.items() if k in ("max_steps", "time_limit")}}
-            model_over = values.pop("model", {})
-        cfg = TrainConfig.from_dict({**values, "model": model_over})
+        cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume)
         trainer = Trainer(data, output, cfg, resume=resume)
     except (TrainError, ValueError, TypeError) as e:
         fail(str(e))
     _run_with_progress(trainer)
-
-
-def _saved_train_config(run_dir: Path) -> dict:
-    from llmos.train.checkpoint import latest_checkpoint
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return {}
-    return json.loads((ckpt / "config.json").read_text()).get("train", {})
 
 
 def _run_with_progress(trainer):

@@ -13,6 +13,7 @@ import torch
 from conftest import REPO
 from llmos.data.prepare import PrepareConfig, prepare
 from llmos.train.checkpoint import latest_checkpoint
+from llmos.train.config import build_train_config
 from llmos.train.trainer import TrainConfig, TrainError, Trainer
 
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -129,6 +130,46 @@ def test_run_folder_guards(shake, tmp_path):
 def test_bad_training_options(shake, tmp_path, kw, message):
     with pytest.raises(TrainError, match=message):
         Trainer(shake, tmp_path / "r", config(**kw))
+
+
+def test_train_config_merges_yaml_flags_and_set(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("preset: small\nlr: 0.002\nbatch_size: 4\ntime_limit: 5m\nmodel: {n_layer: 3, n_head: 2}\n")
+    cfg = build_train_config(tmp_path / "run", config_file=yaml_file,
+                             flags=dict(lr=0.003, batch_size=None, preset=None), set_pairs=["n_layer=5", "dropout=0.1"])
+    assert (cfg.preset, cfg.lr, cfg.batch_size, cfg.time_limit) == ("small", 0.003, 4, 300.0)
+    assert cfg.model == {"n_layer": 5, "n_head": 2, "dropout": 0.1}
+    assert build_train_config(tmp_path / "run", config_file=yaml_file, flags=dict(time_limit="90s")).time_limit == 90.0
+    assert build_train_config(tmp_path / "run") == TrainConfig()
+
+
+def test_train_config_on_resume_reuses_the_saved_options(tmp_path):
+    run = tmp_path / "run"
+    saved = TrainConfig(preset="small", model={"n_layer": 3}, batch_size=5, max_steps=100)
+    (run / "step-0000010").mkdir(parents=True)
+    (run / "step-0000010" / "config.json").write_text(json.dumps({"train": saved.__dict__}))
+    (run / "LATEST").write_text("step-0000010")
+    cfg = build_train_config(run, flags=dict(max_steps=200, time_limit="1m", batch_size=9), resume=True)
+    assert cfg == TrainConfig(preset="small", model={"n_layer": 3}, batch_size=5, max_steps=200, time_limit=60.0)
+    # options that define another model are not replaced by the saved ones (the trainer then refuses the mismatch)
+    assert build_train_config(run, flags=dict(preset="tiny"), resume=True).preset == "tiny"
+    assert build_train_config(run, flags=dict(max_steps=200)).batch_size == TrainConfig().batch_size
+
+
+@pytest.mark.parametrize("yaml_text, set_pairs, message", [
+    ("", ["n_layers=3"], "unknown model field 'n_layers'"),
+    ("", ["n_layer"], "--set takes FIELD=VALUE"),
+    ("learning_rate: 0.1\n", [], r"unknown training option\(s\): learning_rate"),
+    ("- lr\n", [], "must hold a mapping"),
+    ("model: 3\n", [], "'model' must be a mapping"),
+    ("time_limit: soon\n", [], "cannot read duration 'soon'"),
+    ("lr: 2.0\n", [], "lr must be in"),
+])
+def test_train_config_errors_name_the_option(tmp_path, yaml_text, set_pairs, message):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(yaml_text)
+    with pytest.raises(TrainError, match=message):
+        build_train_config(tmp_path / "run", config_file=yaml_file, set_pairs=set_pairs)
 
 
 def test_corpus_smaller_than_one_window(tmp_path):

@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,77 +21,9 @@ import torch.nn.functional as F
 
 from llmos.model import ModelConfig, Transformer
 from llmos.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, save_checkpoint
+from llmos.train.config import TrainConfig, TrainError  # TrainConfig is also imported from here
 from llmos.train.data import TokenData
 from llmos.train.optim import Muon, Optimizers
-
-
-class TrainError(ValueError):
-    """Bad options, an unusable dataset, or a run folder that belongs to another run."""
-
-
-@dataclass
-class TrainConfig:
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 6}
-    init_from: str | None = None  # start from a model's weights (fine-tuning)
-    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional
-    batch_size: int = 12
-    block_size: int | None = None  # context length in training; default: the model's
-    grad_accum: int = 1
-    max_steps: int = 5000
-    time_limit: float | None = None  # seconds
-    lr: float = 1e-3
-    min_lr: float | None = None  # default lr / 10
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    optimizer: str = "adamw"  # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0
-    dtype: str = "auto"  # "auto" (bf16 on GPUs that have it, fp32 on CPU), "fp32", "bf16"
-    eval_interval: int = 250
-    eval_iters: int = 20
-    sample_tokens: int = 200
-    log_interval: int = 10
-    keep_checkpoints: int = 1
-    seed: int = 1337
-    mask_prob: float = 0.15
-
-    def validate(self):
-        def check(ok, message):
-            if not ok:
-                raise TrainError(message)
-
-        check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
-        check(self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        check(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
-            check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        check(self.block_size is None or self.block_size >= 2, f"block_size must be at least 2, got {self.block_size}")
-        check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
-        check(self.min_lr is None or 0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
-        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        check(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay}")
-        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 turns it off), got {self.grad_clip}")
-        check(self.time_limit is None or self.time_limit > 0, f"time_limit must be positive, got {self.time_limit}")
-        check(0 < self.mask_prob < 1, f"mask_prob must be in (0, 1), got {self.mask_prob}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise TrainError(f"unknown training option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        return cls(**d)
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '5m', '1.5h' -> seconds."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
-    if not m:
-        raise TrainError(f"cannot read duration {text!r}: use e.g. 90s, 5m or 1h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
 # --- distributed -----------------------------------------------------------------------------

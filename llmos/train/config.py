@@ -1,0 +1,147 @@
+"""Training options: the TrainConfig dataclass and the one function that builds it from a YAML
+file, flags, `--set` model fields and a resumed run's saved settings.
+
+`llmos train` calls `build_train_config`; so can anything else that starts a run, and then
+every face of LLMOS merges options the same way. No torch here: this module is cheap to import.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class TrainError(ValueError):
+    """Bad options, an unusable dataset, or a run folder that belongs to another run."""
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 6}
+    init_from: str | None = None  # start from a model's weights (fine-tuning)
+    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional
+    batch_size: int = 12
+    block_size: int | None = None  # context length in training; default: the model's
+    grad_accum: int = 1
+    max_steps: int = 5000
+    time_limit: float | None = None  # seconds
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    optimizer: str = "adamw"  # "adamw", or "muon": Muon for hidden matrices, AdamW for the rest
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    dtype: str = "auto"  # "auto" (bf16 on GPUs that have it, fp32 on CPU), "fp32", "bf16"
+    eval_interval: int = 250
+    eval_iters: int = 20
+    sample_tokens: int = 200
+    log_interval: int = 10
+    keep_checkpoints: int = 1
+    seed: int = 1337
+    mask_prob: float = 0.15
+
+    def validate(self):
+        def check(ok, message):
+            if not ok:
+                raise TrainError(message)
+
+        check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
+        check(self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        check(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
+            check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        check(self.block_size is None or self.block_size >= 2, f"block_size must be at least 2, got {self.block_size}")
+        check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
+        check(self.min_lr is None or 0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
+        check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        check(0 <= self.weight_decay < 1, f"weight_decay must be in [0, 1), got {self.weight_decay}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        check(self.grad_clip >= 0, f"grad_clip must be >= 0 (0 turns it off), got {self.grad_clip}")
+        check(self.time_limit is None or self.time_limit > 0, f"time_limit must be positive, got {self.time_limit}")
+        check(0 < self.mask_prob < 1, f"mask_prob must be in (0, 1), got {self.mask_prob}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TrainError(f"unknown training option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '5m', '1.5h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise TrainError(f"cannot read duration {text!r}: use e.g. 90s, 5m or 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_model_overrides(pairs: list[str]) -> dict:
+    """`--set FIELD=VALUE` pairs -> model field overrides; a value is read as JSON when it can be."""
+    from llmos.model import ModelConfig
+
+    known = {f.name for f in fields(ModelConfig)}
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise TrainError(f"--set takes FIELD=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        if key not in known:
+            raise TrainError(f"unknown model field {key!r}; fields: {', '.join(sorted(known))}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def saved_train_config(run_dir: Path) -> dict:
+    """The training options saved in a run folder's latest checkpoint ({} when it has none)."""
+    from llmos.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return {}
+    return json.loads((ckpt / "config.json").read_text()).get("train", {})
+
+
+def build_train_config(output: Path, *, config_file: Path | None = None, flags: dict | None = None,
+                       set_pairs: list[str] = (), resume: bool = False) -> TrainConfig:
+    """The options of a run, merged in one order: defaults < YAML file < flags < `--set` (for model
+    fields). flags maps TrainConfig fields to values, None meaning "not given"; a time_limit given
+    as text ('5m') is read as a duration. Resuming the run in output with no options that define a
+    model (preset, config file, --set, init_from, objective) reuses its saved options; only
+    max_steps and time_limit may change then. Raises TrainError with a message for the user."""
+    values: dict = {}
+    if config_file is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise TrainError(f"cannot read {config_file}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise TrainError(f"{config_file} must hold a mapping of training options")
+        values.update(loaded)
+    from_file = values.pop("model", None) or {}
+    if not isinstance(from_file, dict):
+        raise TrainError(f"{config_file}: 'model' must be a mapping of model fields, e.g. model: {{n_layer: 6}}")
+    model_over = {**from_file, **parse_model_overrides(list(set_pairs))}
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    values.update(flags)
+    if isinstance(values.get("time_limit"), str):
+        values["time_limit"] = parse_duration(values["time_limit"])
+    defines_model = any(flags.get(k) for k in ("preset", "init_from", "objective")) or config_file or set_pairs
+    if resume and Path(output).exists() and not defines_model:
+        kept = {k: v for k, v in values.items() if k in ("max_steps", "time_limit")}
+        values = {**saved_train_config(Path(output)), **kept}
+        model_over = values.pop("model", {})
+    cfg = TrainConfig.from_dict({**values, "model": model_over})
+    cfg.validate()
+    return cfg
