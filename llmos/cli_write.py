@@ -49,6 +49,7 @@ def write(
     """
     from llmos.llm import Result
     from llmos.writing import forms as form_lib
+    from llmos.writing.results import after_generation
     from llmos.writing.tasks import MULTILINGUAL_MODEL, TaskError, WriteRequest, pick_language, prepare_write
 
     if brief == "-":
@@ -83,70 +84,48 @@ def write(
 
     quiet = as_json or task in ("rewrite", "brainstorm") or rank
     run_stream(llm, chained(), n, result, as_json=False, silent=quiet)
-    extra = _after(task, brief, variables, result, chosen_form, rank, as_json)
+    extra = after_generation(task, brief, variables, result.completions, chosen_form, rank)
     if as_json:
         print(json.dumps({**result_json(llm, result), **extra}, ensure_ascii=False, indent=2))
+    else:
+        _print_after(extra, result.completions, variables)
 
 
-def _after(task, brief, variables, result, chosen_form, rank, as_json) -> dict:
-    """Post-processing that some tasks need: ranking, form checks, revisions, idea lists."""
-    from llmos.writing import forms as form_lib
-    from llmos.writing.edit import distinct_ideas, parse_revision, word_diff
-    from llmos.writing.rank import rank as rank_candidates
+def _print_after(extra: dict, completions, variables: dict):
+    """The human view of after_generation's ranking, revision, ideas and form check."""
+    if "ranking" in extra:
+        texts = {c.index: c.text for c in completions}
+        for pos, r in enumerate(extra["ranking"], 1):
+            parts = {k: v for k, v in r.items() if k not in ("index", "score")}
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in parts.items())
+            out.print(f"--- #{pos}: candidate {r['index'] + 1}, score {r['score']:.2f} ({detail}) ---", highlight=False)
+            out.print(texts[r["index"]], highlight=False, markup=False)
+    if "revision" in extra:
+        from rich.text import Text
 
-    extra: dict = {}
-    check = None
-    if chosen_form is not None:
-        opts = dict(acrostic=variables.get("acrostic"), chars=int(variables["chars"]) if variables.get("chars") else None)
-        from llmos.writing.tasks import _truthy
+        revision = extra["revision"]
+        out.print("[bold]Revised[/]")
+        out.print(revision["revised"], highlight=False, markup=False)
+        if revision["suggestions"]:
+            out.print("\n[bold]Suggestions[/]")
+            for s in revision["suggestions"]:
+                out.print(f"- {s}", highlight=False, markup=False)
+        line = Text()
+        for op, piece in revision["diff"]:
+            line.append(piece, style={"-": "red strike", "+": "green", " ": ""}[op])
+        out.print("\n[bold]Changes[/]")
+        out.print(line)
+    if "ideas" in extra:
+        from llmos.writing.results import idea_limit
 
-        opts["rhyme"] = _truthy(variables.get("rhyme"))
-
-        def check(text):
-            return form_lib.check(chosen_form, text, **opts)
-
-        extra["form"] = {"name": chosen_form.name,
-                         "problems": [check(c.text) for c in result.completions]}
-    if rank:
-        ranked = rank_candidates(result.completions, check)
-        extra["ranking"] = [{"index": r.index, "score": round(r.score, 4), **{k: round(v, 4) for k, v in r.parts.items()}}
-                            for r in ranked]
-        if not as_json:
-            for pos, r in enumerate(ranked, 1):
-                detail = ", ".join(f"{k} {v:.2f}" for k, v in r.parts.items())
-                out.print(f"--- #{pos}: candidate {r.index + 1}, score {r.score:.2f} ({detail}) ---", highlight=False)
-                out.print(r.text, highlight=False, markup=False)
-    if task == "rewrite":
-        revised, suggestions = parse_revision(result.completions[0].text)
-        diff = word_diff(brief.strip(), revised)
-        extra["revision"] = {"revised": revised, "suggestions": suggestions, "diff": diff}
-        if not as_json:
-            out.print("[bold]Revised[/]")
-            out.print(revised, highlight=False, markup=False)
-            if suggestions:
-                out.print("\n[bold]Suggestions[/]")
-                for s in suggestions:
-                    out.print(f"- {s}", highlight=False, markup=False)
-            from rich.text import Text
-
-            line = Text()
-            for op, piece in diff:
-                line.append(piece, style={"-": "red strike", "+": "green", " ": ""}[op])
-            out.print("\n[bold]Changes[/]")
-            out.print(line)
-    if task == "brainstorm":
-        limit = int(variables.get("n", 5))
-        ideas = distinct_ideas([c.text for c in result.completions], limit)
-        extra["ideas"] = ideas
-        if not as_json:
-            for i, idea in enumerate(ideas, 1):
-                out.print(f"{i}. {idea}", highlight=False, markup=False)
-            if len(ideas) < limit:
-                err.print(f"[yellow]note:[/] {len(ideas)} distinct ideas out of {limit} asked; try -n 2 for more")
-    if chosen_form is not None and not as_json:
+        ideas, limit = extra["ideas"], idea_limit(variables)
+        for i, idea in enumerate(ideas, 1):
+            out.print(f"{i}. {idea}", highlight=False, markup=False)
+        if len(ideas) < limit:
+            err.print(f"[yellow]note:[/] {len(ideas)} distinct ideas out of {limit} asked; try -n 2 for more")
+    if "form" in extra:
         bad = [i + 1 for i, p in enumerate(extra["form"]["problems"]) if p]
-        err.print(f"[dim]form {chosen_form.name}: " + ("kept by every candidate" if not bad else f"broken in {bad}") + "[/]")
-    return extra
+        err.print(f"[dim]form {extra['form']['name']}: " + ("kept by every candidate" if not bad else f"broken in {bad}") + "[/]")
 
 
 def _novel(brief, chapters, output, model, language, seed, precision):

@@ -203,7 +203,7 @@ def prepare_write(llm, req: WriteRequest):
 
         settings["constraint"] = forms.make_constraint(
             form, token_table(llm.tokenizer), llm.model.config.vocab_size,
-            acrostic=variables.get("acrostic"), rhyme=_truthy(variables.get("rhyme")),
+            acrostic=variables.get("acrostic"), rhyme=truthy(variables.get("rhyme")),
             chars=int(variables["chars"]) if variables.get("chars") else None,
         )
         settings["max_tokens"] = max(settings.get("max_tokens", 0), form.max_tokens)
@@ -212,7 +212,7 @@ def prepare_write(llm, req: WriteRequest):
     return prompt, llm.sampling(**settings), stops, form
 
 
-def _truthy(value) -> bool | None:
+def truthy(value) -> bool | None:
     if value is None:
         return None
     return str(value).lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,45 @@
+"""What some tasks add to their candidates once generation ends: form checks, a ranking, a
+rewrite's revision and word diff, a brainstorm's distinct ideas.
+
+`after_generation` returns plain JSON-ready data; `llmos write --json` prints it beside the
+completions, and the CLI's human view is drawn from it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from llmos.writing import forms
+from llmos.writing.edit import distinct_ideas, parse_revision, word_diff
+from llmos.writing.rank import rank as rank_candidates
+from llmos.writing.tasks import truthy
+
+
+def idea_limit(variables: dict) -> int:
+    """How many ideas a brainstorm asks for (its `n` variable)."""
+    return int(variables.get("n", 5))
+
+
+def after_generation(task: str, brief: str, variables: dict, completions: list, form: forms.Form | None = None,
+                     rank: bool = False) -> dict:
+    """completions: objects with .index, .text and .logprobs (llm.Completion); form: the form the
+    text was kept to, if any. Returns only the keys that apply:
+      form: {"name", "problems": one list of problems per candidate, empty when it keeps the form}
+      ranking: [{"index", "score", and the score's parts}], best first (rank=True)
+      revision: {"revised", "suggestions", "diff": [(op, words)] with op "-", "+" or " "} (task rewrite)
+      ideas: distinct ideas, at most idea_limit(variables) (task brainstorm)"""
+    extra: dict = {}
+    check = None  # text -> problems, when a form was asked for
+    if form is not None:
+        check = partial(forms.check, form, acrostic=variables.get("acrostic"), rhyme=truthy(variables.get("rhyme")),
+                        chars=int(variables["chars"]) if variables.get("chars") else None)
+        extra["form"] = {"name": form.name, "problems": [check(c.text) for c in completions]}
+    if rank:
+        extra["ranking"] = [{"index": r.index, "score": round(r.score, 4), **{k: round(v, 4) for k, v in r.parts.items()}}
+                            for r in rank_candidates(completions, check)]
+    if task == "rewrite":
+        revised, suggestions = parse_revision(completions[0].text)
+        extra["revision"] = {"revised": revised, "suggestions": suggestions, "diff": word_diff(brief.strip(), revised)}
+    if task == "brainstorm":
+        extra["ideas"] = distinct_ideas([c.text for c in completions], idea_limit(variables))
+    return extra
