@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli import ModelOpt, PrecisionOpt, app, err, fail, load_llm, out
+from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm, out
 
 REPL_HELP = """commands:
   /retry            a new reply to your last message
@@ -50,7 +50,6 @@ def _print_stream(pieces) -> bool:
     return True
 
 
-@app.command()
 def chat(
     persona: Annotated[Optional[str], typer.Option("--persona", "-p", help="Persona name (see `llmos personas`) or a YAML/JSON file.")] = None,
     session: Annotated[Optional[int], typer.Option("--session", "-s", help="Resume this session (see `llmos sessions`).")] = None,
@@ -213,7 +212,6 @@ def _repl(conv, interactive: bool):
 # sessions
 
 sessions_app = typer.Typer(help="Saved chat sessions: list, show, export, delete.", invoke_without_command=True)
-app.add_typer(sessions_app, name="sessions")
 
 
 def _sessions():
@@ -288,7 +286,6 @@ def sessions_delete(session_id: int):
 # personas
 
 personas_app = typer.Typer(help="Personas: built-in ones and yours in $LLMOS_HOME/personas.", invoke_without_command=True)
-app.add_typer(personas_app, name="personas")
 
 
 @personas_app.callback()
@@ -339,7 +336,6 @@ def personas_import(card: Path):
 # knowledge bases
 
 kb_app = typer.Typer(help="Knowledge bases: your documents, searchable by meaning, for chat.", invoke_without_command=True)
-app.add_typer(kb_app, name="kb")
 
 
 @kb_app.callback()

@@ -6,10 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli import ModelOpt, PrecisionOpt, app, err, fail, load_llm
+from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm
 
 
-@app.command()
 def serve(
     model: ModelOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",

@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli import app, err, fail, load_llm, out
+from llmos.cli.common import PullProgress, err, fail, load_llm, out
 
 
-@app.command()
 def prepare(
     inputs: Annotated[list[str], typer.Argument(help="Files, folders and globs of .txt, .md and .jsonl (a 'text' field).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Dataset folder to write.")],
@@ -36,7 +35,6 @@ def prepare(
 
       llmos prepare letters/ -o data/ft --tokenizer smollm2-135m-instruct
     """
-    from llmos.cli import PullProgress
     from llmos.data.prepare import PrepareConfig, PrepareError, prepare as run
 
     cfg = PrepareConfig([str(i) for i in inputs], str(output), tokenizer, vocab_size, val_fraction, seed, separator,
@@ -59,7 +57,6 @@ def prepare(
         err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
 
 
-@app.command()
 def ngram(
     data: Annotated[Path, typer.Argument(help="A folder written by `llmos prepare`.")],
     order: Annotated[int, typer.Option(help="n of the n-gram model.")] = 5,
@@ -77,7 +74,6 @@ def ngram(
               highlight=False)
 
 
-@app.command()
 def train(
     data: Annotated[Path, typer.Argument(help="A folder written by `llmos prepare`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder: checkpoints, metrics.jsonl, loss.png.")],
@@ -173,7 +169,6 @@ def _run_with_progress(trainer):
                   f"(ppl {final['val_ppl']:.2f}); checkpoint in {trainer.out}", highlight=False)
 
 
-@app.command()
 def export(
     run: Annotated[str, typer.Argument(help="A run folder, checkpoint folder or model name.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write.")],
@@ -190,7 +185,6 @@ def export(
     err.print(f"[green]exported[/] to {path}", highlight=False)
 
 
-@app.command()
 def embed(
     texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model (an --objective mlm run embeds best).")] = None,

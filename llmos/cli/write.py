@@ -9,10 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli import ModelOpt, PrecisionOpt, app, err, fail, load_llm, out, parse_vars, result_json, run_stream
+from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm, out, parse_vars, result_json, run_stream
 
 
-@app.command()
 def write(
     task: Annotated[str, typer.Argument(help="What to write (see `llmos tasks`): story, poem, rewrite, novel, ...")],
     brief: Annotated[str, typer.Argument(help="What it is about (the text itself for continue/expand/shorten/rewrite/translate; '-' reads stdin).")],
@@ -144,7 +143,6 @@ def _novel(brief, chapters, output, model, language, seed, precision):
     err.print(f"[green]done:[/] {made} stage(s) written, {len(stages) - made} kept as they were, in {output}")
 
 
-@app.command()
 def tasks(as_json: Annotated[bool, typer.Option("--json")] = False):
     """List the writing tasks (built in, and your own in $LLMOS_HOME/templates)."""
     from rich.table import Table
@@ -165,7 +163,6 @@ def tasks(as_json: Annotated[bool, typer.Option("--json")] = False):
     out.print(table)
 
 
-@app.command("forms")
 def list_forms():
     """List the forms that `llmos write --form` keeps by constrained decoding."""
     from rich.table import Table
@@ -179,7 +176,6 @@ def list_forms():
 
 
 story_app = typer.Typer(help="Story mode: a story file with Memory, Author's Note and Lorebook.", no_args_is_help=True)
-app.add_typer(story_app, name="story")
 
 
 def _load_story(path: Path):

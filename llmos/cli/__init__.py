@@ -1,0 +1,54 @@
+"""The `llmos` command: the registry of every command, each a thin wrapper over the Python API.
+
+One module per command group defines plain functions (and typer sub-apps for nested commands);
+only this file knows the `app`. The modules import llmos.cli.common and the library, never each
+other, and keep heavy imports inside the commands so that `llmos --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from llmos.cli import chat, generate, serve, train, write
+from llmos.cli.common import err
+
+app = typer.Typer(
+    name="llmos",
+    help="LLMOS: local-first creative writing with language models. Runs offline on a CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# `llmos --help` lists commands in this order, then the groups in theirs.
+app.command()(generate.generate)
+app.command()(generate.pull)
+app.command("models")(generate.list_models)
+
+app.command()(train.prepare)
+app.command()(train.ngram)
+app.command()(train.train)
+app.command()(train.export)
+app.command()(train.embed)
+
+app.command()(write.write)
+app.command()(write.tasks)
+app.command("forms")(write.list_forms)
+app.add_typer(write.story_app, name="story")
+
+app.command()(serve.serve)
+
+app.command()(chat.chat)
+app.add_typer(chat.sessions_app, name="sessions")
+app.add_typer(chat.personas_app, name="personas")
+app.add_typer(chat.kb_app, name="kb")
+
+
+def main():
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped[/] (Ctrl-C)")
+        sys.exit(130)

