@@ -66,16 +66,21 @@ def read_card(path: str | Path) -> Card:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CardError(f"{path}: not a readable JSON card ({e}); PNG cards must be exported to JSON first") from None
+    return card_from_dict(data, str(path), path.stem)
+
+
+def card_from_dict(data, where: str, fallback_name: str = "lorebook") -> Card:
+    """A card from its parsed JSON (a file's, or an upload's); `where` names it in errors."""
     if not isinstance(data, dict):
-        raise CardError(f"{path}: a card must be a JSON object")
+        raise CardError(f"{where}: a card must be a JSON object")
     if data.get("spec") == "chara_card_v2" or isinstance(data.get("data"), dict):
         d = data.get("data") or {}
     elif "entries" in data and "name" not in data:  # a lorebook alone
-        return Card(name=path.stem, lore=_entries(data))
+        return Card(name=fallback_name, lore=_entries(data))
     else:
         d = data
     if not d.get("name"):
-        raise CardError(f"{path}: the card has no 'name'")
+        raise CardError(f"{where}: the card has no 'name'")
     return Card(
         name=str(d["name"]),
         description=str(d.get("description", "")),

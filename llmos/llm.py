@@ -1,19 +1,23 @@
 """Text in, text out: a loaded model with its tokenizer and prompt style, over the engine.
 
 This is the layer that knows about text: prompts and chat templates become token ids, token
-ids become streamed text, and stop strings end sequences. Writing, chat and the server all
-generate through `LLM`.
+ids become streamed text (`TextHook`, the engine's per-request hook), and stop strings end
+sequences. Writing, chat and the server all generate through `LLM`: `request` builds the
+engine request, `stream` runs it, on an engine of its own or, inside a server, through the
+server's scheduler (`with_driver`), so that every caller shares one batch.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from llmos.engine import generate as engine
 from llmos.engine.beam import beam_search
-from llmos.engine.generate import ContextError, Generation, Timings, TokenLogprob
+from llmos.engine.generate import ContextError, Event, Request, Timings, TokenLogprob
 from llmos.engine.sampling import SamplingParams
 from llmos.weights.store import LoadedModel, load
 
@@ -85,11 +89,48 @@ class StopStrings:
         return out
 
 
+class TextHook:
+    """The text side of one request, plugged into the engine: each candidate's tokens are
+    detokenized as they stream and cut at the first stop string."""
+
+    def __init__(self, tokenizer, n: int, stops: list[str], truncated: int = 0):
+        self.decoders = [tokenizer.stream() for _ in range(n)]
+        self.cutters = [StopStrings(stops) for _ in range(n)]
+        self.truncated = truncated  # prompt tokens dropped from the left to fit the context
+
+    def token(self, index: int, token: int) -> tuple[str, bool]:
+        cutter = self.cutters[index]
+        text = cutter.feed(self.decoders[index].push(token))
+        return text, cutter.hit
+
+    def finish(self, index: int) -> str:
+        cutter = self.cutters[index]
+        if cutter.hit:
+            return ""
+        return cutter.feed(self.decoders[index].flush()) + cutter.finish()
+
+    @property
+    def texts(self) -> list[str]:
+        """Each candidate's text so far (what was streamed, without any held-back tail)."""
+        return [c.text[: c.sent] for c in self.cutters]
+
+
+Driver = Callable[[Request], Iterator[list[Event]]]
+
+
 class LLM:
-    def __init__(self, loaded: LoadedModel):
+    def __init__(self, loaded: LoadedModel, driver: Driver | None = None):
         self.loaded = loaded
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.defaults = dict(loaded.meta.get("generation", {}))
+        # How requests run: None, on an engine of their own; a server's scheduler, in its batch.
+        self.driver = driver
+
+    def with_driver(self, driver: Driver) -> LLM:
+        """The same model and tokenizer, generating through `driver` (a server's scheduler)."""
+        other = copy.copy(self)
+        other.driver = driver
+        return other
 
     @classmethod
     def load(cls, name_or_path: str | Path | None = None, precision: str = "fp16", progress=None) -> LLM:
@@ -129,6 +170,37 @@ class LLM:
         kept = head + ids[len(ids) - keep + len(head) :]
         return kept, len(ids) - len(kept)
 
+    def request(
+        self,
+        prompt: str | list[dict],
+        params: SamplingParams | None = None,
+        n: int = 1,
+        stop: list[str] | None = None,
+        chat: bool | None = None,
+        truncate: str = "error",
+        ignore_eos: bool = False,
+        empty_ok: bool = False,
+    ) -> Request:
+        """The engine request for a prompt: token ids, the model's end tokens (unless
+        ignore_eos), and a TextHook with the stop strings (the chat template's too). empty_ok:
+        an empty prompt starts from the beginning-of-text token (a story's first words)."""
+        params = params or self.sampling()
+        ids, dropped = self._fit(self.encode_prompt(prompt, chat), params.max_tokens, truncate)
+        if not ids and empty_ok:
+            ids = [self.tokenizer.bos_id if self.tokenizer.bos_id is not None else 0]
+        stops = list(stop or [])
+        if isinstance(prompt, list) or chat:
+            stops += self.tokenizer.chat_stop_strings()
+        if not ignore_eos:
+            params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(self.tokenizer.stop_ids)))
+        return Request(ids, params, n, TextHook(self.tokenizer, n, stops, dropped))
+
+    def run(self, req: Request) -> Iterator[list[Event]]:
+        """Each step's events for a request, until it ends; closing the iterator cancels it."""
+        if self.driver is not None:
+            return self.driver(req)
+        return engine.run(self.model, req)
+
     def stream(
         self,
         prompt: str | list[dict],
@@ -141,44 +213,38 @@ class LLM:
     ) -> Iterator[Delta]:
         """Yield text deltas as they are generated; `result`, when given, is filled in as the
         stream ends (completions, finish reasons, timings)."""
-        params = params or self.sampling()
         t0 = time.perf_counter()
-        ids, dropped = self._fit(self.encode_prompt(prompt, chat), params.max_tokens, truncate)
-        stops = list(stop or [])
-        if isinstance(prompt, list) or chat:
-            stops += self.tokenizer.chat_stop_strings()
-        stop_ids = sorted(set(params.stop_token_ids) | set(self.tokenizer.stop_ids))
-        params = replace(params, stop_token_ids=stop_ids)
-        gen = Generation(self.model, ids, params, n)
-        decoders = [self.tokenizer.stream() for _ in range(n)]
-        cutters = [StopStrings(stops) for _ in range(n)]
-        for step in gen:
-            for i, token in step:
-                seq = gen.sequences[i]
-                if token in stop_ids:
-                    continue
-                text = cutters[i].feed(decoders[i].push(token))
-                if cutters[i].hit:
-                    gen.stop(i)
-                lp = seq.logprobs[-1] if seq.logprobs else None
-                yield Delta(i, text, token, lp)
-        for i in range(n):
-            if not cutters[i].hit:
-                tail = cutters[i].feed(decoders[i].flush()) + cutters[i].finish()
-                if tail:
-                    yield Delta(i, tail)
+        req = self.request(prompt, params, n, stop, chat, truncate)
+        stop_ids = req.params.stop_token_ids
+        steps = self.run(req)
+        try:
+            for events in steps:
+                for e in events:
+                    if e.finish_reason == "error":
+                        raise RuntimeError(f"generation failed: {e.text}")
+                    if e.finish_reason is None and e.token not in stop_ids:
+                        yield Delta(e.index, e.text, e.token, e.logprob)
+        finally:
+            steps.close()  # a reader that stops early cancels the request
         if result is not None:
-            result.prompt = prompt if isinstance(prompt, str) else self.tokenizer.decode(ids, False)
-            result.prompt_tokens = len(ids)
-            result.truncated_tokens = dropped
-            result.completions = [
-                Completion(
-                    i, cutters[i].text, [t for t in seq.output if t not in stop_ids],
-                    seq.finish_reason, seq.logprobs if params.logprobs is not None else None,
-                )
-                for i, seq in enumerate(gen.sequences)
-            ]
-            result.timings = {**gen.timings.as_dict(), "total_s": round(time.perf_counter() - t0, 4)}
+            self.result(prompt, req, result)
+            result.timings["total_s"] = round(time.perf_counter() - t0, 4)
+
+    def result(self, prompt: str | list[dict], req: Request, into: Result | None = None) -> Result:
+        """The Result of a finished request made by `request` (texts, token ids, logprobs, timings)."""
+        into = into or Result("", 0, [])
+        hook = req.hook
+        into.prompt = prompt if isinstance(prompt, str) else self.tokenizer.decode(req.prompt, False)
+        into.prompt_tokens = len(req.prompt)
+        into.truncated_tokens = hook.truncated
+        stop_ids = req.params.stop_token_ids
+        into.completions = [
+            Completion(i, hook.texts[i], [t for t in seq.output if t not in stop_ids], seq.finish_reason,
+                       seq.logprobs if req.params.logprobs is not None else None)
+            for i, seq in enumerate(req.sequences)
+        ]
+        into.timings = req.timings.as_dict()
+        return into
 
     def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, n: int = 1,
                  stop: list[str] | None = None, chat: bool | None = None, truncate: str = "error") -> Result:

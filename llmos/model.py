@@ -156,20 +156,44 @@ class KVCache:
     """Keys and values for every layer, preallocated as (B, n_kv_head, max_len, head_dim).
 
     The token at position p is stored at index p, so the rows of a batch can advance
-    independently (continuous batching) or in lockstep (candidates of one prompt).
+    independently (continuous batching) or in lockstep (candidates of one prompt). `rows` gives
+    a view of a range of rows, which the model reads and writes like a cache of its own.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v  # one (B, n_kv_head, max_len, head_dim) tensor per layer
+
+    @classmethod
+    def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
         shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
-        self.batch_size, self.max_len = batch_size, max_len
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)])
+
+    @property
+    def batch_size(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def rows(self, start: int, end: int) -> KVCache:
+        """Rows [start, end) as a cache that shares this one's memory."""
+        if start == 0 and end == self.batch_size:
+            return self
+        return KVCache([k[start:end] for k in self.k], [v[start:end] for v in self.v])
+
+    def copy_rows(self, src: int, dst: int | slice, length: int):
+        """Copy the first `length` positions of row src into row(s) dst: a shared prefill, or
+        the last running row moved into a freed one."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
     def select(self, rows: torch.Tensor):
-        """Keep (and repeat) the given rows: one prefill shared by n candidates, or beam reordering."""
+        """Keep (and repeat) the given rows, reallocating: beam reordering."""
         self.k = [k.index_select(0, rows) for k in self.k]
         self.v = [v.index_select(0, rows) for v in self.v]
-        self.batch_size = len(rows)
 
     def write(self, layer: int, k, v, input_pos, span: AttnSpan):
         """k, v: (B, n_kv_head, T, hs) for the tokens at input_pos."""

@@ -9,7 +9,7 @@
         model: smollm2-135m-instruct         # the name the remote server knows
         api_key_env: BIG_API_KEY             # or api_key: ... (optional)
 
-A remote model has no local tokenizer: forms (which mask tokens) and banned-phrase lists need a
+The server's pass-through to these models is in llmos/server/proxy.py. A remote model has no local tokenizer: forms (which mask tokens) and banned-phrase lists need a
 local model; everything else works through text.
 """
 
@@ -53,73 +53,11 @@ class RemoteModel:
             return h
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
-    # -- the server's pass-through (OpenAI request in, OpenAI response out) --
-
-    async def proxy(self, endpoint: str, body: dict, stream: bool):
-        import httpx
-        from fastapi.responses import JSONResponse, StreamingResponse
-
-        body = {**body, "model": self.model}
-        if self.kind == "anthropic":
-            if endpoint != "chat/completions":
-                return JSONResponse({"error": {"message": f"{self.name} (Anthropic) serves chat completions only",
-                                               "type": "invalid_request_error", "param": "model", "code": None}}, 400)
-            return await self._anthropic_proxy(body, stream)
-        url = f"{self.base_url.rstrip('/')}/{endpoint}"
-        client = httpx.AsyncClient(timeout=self.timeout)
-        if stream:
-            req = client.build_request("POST", url, json=body, headers=self.headers())
-            resp = await client.send(req, stream=True)
-
-            async def relay():
-                try:
-                    async for chunk in resp.aiter_raw():
-                        yield chunk
-                finally:
-                    await resp.aclose()
-                    await client.aclose()
-            return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream")
-        try:
-            resp = await client.post(url, json=body, headers=self.headers())
-        except httpx.HTTPError as e:
-            return JSONResponse({"error": {"message": f"remote model {self.name} unreachable: {e}", "type": "server_error",
-                                           "param": None, "code": None}}, 502)
-        finally:
-            await client.aclose()
-        data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {"error": resp.text}
-        if isinstance(data, dict) and "model" in data:
-            data["model"] = self.name
-        return JSONResponse(data, status_code=resp.status_code)
-
-    async def _anthropic_proxy(self, body: dict, stream: bool):
-        from fastapi.responses import JSONResponse, StreamingResponse
-
-        from llmos.server.protocol import new_id, now
-
-        import asyncio
-
-        messages = body.get("messages", [])
-        if stream:
-            def sse():
-                rid = new_id("chatcmpl")
-                for piece in self.stream_chat(messages, _params_from(body)):
-                    chunk = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": self.name,
-                             "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
-                    yield f"data: {json.dumps(chunk)}\n\n"
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        try:
-            text, reason, usage = await asyncio.to_thread(self._anthropic_chat, messages, body)
-        except RemoteError as e:
-            return JSONResponse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}}, 502)
-        return JSONResponse({"id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": self.name,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": reason}], "usage": usage})
-
-    def _anthropic_chat(self, messages, body):
+    def anthropic_chat(self, messages: list[dict], params: SamplingParams) -> tuple[str, str, dict]:
+        """One non-streamed reply from Anthropic's messages API: (text, finish reason, usage)."""
         import httpx
 
-        payload = self._anthropic_payload(messages, _params_from(body), stream=False)
+        payload = self._anthropic_payload(messages, params, stream=False)
         resp = httpx.post(f"{self.base_url.rstrip('/')}/v1/messages", json=payload, headers=self.headers(), timeout=self.timeout)
         if resp.status_code >= 400:
             raise RemoteError(f"{self.name}: {resp.status_code} {resp.text[:300]}")
@@ -202,7 +140,8 @@ def _openai_params(params: SamplingParams, stop) -> dict:
     return out
 
 
-def _params_from(body: dict) -> SamplingParams:
+def params_from(body: dict) -> SamplingParams:
+    """Sampling settings of an OpenAI-shaped request body, for a remote model."""
     return SamplingParams(max_tokens=body.get("max_tokens") or 256,
                           temperature=body.get("temperature") if body.get("temperature") is not None else 1.0,
                           top_p=body.get("top_p") or 1.0, top_k=body.get("top_k") or 0)

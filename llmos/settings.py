@@ -16,3 +16,8 @@ def llmos_home() -> Path:
 
 def models_dir() -> Path:
     return llmos_home() / "models"
+
+
+def books_dir() -> Path:
+    """Books written over the HTTP API (`llmos write novel -o` names its own folder)."""
+    return llmos_home() / "books"

@@ -101,7 +101,7 @@ def test_gemma_past_the_sliding_window(gemma3):
         # and through the KV cache: prefill 680, then decode 20 one at a time across the boundary
         from llmos.model import KVCache
 
-        cache = KVCache(ours.model.config, 1, 700)
+        cache = KVCache.allocate(ours.model.config, 1, 700)
         ours.model(torch.tensor([ids[:680]]), cache=cache, kv_len=680)
         steps = [ours.model(torch.tensor([[t]]), cache=cache, kv_len=681 + i) for i, t in enumerate(ids[680:])]
         assert (torch.cat(steps, 1)[0] - ref).abs().max().item() <= 1e-3

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmos.engine.beam import beam_search
-from llmos.engine.generate import ContextError, Generation, generate
+from llmos.engine.generate import ContextError, Engine, Request, generate, run
 from llmos.engine.sampling import SamplingParams
 
 
@@ -53,14 +53,14 @@ def test_stop_token_and_max_tokens(model):
 def test_stopping_some_candidates_leaves_the_others_unchanged(model):
     params = SamplingParams(temperature=0.9, max_tokens=16, seed=3)
     full = generate(model, [1, 2, 3], params, n=4)
-    gen = Generation(model, [1, 2, 3], params, n=4)
-    for step_no, step in enumerate(gen):
+    req = Request([1, 2, 3], params, n=4)
+    for step_no, _ in enumerate(run(model, req)):
         if step_no == 2:
-            gen.stop(0)
-            gen.stop(2)
-    assert len(gen.sequences[0].output) == 3 and gen.sequences[0].finish_reason == "stop"
-    assert gen.sequences[1].output == full[1].output
-    assert gen.sequences[3].output == full[3].output
+            req.stop(0)
+            req.stop(2)
+    assert len(req.sequences[0].output) == 3 and req.sequences[0].finish_reason == "stop"
+    assert req.sequences[1].output == full[1].output
+    assert req.sequences[3].output == full[3].output
 
 
 def test_context_window_is_enforced(model):

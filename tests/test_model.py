@@ -51,7 +51,7 @@ def test_incremental_decoding_matches_full_forward(kwargs):
     ids = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         full = m(ids)
-        cache = KVCache(m.config, 2, 64)
+        cache = KVCache.allocate(m.config, 2, 64)
         steps = [m(ids[:, :10], cache=cache, kv_len=10)]
         for t in range(10, 40):
             steps.append(m(ids[:, t : t + 1], cache=cache, kv_len=t + 1))
@@ -66,9 +66,9 @@ def test_rows_at_different_positions(kwargs):
     a, b = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 17))
     with torch.no_grad():
         ref_a, ref_b = m(a), m(b)
-        cache = KVCache(m.config, 2, 64)
+        cache = KVCache.allocate(m.config, 2, 64)
         for row, seq in ((0, a), (1, b)):
-            single = KVCache(m.config, 1, 64)
+            single = KVCache.allocate(m.config, 1, 64)
             T = seq.shape[1] - 1  # prefill through the per-row position path
             pre = m(seq[:, :-1], input_pos=torch.arange(T)[None], cache=single, kv_len=T)
             assert torch.allclose(pre[0], m(seq[:, :-1])[0], atol=1e-5)

@@ -227,24 +227,32 @@ class KnowledgeBase:
         files = collect_files(paths)
         if not files:
             raise KBError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {', '.join(paths)}")
-        todo: list[tuple[str, str, list[Passage], bool]] = []
+        documents = []
         for f in files:
-            key = str(f.resolve())
             try:
-                text = read_text_file(f)
+                documents.append((str(f.resolve()), read_text_file(f)))
             except KBError as e:
                 report.skipped.append((str(f), str(e)))
-                continue
+        return self.add_texts(documents, progress, report, t0)
+
+    def add_texts(self, documents: list[tuple[str, str]], progress=None, report: AddReport | None = None,
+                  started: float | None = None) -> AddReport:
+        """Add or refresh documents given as (name, text): files read by `add`, or uploads.
+        A document whose text is unchanged is skipped."""
+        t0 = started or time.perf_counter()
+        report = report or AddReport()
+        todo: list[tuple[str, str, list[Passage], bool]] = []
+        for key, text in documents:
             digest = hashlib.sha256(text.encode()).hexdigest()
             with self.store.lock:
                 row = self.store.db.execute("SELECT sha256 FROM kb_documents WHERE kb_id = ? AND path = ?",
                                             (self.id, key)).fetchone()
             if row is not None and row["sha256"] == digest:
-                report.unchanged.append(str(f))
+                report.unchanged.append(key)
                 continue
             passages = split_passages(text)
             if not passages:
-                report.skipped.append((str(f), "no text in it"))
+                report.skipped.append((key, "no text in it"))
                 continue
             todo.append((key, digest, passages, row is not None))
         total = sum(len(p) for _, _, p, _ in todo)
@@ -268,6 +276,13 @@ class KnowledgeBase:
         self._matrix = None
         report.seconds = time.perf_counter() - t0
         return report
+
+    def remove(self, path: str):
+        """Take one document (and its passages) out of the knowledge base."""
+        with self.store.transaction() as db:
+            if db.execute("DELETE FROM kb_documents WHERE kb_id = ? AND path = ?", (self.id, path)).rowcount == 0:
+                raise KBError(f"knowledge base {self.name!r} has no document {path!r}")
+        self._matrix = None
 
     def _load(self):
         if self._matrix is None:

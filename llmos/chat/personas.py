@@ -148,10 +148,14 @@ def load_persona(name_or_path: str | None) -> Persona:
 
 
 def persona_from_card(card_path: str | Path) -> Persona:
-    """A SillyTavern V2 (or V1) character card as a persona."""
+    """A SillyTavern V2 (or V1) character card file as a persona."""
     from llmos.cards import read_card
 
-    card = read_card(card_path)
+    return persona_from_card_data(read_card(card_path), str(card_path))
+
+
+def persona_from_card_data(card, where: str) -> Persona:
+    """A parsed character card (llmos.cards.Card) as a persona."""
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", card.name).strip("-") or "character"
     description = "\n".join(x for x in (card.description, card.personality and f"Personality: {card.personality}",
                                         card.scenario and f"Scenario: {card.scenario}") if x)
@@ -167,7 +171,7 @@ def persona_from_card(card_path: str | Path) -> Persona:
             "greeting": fill(card.first_message), "language": "en",
             "examples": [{k: fill(v) for k, v in ex.items()} for ex in examples],
             "strategies": {"farewell": {}}}
-    return persona_from_dict(data, str(card_path))
+    return persona_from_dict(data, where)
 
 
 def save_persona(persona: Persona) -> Path:

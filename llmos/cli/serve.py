@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm
+from llmos.weights.store import MULTILINGUAL_MODEL
 
 
 def serve(
@@ -19,6 +20,8 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait; more get 429.")] = 64,
     timeout: Annotated[float, typer.Option(help="Seconds a request may run before it is ended.")] = 300.0,
     max_body: Annotated[int, typer.Option(help="Largest request body, in bytes (413 above).")] = 1_000_000,
+    multilingual: Annotated[str, typer.Option(help="Model for Chinese requests that name no model, loaded on first use when "
+                                                   "the served model is English-only ('none': serve them with it).")] = MULTILINGUAL_MODEL,
     precision: PrecisionOpt = "fp16",
 ):
     """Serve a model over an OpenAI-compatible API (with continuous batching) and the writing
@@ -33,8 +36,8 @@ def serve(
     import uvicorn
 
     from llmos.remote import RemoteError, load_remotes
-    from llmos.server.app import create_app
     from llmos.db import Store, StoreError
+    from llmos.server.app import create_app
 
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         err.print("[yellow]note:[/] serving beyond this machine without --api-key: anyone who can reach the port can use it")
@@ -47,6 +50,7 @@ def serve(
     if llm.tokenizer is None:
         fail("serve needs a local model to run (remote ones from config.yaml are served beside it)")
     application = create_app(llm, api_key=api_key, max_batch=max_batch, max_len=max_context, max_queue=max_queue,
-                             request_timeout=timeout, max_body=max_body, remotes=remotes, store=store)
+                             request_timeout=timeout, max_body=max_body, remotes=remotes, store=store,
+                             multilingual=None if multilingual.lower() == "none" else multilingual)
     err.print(f"[green]LLMOS[/] serving {llm.name} at http://{host}:{port}/ (API under /v1, docs at /docs)", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="warning")

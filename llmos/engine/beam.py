@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmos.engine.generate import Timings, cache_dtype, fit_to_context
+from llmos.engine.generate import Timings, cache_dtype, check_context, decode_step, prefill
 from llmos.model import KVCache, Transformer
 
 
@@ -41,11 +41,12 @@ def beam_search(
         raise ValueError(f"n must be between 1 and beams ({beams}), got {n}")
     timings = timings or Timings()
     P = len(prompt)
-    max_new = fit_to_context(model, P, max_tokens)
+    check_context(model, P)
+    max_new = min(max_tokens, model.config.max_seq_len - P)
     stop = set(stop_token_ids)
     t0 = time.perf_counter()
-    cache = KVCache(model.config, 1, P + max_new, cache_dtype(model))
-    logits = model(torch.tensor([prompt]), cache=cache, kv_len=P, last_only=True)[:, -1]
+    cache = KVCache.allocate(model.config, 1, P + max_new, cache_dtype(model))
+    logits = prefill(model, cache, prompt)
     timings.prompt_tokens, timings.prefill_s = P, time.perf_counter() - t0
     live_tokens: list[list[int]] = [[]]
     live_scores = torch.zeros(1)
@@ -89,8 +90,7 @@ def beam_search(
         if step == max_new - 1:
             break
         cache.select(torch.tensor(next_rows))
-        step_tokens = torch.tensor([[t[-1]] for t in next_tokens])
-        logits = model(step_tokens, cache=cache, kv_len=P + step + 1)[:, -1]
+        logits = decode_step(model, cache, [t[-1] for t in next_tokens], [P + step] * len(next_tokens))
         timings.decode_steps += 1
         timings.decode_tokens += len(next_rows)
     timings.decode_s = time.perf_counter() - t_decode

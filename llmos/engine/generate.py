@@ -1,16 +1,25 @@
-"""Generation on token ids: prefill once, then decode step by step with a preallocated KV cache.
+"""The one decode loop, on token ids: admit requests, prefill, decode every running row together.
 
-`generate` runs n candidates of one prompt in lockstep: they share a single prefill (its cache
-rows are copied), then decode as one batch. It is an iterator of steps, so callers stream
-tokens, and it can be told to stop any sequence (stop strings are the text layer's business).
+An `Engine` owns a preallocated KV cache of `max_batch` rows. A `Request` (one prompt and its n
+candidates) is prefilled into free rows (the candidates share one prefill), joins the running
+batch, and leaves it when each candidate ends: a stop token, max_tokens, its hook (a stop
+string), its deadline, or cancellation. Running rows stay packed at the front of the cache, so a
+decode step runs on exactly the live sequences, each at its own position.
+
+The engine is plain synchronous code and knows nothing about text: a request's `hook`, supplied
+by the text layer (llm.py), turns each sampled token into text and may end the candidate.
+Single-request generation runs it with `run`; a server drives one engine from its scheduler
+thread. Beam search (beam.py) is a separate algorithm on the same `prefill` / `decode_step`.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 import torch
 
@@ -31,14 +40,14 @@ class TokenLogprob:
 
 @dataclass
 class Sequence:
-    """One sequence being generated; the unit the engine (and a server's scheduler) works on."""
+    """One candidate being generated: the unit a decode step works on."""
 
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS, stop token or caller), "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or hook), "length", "cancelled", "error"
     seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for repetition penalty
     counts: torch.Tensor | None = None  # (V,) output token counts, for presence/frequency
     constraint_state: object = None  # where params.constraint's state machine stands
@@ -128,11 +137,15 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 class Timings:
     prompt_tokens: int = 0
     prefill_s: float = 0.0
-    first_token_s: float = 0.0  # from the call to the first sampled token
+    first_token_s: float = 0.0  # from the start of the prefill to the first sampled token
     decode_s: float = 0.0
     decode_steps: int = 0
     generated_tokens: int = 0
     decode_tokens: int = 0  # tokens sampled after the first step, i.e. those decode_s paid for
+    # time.monotonic() stamps: when the request was made, got its first token, ended
+    submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -146,94 +159,292 @@ class Timings:
         }
 
 
-def fit_to_context(model: Transformer, prompt_len: int, max_tokens: int) -> int:
-    """The number of new tokens that fits; raise if the prompt alone fills the context."""
+class TokenHook(Protocol):
+    """What the text layer plugs into a request: text for each token, and the end of a candidate."""
+
+    def token(self, index: int, token: int) -> tuple[str, bool]:
+        """The text candidate `index` releases with this (non-stop) token, and whether it ends there."""
+
+    def finish(self, index: int) -> str:
+        """Text still held back when candidate `index` ends ("" after the hook ended it)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One prompt and its n candidates: token ids in, token ids (and events) out."""
+
+    prompt: list[int]
+    params: SamplingParams
+    n: int = 1
+    hook: TokenHook | None = None
+    deadline: float | None = None  # time.monotonic() after which its candidates end ("length")
+    owner: object = None  # the front end's handle (where a server delivers the events)
+    cancelled: bool = False
+    sequences: list[Sequence] = field(default_factory=list)  # filled in at admission
+    timings: Timings = field(default_factory=Timings)
+
+    def cancel(self):
+        """End every candidate at the next step, wherever it is (a client went away)."""
+        self.cancelled = True
+
+    def stop(self, index: int, reason: str = "stop"):
+        """End candidate `index`; its row is freed at the next step."""
+        if self.sequences and not self.sequences[index].done:
+            self.sequences[index].finish_reason = reason
+
+    @property
+    def done(self) -> bool:
+        return bool(self.sequences) and all(s.done for s in self.sequences)
+
+
+@dataclass
+class Event:
+    """Something that happened to candidate `index` of `request` in one step."""
+
+    request: Request
+    index: int
+    token: int | None = None  # the sampled token (None for held-back text and finish events)
+    text: str = ""
+    logprob: TokenLogprob | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class Row:
+    """A running candidate in its cache row."""
+
+    request: Request
+    index: int
+    pos: int  # position of the token to feed next
+    token: int = 0  # the token to feed next
+
+    @property
+    def sequence(self) -> Sequence:
+        return self.request.sequences[self.index]
+
+
+def check_context(model: Transformer, prompt_len: int):
+    """Raise ContextError unless a prompt of this length leaves room for a new token."""
     ctx = model.config.max_seq_len
     if prompt_len == 0:
         raise ContextError("the prompt is empty: give at least one token")
     if prompt_len >= ctx:
-        raise ContextError(
-            f"the prompt is {prompt_len} tokens but the model's context window is {ctx}; "
-            f"shorten it (or let the caller truncate it from the left)"
-        )
-    return min(max_tokens, ctx - prompt_len)
+        raise ContextError(f"the prompt is {prompt_len} tokens but the model's context window is {ctx}; "
+                           f"shorten it (or let the caller truncate it from the left)")
 
 
 def cache_dtype(model: Transformer) -> torch.dtype:
     return model.embed.weight.dtype
 
 
-class Generation:
-    """Iterate to get, at every step, the (sequence index, token id) pairs produced."""
+def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tensor:
+    """Write the prompt into a one-row cache; the next token's logits (1, V)."""
+    return model(torch.tensor([prompt]), cache=cache, kv_len=len(prompt), last_only=True)[:, -1]
 
-    def __init__(self, model: Transformer, prompt: list[int], params: SamplingParams, n: int = 1):
-        if n < 1:
-            raise ValueError(f"n must be at least 1, got {n}")
-        self.model, self.prompt, self.params, self.n = model, list(prompt), params, n
-        self.max_new = fit_to_context(model, len(prompt), params.max_tokens)
-        vocab = model.config.vocab_size
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
-        limited = params if self.max_new == params.max_tokens else _with_max(params, self.max_new)
-        self.sequences = [Sequence.start(prompt, limited, vocab, i) for i in range(n)]
-        self.timings = Timings(prompt_tokens=len(prompt))
 
-    def stop(self, index: int, reason: str = "stop"):
-        if not self.sequences[index].done:
-            self.sequences[index].finish_reason = reason
+def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """Feed one token per row, each at its own position; the next logits (B, V). Rows at one
+    position (a lone request, the candidates of one, beams) take the lockstep path: no
+    attention mask, and a plain slice write into the cache."""
+    kv_len = max(positions) + 1
+    pos = None if min(positions) == kv_len - 1 else torch.tensor(positions)[:, None]
+    return model(torch.tensor(tokens)[:, None], input_pos=pos, cache=cache, kv_len=kv_len)[:, -1]
 
-    @torch.inference_mode()
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        model, P = self.model, len(self.prompt)
-        t0 = time.perf_counter()
-        cache = KVCache(model.config, 1, P + self.max_new, cache_dtype(model))
-        logits = model(torch.tensor([self.prompt]), cache=cache, kv_len=P, last_only=True)[:, -1]
-        self.timings.prefill_s = time.perf_counter() - t0
-        rows = list(range(self.n))  # sequence index of each cache row
-        if self.n > 1:
-            cache.select(torch.zeros(self.n, dtype=torch.long))
-            logits = logits.expand(self.n, -1)
-        t_decode = None
-        for step in range(self.max_new):
-            live = [r for r, i in enumerate(rows) if not self.sequences[i].done]
-            if not live:
+
+class Engine:
+    """Continuous batching over one model and one KV cache. Call `add`, then `step` while
+    `has_work`; each step returns the events it produced."""
+
+    def __init__(self, model: Transformer, max_batch: int = 16, max_len: int | None = None):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.cache = KVCache.allocate(model.config, max_batch, self.max_len, cache_dtype(model))
+        self.waiting: deque[Request] = deque()
+        self.rows: list[Row] = []  # running, packed: row i is cache row i
+        self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
+        self._admitted_last = False
+
+    def check(self, req: Request):
+        """Raise (ContextError, ValueError) if the request can never run here."""
+        P, vocab = len(req.prompt), self.model.config.vocab_size
+        if req.n < 1:
+            raise ValueError(f"n must be at least 1, got {req.n}")
+        if req.n > self.max_batch:
+            raise ValueError(f"n={req.n} exceeds the batch size ({self.max_batch})")
+        check_context(self.model, P)
+        if P >= self.max_len:
+            raise ContextError(f"the prompt is {P} tokens; this server's context is {self.max_len}")
+        bad = next((t for t in req.prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab})")
+
+    def add(self, req: Request):
+        self.check(req)
+        self.waiting.append(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.rows)
+
+    def step(self) -> list[Event]:
+        """Admit the waiting requests that fit (prefill, first tokens), or else decode one token
+        for every running row. Admission never runs twice in a row, so new arrivals cannot
+        starve the rows already running."""
+        events: list[Event] = []
+        if self.waiting and not (self._admitted_last and self.rows) and self._admit(events):
+            self._admitted_last = True
+            return events
+        self._admitted_last = False
+        if self.rows:
+            self._decode(events)
+        return events
+
+    def abort(self, detail: str) -> list[Event]:
+        """End every running candidate with an error (the step that failed left them unusable)."""
+        events: list[Event] = []
+        for row in self.rows:
+            row.sequence.finish_reason = "error"
+            events.append(Event(row.request, row.index, text=detail, finish_reason="error"))
+            self._finished(row.request)
+        self.rows.clear()
+        return events
+
+    # -- admission --
+
+    def _admit(self, events: list[Event]) -> bool:
+        admitted = False
+        while self.waiting:
+            req = self.waiting[0]
+            if req.cancelled:
+                self.waiting.popleft()
+                self._start(req)
+                for i, seq in enumerate(req.sequences):
+                    seq.finish_reason = "cancelled"
+                    events.append(Event(req, i, finish_reason="cancelled"))
+                self._finished(req)
+                continue
+            if len(self.rows) + req.n > self.max_batch:
                 break
-            if len(live) <= len(rows) // 2:  # compact the batch once half of it has finished
-                cache.select(torch.tensor(live))
-                rows, logits = [rows[r] for r in live], logits[live]
-                live = list(range(len(rows)))
-            picked = pick_tokens(logits[live] if len(live) < len(rows) else logits,
-                                 [self.sequences[rows[r]] for r in live])
-            tokens = torch.zeros(len(rows), dtype=torch.long)  # finished rows decode a dummy
-            tokens[live] = picked
-            if step == 0:
-                self.timings.first_token_s = time.perf_counter() - t0
-                t_decode = time.perf_counter()
-            self.timings.generated_tokens += len(live)
-            if step > 0:
-                self.timings.decode_tokens += len(live)
-            yield [(rows[r], int(t)) for r, t in zip(live, picked)]  # callers may stop() here
-            if all(self.sequences[i].done for i in rows):
-                break
-            logits = model(tokens[:, None], cache=cache, kv_len=P + step + 1)[:, -1]
-            self.timings.decode_steps += 1
-        if t_decode is not None:
-            self.timings.decode_s = time.perf_counter() - t_decode
-        for seq in self.sequences:
-            if not seq.done:
+            self.waiting.popleft()
+            try:
+                self._prefill(req, events)
+            except Exception as e:  # one bad request must not take the others down
+                for row in [r for r in self.rows if r.request is req]:
+                    self.rows.remove(row)
+                for i in range(req.n):
+                    events.append(Event(req, i, text=f"{type(e).__name__}: {e}", finish_reason="error"))
+                self._finished(req)
+            admitted = True
+        return admitted
+
+    def _start(self, req: Request):
+        P = len(req.prompt)
+        max_new = min(req.params.max_tokens, self.max_len - P)
+        params = req.params if max_new == req.params.max_tokens else replace(req.params, max_tokens=max_new)
+        vocab = self.model.config.vocab_size
+        req.sequences = [Sequence.start(req.prompt, params, vocab, i) for i in range(req.n)]
+        req.timings.prompt_tokens = P
+
+    def _prefill(self, req: Request, events: list[Event]):
+        self._start(req)
+        P, first, t0 = len(req.prompt), len(self.rows), time.perf_counter()
+        logits = prefill(self.model, self.cache.rows(first, first + 1), req.prompt)
+        if req.n > 1:  # the candidates share the prefill
+            self.cache.copy_rows(first, slice(first + 1, first + req.n), P)
+        req.timings.prefill_s = time.perf_counter() - t0
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += P
+        rows = [Row(req, i, P) for i in range(req.n)]
+        self.rows.extend(rows)
+        self._sample(rows, logits.expand(req.n, -1), events, t0)
+
+    # -- decoding --
+
+    def _decode(self, events: list[Event]):
+        for row in [r for r in self.rows if r.request.cancelled or r.sequence.done]:
+            if row.request.cancelled and not row.sequence.done:
+                row.sequence.finish_reason = "cancelled"
+            self._end(row, events)
+        if not self.rows:
+            return
+        n = len(self.rows)
+        logits = decode_step(self.model, self.cache.rows(0, n), [r.token for r in self.rows],
+                             [r.pos for r in self.rows])
+        self.stats["steps"] += 1
+        requests = {}
+        for r in self.rows:
+            r.pos += 1
+            requests[id(r.request)] = r.request
+        for req in requests.values():
+            req.timings.decode_steps += 1
+        self._sample(list(self.rows), logits, events)
+
+    def _sample(self, rows: list[Row], logits: torch.Tensor, events: list[Event], prefill_start: float | None = None):
+        """Sample each row's next token, turn it into events, and end the rows that finished."""
+        picked = pick_tokens(logits, [r.sequence for r in rows]).tolist()
+        now = time.monotonic()
+        for row, token in zip(rows, picked):
+            req, seq = row.request, row.sequence
+            t = req.timings
+            if t.first_token_at is None:
+                t.first_token_at = now
+                t.first_token_s = time.perf_counter() - prefill_start if prefill_start else 0.0
+            t.generated_tokens += 1
+            if prefill_start is None:
+                t.decode_tokens += 1
+            self.stats["generated_tokens"] += 1
+            row.token = token
+            text = ""
+            if req.hook is not None and token not in seq.params.stop_token_ids:
+                text, ended = req.hook.token(row.index, token)
+                if ended:
+                    seq.finish_reason = "stop"
+            if req.cancelled:
+                seq.finish_reason = "cancelled"
+            elif req.deadline is not None and now > req.deadline and not seq.done:
                 seq.finish_reason = "length"
+            events.append(Event(req, row.index, token, text, seq.logprobs[-1] if seq.logprobs else None))
+            if seq.done:
+                self._end(row, events)
+
+    def _end(self, row: Row, events: list[Event]):
+        req = row.request
+        if req.hook is not None:
+            tail = req.hook.finish(row.index)
+            if tail:
+                events.append(Event(req, row.index, text=tail))
+        events.append(Event(req, row.index, finish_reason=row.sequence.finish_reason))
+        i, last = self.rows.index(row), len(self.rows) - 1
+        if i != last:  # keep running rows packed: move the last row into the freed one
+            self.cache.copy_rows(last, i, self.rows[last].pos + 1)
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+        if req.done:
+            self._finished(req)
+
+    def _finished(self, req: Request):
+        t = req.timings
+        t.finished_at = time.monotonic()
+        if t.first_token_at is not None:
+            t.decode_s = t.finished_at - t.first_token_at
 
 
-def _with_max(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, max_tokens=max_tokens)
+def run(model: Transformer, req: Request) -> Iterator[list[Event]]:
+    """Drive one request to its end on an engine of its own, sized to it; yields each step's
+    events (the caller may `req.stop(i)` between steps)."""
+    ctx = model.config.max_seq_len
+    P = len(req.prompt)
+    engine = Engine(model, max_batch=max(req.n, 1), max_len=min(ctx, P + req.params.max_tokens) if P < ctx else ctx)
+    engine.add(req)
+    with torch.inference_mode():
+        while engine.has_work:
+            yield engine.step()
 
 
 def generate(model: Transformer, prompt: list[int], params: SamplingParams, n: int = 1) -> list[Sequence]:
     """Run to completion; return the n sequences (output ids, logprobs, finish reasons)."""
-    gen = Generation(model, prompt, params, n)
-    for _ in gen:
+    req = Request(list(prompt), params, n)
+    for _ in run(model, req):
         pass
-    return gen.sequences
+    return req.sequences

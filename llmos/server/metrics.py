@@ -29,8 +29,8 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+    def __init__(self, schedulers):
+        self.schedulers = schedulers  # () -> the schedulers of the served models
         self.lock = threading.Lock()
         self.requests: dict[tuple[str, int], int] = {}
         self.latency, self.ttft = Histogram(), Histogram()
@@ -40,16 +40,24 @@ class Metrics:
         with self.lock:
             self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
 
+    def finished(self, req, path: str, status: int = 200):
+        """A generation request has ended: its latency, and the request count."""
+        self.observe(req, status)
+        self.count_request(path, status)
+
     def observe(self, req, status: int = 200):
         """A finished generation request: its latency and time to first token."""
         now = time.monotonic()
         with self.lock:
-            self.latency.observe((req.finished_at or now) - req.submitted)
-            if req.first_token_at:
-                self.ttft.observe(req.first_token_at - req.submitted)
+            t = req.timings
+            self.latency.observe((t.finished_at or now) - t.submitted)
+            if t.first_token_at:
+                self.ttft.observe(t.first_token_at - t.submitted)
 
     def render(self) -> str:
-        s = self.scheduler.stats
+        schedulers = self.schedulers()
+        s = {k: sum(x.stats[k] for x in schedulers) for k in ("requests", "prompt_tokens", "generated_tokens", "steps", "rejected")}
+        queued, running = sum(x.queue_depth for x in schedulers), sum(x.running for x in schedulers)
         lines = ["# TYPE llmos_requests_total counter"]
         with self.lock:
             for (path, status), n in sorted(self.requests.items()):
@@ -60,8 +68,8 @@ class Metrics:
                 "# TYPE llmos_generation_tokens_total counter", f"llmos_generation_tokens_total {s['generated_tokens']}",
                 "# TYPE llmos_rejected_requests_total counter", f"llmos_rejected_requests_total {s['rejected']}",
                 "# TYPE llmos_decode_steps_total counter", f"llmos_decode_steps_total {s['steps']}",
-                "# TYPE llmos_queue_depth gauge", f"llmos_queue_depth {self.scheduler.queue_depth}",
-                "# TYPE llmos_running_sequences gauge", f"llmos_running_sequences {self.scheduler.running}",
+                "# TYPE llmos_queue_depth gauge", f"llmos_queue_depth {queued}",
+                "# TYPE llmos_running_sequences gauge", f"llmos_running_sequences {running}",
                 "# TYPE llmos_uptime_seconds gauge", f"llmos_uptime_seconds {time.time() - self.started:.1f}",
             ]
             lines += self.latency.render("llmos_request_latency_seconds")

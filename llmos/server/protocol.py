@@ -1,11 +1,12 @@
-"""Request and response shapes of the OpenAI API (field for field, in its documentation's order)
-plus LLMOS's extensions; each request converts itself to SamplingParams."""
+"""Request and response shapes: the OpenAI API's (field for field, in its documentation's
+order) and LLMOS's own routes. Each generation request converts itself to SamplingParams; the
+response models document `/openapi.json`."""
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -35,7 +36,10 @@ class SamplingFields(BaseModel):
     # LLMOS extensions
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
+    typical_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    no_repeat_ngram_size: int | None = Field(None, ge=0)
+    ban: list[str] | None = Field(None, description="Words or phrases never to produce (as `llmos generate --ban`).")
     ignore_eos: bool = False  # run to max_tokens past end-of-text (fixed-length load tests)
 
     @field_validator("stop")
@@ -63,11 +67,14 @@ class SamplingFields(BaseModel):
         bad = [k for k in bias if not 0 <= k < vocab_size]
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+        from llmos.writing.tasks import banned_sequences
+
         return llm.sampling(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, seed=self.seed, logprobs=logprobs,
-            logit_bias=bias or None,
+            min_p=self.min_p, typical_p=self.typical_p, repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            no_repeat_ngram_size=self.no_repeat_ngram_size, seed=self.seed, logprobs=logprobs,
+            logit_bias=bias or None, banned_sequences=banned_sequences(llm.tokenizer, self.ban) if self.ban else None,
         )
 
 
@@ -76,6 +83,9 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     suffix: str | None = None
+    # LLMOS extensions
+    beams: int = Field(0, ge=0, le=16, description="Beam search with this many beams (deterministic; 0 = sampling).")
+    length_penalty: float = Field(1.0, description="Beam search: rank by score / length**length_penalty.")
 
 
 class ChatMessage(BaseModel):
@@ -107,7 +117,7 @@ class EmbeddingRequest(BaseModel):
 
 
 class WriteRequestBody(BaseModel):
-    """POST /api/write: a writing task (see `llmos tasks`)."""
+    """POST /api/write: a writing task (see `llmos tasks`), with every option of `llmos write`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -118,12 +128,18 @@ class WriteRequestBody(BaseModel):
     form: str | None = None
     variables: dict[str, str] = {}
     n: int = Field(1, ge=1, le=16)
+    rank: bool = Field(False, description="Order candidates by likelihood, form, repetition and distinctness.")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
+    dry: float | None = Field(None, ge=0, description="DRY repetition penalty strength (0.8 is typical; 0 = off).")
+    allow_phrases: bool = Field(False, description="Do not ban stock phrases such as 'a testament to'.")
+    banned_phrases: list[str] | None = Field(None, description="Phrases to ban instead of the built-in list.")
     seed: int | None = None
     stream: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    chapters: int = Field(5, ge=1, le=50, description="novel: number of chapters.")
+    book: str | None = Field(None, description="novel: the book's name; its stages are kept under $LLMOS_HOME/books/NAME.")
 
 
 def new_id(prefix: str) -> str:
@@ -165,3 +181,405 @@ class StoryContinueBody(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0)
     seed: int | None = None
     logprobs: int | None = Field(5, ge=0, le=20)
+
+
+# -- responses --------------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int = 0
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobItem(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobItem] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    model: str
+    data: list[Embedding]
+    usage: Usage
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class WriteCandidate(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    form_problems: list[str] | None = None
+    logprobs: list[TokenLogprobItem] | None = None
+
+
+class WriteResponse(BaseModel):
+    task: str
+    model: str
+    candidates: list[WriteCandidate]
+    usage: Usage
+    form: dict[str, Any] | None = Field(None, description="The form kept and each candidate's problems (none: kept).")
+    ranking: list[dict[str, Any]] | None = Field(None, description="With rank: candidates best first, with their scores.")
+    revision: dict[str, Any] | None = Field(None, description="rewrite: the revised text, suggestions and a word diff.")
+    ideas: list[str] | None = Field(None, description="brainstorm: the distinct ideas.")
+
+
+class NovelStage(BaseModel):
+    name: str
+    path: str
+    generated: bool
+    text: str
+
+
+class NovelResponse(BaseModel):
+    book: str
+    folder: str
+    stages: list[NovelStage]
+
+
+class TaskInfo(BaseModel):
+    description: str
+    variables: dict[str, Any]
+    languages: list[str]
+
+
+class FormInfo(BaseModel):
+    kind: str
+    description: str
+
+
+class TasksResponse(BaseModel):
+    tasks: dict[str, TaskInfo]
+    forms: dict[str, FormInfo]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    running: int
+    queued: int
+
+
+class StoredModel(BaseModel):
+    name: str
+    architecture: str | None = None
+    parameters: int | None = None
+    size_bytes: int | None = None
+    license: str | None = None
+    description: str | None = None
+    installed: bool
+    path: str | None = None
+    served: bool = False
+
+
+class StoredModels(BaseModel):
+    models: list[StoredModel]
+
+
+class Project(BaseModel):
+    id: int
+    name: str
+    created_at: float
+    updated_at: float
+    data: dict[str, Any] | None = None
+
+
+class Projects(BaseModel):
+    projects: list[Project]
+
+
+class Deleted(BaseModel):
+    deleted: int | str
+
+
+# -- chat over HTTP ---------------------------------------------------------------------------
+
+
+class PersonaInfo(BaseModel):
+    name: str
+    description: str = ""
+    greeting: str = ""
+    system: str = ""
+    language: str | None = None
+    builtin: bool = False
+
+
+class Personas(BaseModel):
+    personas: list[PersonaInfo]
+
+
+class SessionCreate(BaseModel):
+    """POST /api/chat/sessions: start a chat (the persona's greeting is its first turn)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    persona: str | None = Field(None, description="A persona name (GET /api/personas); default: assistant.")
+    kb: str | None = Field(None, description="Answer from this knowledge base.")
+    model: str | None = Field(None, description="Default: by the persona's language (Chinese: the multilingual model).")
+    title: str = ""
+
+
+class SessionUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = None
+    persona: str | None = Field(None, description="Talk to another persona from here on.")
+    kb: str | None = None
+
+
+class TurnOptions(BaseModel):
+    """How a reply is generated (as `llmos chat`'s options)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: bool = False
+    max_tokens: int = Field(256, ge=1, le=4096)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    budget: int | None = Field(None, ge=64, description="Prompt tokens allowed; older turns are summarised beyond it.")
+    extract_facts: bool = Field(True, description="Pin facts found in the user's messages.")
+
+
+class TurnRequest(TurnOptions):
+    content: str = Field(min_length=1)
+
+
+class Rating(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rating: int | Literal["up", "down"] = Field(description="1-5, or up (5) / down (1).")
+
+
+class FactBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fact: str = Field(min_length=1)
+
+
+class Turn(BaseModel):
+    id: int
+    role: str
+    content: str
+    active: int
+    rating: int | None = None
+    meta: dict[str, Any] = {}
+    created_at: float
+
+
+class Session(BaseModel):
+    id: int
+    title: str
+    persona: str
+    model: str
+    kb: str | None = None
+    status: str
+    handover: int
+    created_at: float
+    updated_at: float
+    user_turns: int | None = None
+    first_message: str | None = None
+
+
+class SessionDetail(Session):
+    persona_data: dict[str, Any] = {}
+    summary: str = ""
+    facts: list[str] = []
+    turns: list[Turn] = []
+
+
+class Sessions(BaseModel):
+    sessions: list[Session]
+
+
+class TurnResponse(BaseModel):
+    session: int
+    reply: str
+    turn: Turn | None = None
+    strategy: str | None = Field(None, description="farewell, handover, topic or faq when a strategy answered.")
+    handover: bool = False
+    closed: bool = False
+
+
+class Undone(BaseModel):
+    session: int
+    taken: str
+
+
+class Pinned(BaseModel):
+    session: int
+    pinned: bool
+    facts: list[str]
+
+
+class KBInfo(BaseModel):
+    name: str
+    embedder: str
+    created_at: float
+    documents: int
+    passages: int
+    faq: int
+
+
+class KBList(BaseModel):
+    knowledge_bases: list[KBInfo]
+
+
+class KBDocument(BaseModel):
+    path: str
+    sha256: str
+    added_at: float
+    passages: int
+
+
+class KBDocuments(BaseModel):
+    name: str
+    documents: list[KBDocument]
+
+
+class UploadedDocument(BaseModel):
+    name: str = Field(min_length=1, max_length=200, description="A file name, e.g. faq.md.")
+    text: str
+
+
+class KBUpload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    documents: list[UploadedDocument] = Field(min_length=1)
+
+
+class KBAddReport(BaseModel):
+    name: str
+    added: list[str]
+    updated: list[str]
+    unchanged: list[str]
+    skipped: list[list[str]]
+    passages: int
+    seconds: float
+
+
+class KBHit(BaseModel):
+    score: float
+    source: str
+    heading: str
+    text: str
+    question: str | None = None
+    answer: str | None = None
+    passage_id: int
+
+
+class KBSearch(BaseModel):
+    name: str
+    query: str
+    hits: list[KBHit]
+
+
+# -- shaping engine results --------------------------------------------------------------------
+
+
+def usage(req) -> dict:
+    """Token counts of a finished engine request."""
+    generated = sum(len(s.output) for s in req.sequences)
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": generated, "total_tokens": len(req.prompt) + generated}
+
+
+def finish_reason(reason: str | None) -> str:
+    return {"stop": "stop", "length": "length", "cancelled": "stop", None: "stop"}.get(reason, reason)
+
+
+def completion_logprobs(tokenizer, lps) -> dict:
+    lps = [lp for lp in lps if lp is not None]
+    return {"tokens": [tokenizer.token_text(lp.token) for lp in lps],
+            "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{tokenizer.token_text(t): v for t, v in lp.top} for lp in lps],
+            "text_offset": []}
+
+
+def chat_logprobs(tokenizer, lps) -> list[dict]:
+    def item(token, logprob):
+        text = tokenizer.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [{**item(lp.token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
+            for lp in lps if lp is not None]

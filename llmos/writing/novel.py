@@ -16,7 +16,7 @@ chapter is (re)generated, its summary and ledger are rewritten because they desc
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ class NovelError(ValueError):
 class Stage:
     path: Path
     generated: bool  # False: it was on disk already
+    what: str = ""  # "premise", "outline", "plan of chapter 1", ...
 
 
 def _atomic_write(path: Path, text: str):
@@ -77,12 +78,12 @@ class Novel:
 
     def _stage(self, path: Path, what: str, make: Callable[[], str]) -> Stage:
         if path.exists() and path.read_text(encoding="utf-8").strip():
-            return Stage(path, False)
+            return Stage(path, False, what)
         self.on_stage(what, path)
         text = make().strip()
         # a model that wrote nothing still completes the stage: rerunning would only repeat it
         _atomic_write(path, text or ("(nothing was written; edit this file)" if self.lang == "en" else "（未生成内容，可手动编辑）"))
-        return Stage(path, True)
+        return Stage(path, True, what)
 
     def read(self, path: Path) -> str:
         return path.read_text(encoding="utf-8").strip() if path.exists() else ""
@@ -92,7 +93,11 @@ class Novel:
         return items[: self.chapters]
 
     def run(self) -> list[Stage]:
-        stages = [self._stage(self.out / "premise.md", "premise", lambda: self._generate("novel-premise", self.brief))]
+        return list(self.stages())
+
+    def stages(self) -> Iterator[Stage]:
+        """Each stage as it is done (or found done on disk), in order."""
+        yield self._stage(self.out / "premise.md", "premise", lambda: self._generate("novel-premise", self.brief))
         premise = self.read(self.out / "premise.md")
 
         def outline():
@@ -106,7 +111,7 @@ class Novel:
                 items.append("The story continues." if self.lang == "en" else "故事继续。")
             return "\n".join(f"{i + 1}. {item}" for i, item in enumerate(items[: self.chapters]))
 
-        stages.append(self._stage(self.out / "outline.md", "outline", outline))
+        yield self._stage(self.out / "outline.md", "outline", outline)
         outline_text = "\n".join(f"{i + 1}. {t}" for i, t in enumerate(self.outline_items()))
         for k in range(1, self.chapters + 1):
             num = f"{k:02d}"
@@ -115,17 +120,15 @@ class Novel:
             plan = self._stage(self.out / "chapters" / f"{num}-plan.md", f"plan of chapter {k}",
                                lambda: "1. " + self._generate("novel-plan", self.brief, chapter=k, outline=outline_text,
                                                               summary=summary, ledger=ledger))
-            stages.append(plan)
+            yield plan
             plan_text = self.read(plan.path)
             chapter = self._stage(self.out / "chapters" / f"{num}.md", f"chapter {k}",
                                   lambda: self._generate("novel-chapter", self.brief, chapter=k, plan=plan_text,
                                                          summary=summary, ledger=ledger))
-            stages.append(chapter)
+            yield chapter
             text = self.read(chapter.path)
             for kind, task, extra in (("summary", "novel-summary", {"summary": summary}), ("ledger", "novel-ledger", {})):
                 path = self.out / kind / f"{num}.md"
                 if chapter.generated and path.exists():
                     path.unlink()  # it described the chapter that was just replaced
-                stages.append(self._stage(path, f"{kind} of chapter {k}",
-                                          lambda: self._generate(task, text, **extra)))
-        return stages
+                yield self._stage(path, f"{kind} of chapter {k}", lambda: self._generate(task, text, **extra))

@@ -9,18 +9,18 @@ the top level (instruct / base / stop), which then serves both.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from llmos.languages import has_han
 from llmos.settings import llmos_home
+from llmos.weights.store import MULTILINGUAL_MODEL  # noqa: F401  (the default for Chinese tasks)
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
 LANGS = ("en", "zh")
-MULTILINGUAL_MODEL = "gemma3-270m"  # the default for Chinese tasks
 BANNED_PHRASES = [  # stock phrases small models lean on; banned in every task unless allowed
     "a testament to", "tapestry of", "in the realm of", "a symphony of", "delve into",
     "it is important to note", "in conclusion", "nestled in", "a kaleidoscope of",
@@ -110,10 +110,6 @@ def load_task(name: str) -> Task:
         if path.is_file():
             return Task.from_file(path)
     raise TaskError(f"unknown task {name!r}; tasks: {', '.join(list_tasks())}")
-
-
-def has_han(text: str) -> bool:
-    return bool(re.search(r"[\u3400-\u9fff]", text))
 
 
 def pick_language(brief: str, lang: str | None = None, form: str | None = None) -> str:

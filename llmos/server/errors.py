@@ -1,0 +1,50 @@
+"""Errors as the OpenAI API shapes them: every failure is an error object with a status, never
+a bare 500 for bad input."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmos.server.protocol import error_body
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def not_found(what: str, param: str | None = None) -> APIError:
+    return APIError(404, what, param, "not_found_error")
+
+
+def param_of(message: str) -> str | None:
+    """The parameter an error message starts with ("top_p must be ..." -> "top_p")."""
+    head = message.split(" ", 1)[0].strip(":")
+    return head if head.replace("_", "").isalpha() else None
+
+
+def install(app: FastAPI, count_request):
+    """Exception handlers that answer with error objects and count the request in metrics."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        count_request(request, exc.status)
+        return JSONResponse(error_body(exc.message, exc.param, exc.kind), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        param = ".".join(loc) or None
+        msg = first.get("msg", "invalid request")
+        count_request(request, 400)
+        return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        count_request(request, exc.status_code)
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)

@@ -1,0 +1,190 @@
+"""The OpenAI-compatible routes: models, completions, chat completions, embeddings."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+
+from fastapi import APIRouter, Request as HTTPRequest
+
+from llmos.server import protocol as P
+from llmos.server.errors import APIError, param_of
+from llmos.server.proxy import proxy
+from llmos.server.state import state
+from llmos.server.streaming import event_stream, finish, sse, submit
+
+router = APIRouter(tags=["OpenAI-compatible"])
+
+SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with `stream: true`."}}
+ERRORS = {400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse}}
+
+
+def sampling(llm, body: P.SamplingFields, logprobs: int | None):
+    try:
+        return body.sampling(llm, logprobs, llm.model.config.vocab_size)
+    except ValueError as e:
+        raise APIError(400, str(e), param_of(str(e))) from None
+
+
+def engine_request(llm, prompt, params, body: P.SamplingFields):
+    try:
+        return llm.request(prompt, params, body.n, body.stops(), ignore_eos=body.ignore_eos)
+    except ValueError as e:  # a chat template that rejects the messages
+        raise APIError(400, str(e), "messages" if isinstance(prompt, list) else "prompt") from None
+
+
+@router.get("/v1/models", response_model=P.ModelList)
+def list_models(http: HTTPRequest):
+    st = state(http)
+    data = [{"id": name, "object": "model", "created": P.now(), "owned_by": "llmos"}
+            for name in dict.fromkeys(s.name for s in st.served.values())]
+    data += [{"id": name, "object": "model", "created": P.now(), "owned_by": f"remote:{r.kind}"}
+             for name, r in st.remotes.items()]
+    return {"object": "list", "data": data}
+
+
+@router.post("/v1/completions", response_model=P.CompletionResponse, responses={**SSE, **ERRORS})
+async def completions(body: P.CompletionRequest, http: HTTPRequest):
+    st = state(http)
+    if remote := st.remote(body.model):
+        return await proxy(remote, "completions", body.model_dump(exclude_none=True), body.stream)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise APIError(400, "send one prompt per request (a list of several is not supported)", "prompt")
+    prompt = prompts[0]
+    served = await st.local(http, body.model, prompt)
+    llm = served.llm
+    if not prompt or not llm.tokenizer.encode(prompt):
+        raise APIError(400, "the prompt is empty", "prompt")
+    if body.beams:
+        return await _beam_search(served, body, http)
+    params = sampling(llm, body, body.logprobs)
+    req = engine_request(llm, prompt, params, body)
+    await submit(served, req, st.request_timeout)
+    rid, created, name = P.new_id("cmpl"), P.now(), served.name
+    prefix = prompt if body.echo else ""
+
+    def envelope(choices, **extra):
+        return {"id": rid, "object": "text_completion", "created": created, "model": name, "choices": choices, **extra}
+
+    if body.stream:
+        head = [sse(envelope([{"index": i, "text": prefix, "logprobs": None, "finish_reason": None}
+                              for i in range(body.n)]))] if prefix else []
+
+        def chunk(e):
+            if e.finish_reason is None and not e.text and e.logprob is None:
+                return None
+            lp = P.completion_logprobs(llm.tokenizer, [e.logprob]) if e.logprob is not None and e.finish_reason is None else None
+            return sse(envelope([{"index": e.index, "text": e.text, "logprobs": lp,
+                                  "finish_reason": e.finish_reason and P.finish_reason(e.finish_reason)}]))
+
+        def tail():
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(envelope([], usage=P.usage(req)))
+
+        return event_stream(req, http, chunk, head=head, tail=tail,
+                            on_end=lambda: st.metrics.finished(req, http.url.path))
+    reasons = await finish(req, http)
+    st.metrics.finished(req, http.url.path)
+    choices = []
+    for i, seq in enumerate(req.sequences):
+        lp = P.completion_logprobs(llm.tokenizer, seq.logprobs) if body.logprobs is not None else None
+        choices.append({"index": i, "text": prefix + req.hook.texts[i], "logprobs": lp,
+                        "finish_reason": P.finish_reason(reasons.get(i))})
+    return envelope(choices, usage=P.usage(req))
+
+
+async def _beam_search(served, body: P.CompletionRequest, http: HTTPRequest):
+    """Beam search is its own algorithm (not batched with other requests): run in a thread."""
+    if body.stream:
+        raise APIError(400, "beam search returns whole texts: send stream: false", "stream")
+    if body.n > body.beams:
+        raise APIError(400, f"n must be at most beams ({body.beams})", "n")
+    llm = served.llm
+    max_tokens = body.max_tokens or llm.defaults.get("max_tokens", 256)
+    try:
+        result = await asyncio.to_thread(llm.beam_search, body.prompt if isinstance(body.prompt, str) else body.prompt[0],
+                                         body.beams, max_tokens, body.n, body.length_penalty)
+    except ValueError as e:
+        raise APIError(400, str(e), "prompt") from None
+    state(http).metrics.count_request(http.url.path, 200)
+    generated = sum(len(c.token_ids) for c in result.completions)
+    return {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": served.name,
+            "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                        for c in result.completions],
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": generated,
+                      "total_tokens": result.prompt_tokens + generated}}
+
+
+@router.post("/v1/chat/completions", response_model=P.ChatCompletionResponse, responses={**SSE, **ERRORS})
+async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
+    st = state(http)
+    if remote := st.remote(body.model):
+        return await proxy(remote, "chat/completions", body.model_dump(exclude_none=True), body.stream)
+    if body.max_completion_tokens and not body.max_tokens:
+        body.max_tokens = body.max_completion_tokens
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    served = await st.local(http, body.model, *(m["content"] for m in messages))
+    llm = served.llm
+    params = sampling(llm, body, (body.top_logprobs or 0) if body.logprobs else None)
+    req = engine_request(llm, messages, params, body)
+    await submit(served, req, st.request_timeout)
+    rid, created, name = P.new_id("chatcmpl"), P.now(), served.name
+
+    def envelope(choices, **extra):
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name, "choices": choices, **extra}
+
+    if body.stream:
+        head = [sse(envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}])) for i in range(body.n)]
+
+        def chunk(e):
+            if e.finish_reason is not None:
+                return sse(envelope([{"index": e.index, "delta": {}, "logprobs": None,
+                                      "finish_reason": P.finish_reason(e.finish_reason)}]))
+            if not e.text and e.logprob is None:
+                return None
+            lp = {"content": P.chat_logprobs(llm.tokenizer, [e.logprob])} if body.logprobs and e.logprob else None
+            return sse(envelope([{"index": e.index, "delta": {"content": e.text}, "logprobs": lp, "finish_reason": None}]))
+
+        def tail():
+            if body.stream_options and body.stream_options.include_usage:
+                yield sse(envelope([], usage=P.usage(req)))
+
+        return event_stream(req, http, chunk, head=head, tail=tail,
+                            on_end=lambda: st.metrics.finished(req, http.url.path))
+    reasons = await finish(req, http)
+    st.metrics.finished(req, http.url.path)
+    choices = []
+    for i, seq in enumerate(req.sequences):
+        lp = {"content": P.chat_logprobs(llm.tokenizer, seq.logprobs)} if body.logprobs else None
+        choices.append({"index": i, "message": {"role": "assistant", "content": req.hook.texts[i]},
+                        "logprobs": lp, "finish_reason": P.finish_reason(reasons.get(i))})
+    return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+            "usage": P.usage(req)}
+
+
+@router.post("/v1/embeddings", response_model=P.EmbeddingResponse, responses=ERRORS)
+async def embeddings(body: P.EmbeddingRequest, http: HTTPRequest):
+    st = state(http)
+    if remote := st.remote(body.model):
+        return await proxy(remote, "embeddings", body.model_dump(exclude_none=True), False)
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or any(not t for t in texts):
+        raise APIError(400, "input must be a non-empty string or list of non-empty strings", "input")
+    served = await st.local(http, body.model, *texts)
+    llm = served.llm
+    vectors = await asyncio.to_thread(lambda: [v.tolist() for v in llm.embed(texts)])
+    tokens = sum(len(llm.tokenizer.encode(t, add_bos=False)) for t in texts)
+    st.metrics.count_request(http.url.path, 200)
+    return {"object": "list", "model": served.name,
+            "data": [{"object": "embedding", "index": i,
+                      "embedding": _base64(v) if body.encoding_format == "base64" else v}
+                     for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+def _base64(vector: list[float]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+

@@ -1,0 +1,175 @@
+"""Writing over HTTP, with what `llmos write` does: tasks with every option (forms, ranking,
+DRY, banned phrases, variables), novels stage by stage, story continuation with Memory, Author's
+Note and Lorebook, and the lists of tasks and forms."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request as HTTPRequest
+
+from llmos.server import protocol as P
+from llmos.server.errors import APIError, param_of
+from llmos.server.state import state
+from llmos.server.streaming import DONE, event_stream, finish, in_thread, sse, submit
+
+router = APIRouter(tags=["Writing"])
+
+SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or server-sent events with `stream: true`."}}
+BOOK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _write_request(body: P.WriteRequestBody, language: str):
+    from llmos.writing.tasks import WriteRequest
+
+    return WriteRequest(body.task, body.brief, body.variables, language, body.form, body.n,
+                        dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                             dry_multiplier=body.dry, logprobs=0 if body.rank and body.logprobs is None else body.logprobs),
+                        [] if body.allow_phrases else body.banned_phrases)
+
+
+@router.post("/api/write", response_model=P.WriteResponse | P.NovelResponse, responses=SSE)
+async def write(body: P.WriteRequestBody, http: HTTPRequest):
+    """A writing task (GET /api/tasks lists them). Non-streamed, the answer carries what `llmos
+    write --json` adds: form checks, the ranking, a rewrite's revision, a brainstorm's ideas.
+    Streamed: {"index", "text", "finish_reason", "logprob"} events, then one {"result": ...}
+    with those additions. The novel task writes its stages into a book folder."""
+    from llmos.writing import forms
+    from llmos.writing.results import after_generation
+    from llmos.writing.tasks import TaskError, pick_language, prepare_write
+
+    st = state(http)
+    if st.remote(body.model):
+        raise APIError(400, "writing tasks run on a local model here; use the OpenAI endpoints for remote ones", "model")
+    try:
+        language = pick_language(body.brief, body.lang, body.form)
+    except TaskError as e:
+        raise APIError(400, str(e), "lang") from None
+    served = await st.local(http, body.model, language=language)
+    if body.task == "novel":
+        return await _novel(served, body, language, http)
+    llm = served.llm
+    try:
+        prompt, params, stops, form = prepare_write(llm, _write_request(body, language))
+        req = llm.request(prompt, params, body.n, stops)
+    except (TaskError, forms.FormError) as e:
+        raise APIError(400, str(e), "task" if "task" in str(e) else "form") from None
+    except ValueError as e:
+        raise APIError(400, str(e), param_of(str(e))) from None
+    await submit(served, req, st.request_timeout)
+
+    def extras() -> dict:
+        result = llm.result(prompt, req)
+        return after_generation(body.task, body.brief, body.variables, result.completions, form, body.rank)
+
+    if body.stream:
+        def chunk(e):
+            if e.finish_reason is None and not e.text and e.logprob is None:
+                return None
+            return sse({"index": e.index, "text": e.text, "finish_reason": e.finish_reason and P.finish_reason(e.finish_reason),
+                        "logprob": P.chat_logprobs(llm.tokenizer, [e.logprob])[0] if e.logprob else None})
+
+        def tail():
+            extra = extras()
+            if extra:
+                yield sse({"result": extra})
+
+        return event_stream(req, http, chunk, tail=tail, on_end=lambda: st.metrics.finished(req, http.url.path))
+    reasons = await finish(req, http)
+    st.metrics.finished(req, http.url.path)
+    extra = extras()
+    out = []
+    for i, seq in enumerate(req.sequences):
+        item = {"index": i, "text": req.hook.texts[i], "finish_reason": P.finish_reason(reasons.get(i))}
+        if form is not None:
+            item["form_problems"] = extra["form"]["problems"][i]
+        if body.logprobs is not None:
+            item["logprobs"] = P.chat_logprobs(llm.tokenizer, seq.logprobs)
+        out.append(item)
+    return {"task": body.task, "model": served.name, "candidates": out, "usage": P.usage(req), **extra}
+
+
+async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequest):
+    """brief -> premise -> outline -> chapter plans -> chapters, each stage a file in
+    $LLMOS_HOME/books/BOOK (an existing book continues from its first missing stage)."""
+    from llmos.settings import books_dir
+    from llmos.writing.novel import Novel, NovelError
+
+    if not body.book or not BOOK_NAME.match(body.book):
+        raise APIError(400, "the novel task needs book: a name for its folder (letters, digits, '-', '_', '.')", "book")
+    folder = books_dir() / body.book
+    try:
+        book = Novel(served.llm, folder, body.brief, body.chapters, language, body.seed)
+    except (NovelError, ValueError) as e:
+        raise APIError(400, str(e), "brief") from None
+
+    def stage_json(stage) -> dict:
+        return {"name": stage.what, "path": str(stage.path.relative_to(folder)), "generated": stage.generated,
+                "text": stage.path.read_text(encoding="utf-8")}
+
+    if body.stream:
+        async def events():
+            try:
+                async for stage in in_thread(book.stages, http):
+                    yield sse({"stage": stage_json(stage)})
+                yield DONE
+            except (NovelError, ValueError, RuntimeError) as e:
+                yield sse(P.error_body(str(e)))
+
+        from fastapi.responses import StreamingResponse
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+    try:
+        stages = [stage_json(s) async for s in in_thread(book.stages, http)]
+    except (NovelError, ValueError) as e:
+        raise APIError(400, str(e)) from None
+    return {"book": body.book, "folder": str(folder), "stages": stages}
+
+
+@router.post("/api/story/continue", responses={200: {"content": {"text/event-stream": {}}}})
+async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
+    """Server-sent events: first {"context": [...]} (what is sent and why), then one event per
+    token {"text", "token", "logprob", "top": [[text, logprob], ...]}, then [DONE]."""
+    from llmos.writing.story import LoreEntry, Story, StoryError, assemble_context
+
+    st = state(http)
+    story = Story(text=body.text, memory=body.memory, authors_note=body.authors_note,
+                  authors_note_depth=body.authors_note_depth, lore_budget=body.lore_budget,
+                  lorebook=[LoreEntry(e.keys, e.content, e.priority, e.enabled, constant=e.constant) for e in body.lorebook])
+    served = await st.local(http, None, body.text, body.memory)
+    llm = served.llm
+    try:
+        prompt, parts = assemble_context(story, llm.tokenizer, served.scheduler.max_len, body.max_tokens)
+        params = llm.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              seed=body.seed, logprobs=body.logprobs)
+    except (StoryError, ValueError) as e:
+        raise APIError(400, str(e), param_of(str(e))) from None
+    req = llm.request(prompt, params, empty_ok=True)
+    await submit(served, req, st.request_timeout)
+    tok = llm.tokenizer
+    head = [sse({"context": [{"kind": p.kind, "tokens": p.tokens, "reason": p.reason, "text": p.text} for p in parts]})]
+
+    def chunk(e):
+        if e.finish_reason is None and e.token in req.params.stop_token_ids:
+            return None
+        if e.finish_reason is None and not e.text and e.logprob is None:
+            return None
+        item = {"text": e.text, "finish_reason": e.finish_reason and P.finish_reason(e.finish_reason)}
+        if e.logprob is not None and e.finish_reason is None:
+            item.update(token=e.logprob.token, logprob=e.logprob.logprob,
+                        top=[[tok.token_text(t), v] for t, v in e.logprob.top])
+        return sse(item)
+
+    return event_stream(req, http, chunk, head=head, on_end=lambda: st.metrics.finished(req, http.url.path))
+
+
+@router.get("/api/tasks", response_model=P.TasksResponse)
+def tasks():
+    """The writing tasks (`llmos tasks`) and the forms kept by constrained decoding (`llmos forms`)."""
+    from llmos.writing import list_tasks
+    from llmos.writing.forms import FORMS
+
+    return {"tasks": {k: {"description": t.description, "variables": t.variables, "languages": list(t.prompts)}
+                      for k, t in list_tasks().items()},
+            "forms": {k: {"kind": f.kind, "description": f.description} for k, f in FORMS.items()}}
