@@ -121,3 +121,104 @@ def test_beam_search(model):
     assert hyps[0].score >= sequence_logprob(model, prompt, greedy) - 1e-4
     with pytest.raises(ValueError, match="beams"):
         beam_search(model, prompt, beams=2, max_tokens=4, stop_token_ids=[], n=3)
+
+
+def run_engine(engine, until=None, limit=500):
+    """Step an engine until it is idle (or `until()` holds); every event it produced."""
+    events = []
+    for _ in range(limit):
+        if not engine.has_work or (until and until()):
+            break
+        events += engine.step()
+    return events
+
+
+def test_requests_joining_a_running_batch_write_what_they_write_alone(model):
+    params = [SamplingParams(temperature=0.9, max_tokens=12, seed=s) for s in range(4)]
+    prompts = [[5, 9, 77], [1, 2, 3, 4, 5, 6], [42], [7, 7, 7, 7]]
+    alone = [generate(model, p, sp)[0].output for p, sp in zip(prompts, params)]
+    engine = Engine(model, max_batch=4, max_len=64)
+    reqs = [Request(p, sp) for p, sp in zip(prompts, params)]
+    engine.add(reqs[0])
+    engine.add(reqs[1])
+    for _ in range(3):  # the first two are running at their own positions when the others join
+        engine.step()
+    engine.add(reqs[2])
+    engine.add(reqs[3])
+    steps_before = engine.stats["steps"]
+    run_engine(engine)
+    assert [r.sequences[0].output for r in reqs] == alone
+    assert engine.stats["steps"] - steps_before < sum(len(a) for a in alone[2:]) + 12  # rows advanced together
+
+
+def test_cancelled_and_stopped_rows_are_freed_at_the_next_step(model):
+    engine = Engine(model, max_batch=4, max_len=256)
+    long = Request([1, 2, 3], SamplingParams(temperature=0, max_tokens=200), n=2)
+    other = Request([4, 5], SamplingParams(temperature=0, max_tokens=200))
+    engine.add(long)
+    engine.add(other)
+    engine.step()  # admission: 3 rows
+    engine.step()
+    assert len(engine.rows) == 3
+    long.cancel()
+    events = engine.step()
+    assert len(engine.rows) == 1 and engine.rows[0].request is other
+    assert sorted(e.index for e in events if e.request is long and e.finish_reason == "cancelled") == [0, 1]
+    other.stop(0)
+    engine.step()
+    assert not engine.rows and not engine.has_work
+    assert other.sequences[0].finish_reason == "stop" and len(other.sequences[0].output) == 3
+
+
+def test_a_deadline_ends_a_request(model):
+    import time
+
+    engine = Engine(model, max_batch=2, max_len=256)
+    req = Request([1, 2, 3], SamplingParams(temperature=0, max_tokens=200), deadline=time.monotonic() - 1)
+    engine.add(req)
+    run_engine(engine)
+    assert req.sequences[0].finish_reason == "length" and len(req.sequences[0].output) == 1
+
+
+class Hook:
+    """A text hook that ends candidate 0 at its third token, and can be told to fail."""
+
+    def __init__(self, fail=False):
+        self.fail, self.seen = fail, {}
+
+    def token(self, index, token):
+        if self.fail:
+            raise RuntimeError("hook broke")
+        self.seen.setdefault(index, []).append(token)
+        return f"<{token}>", index == 0 and len(self.seen[index]) == 3
+
+    def finish(self, index):  # nothing is held back after the hook itself ended the candidate
+        return "" if index == 0 and len(self.seen.get(0, [])) == 3 else "|end"
+
+
+def test_the_hook_makes_text_and_ends_candidates_and_a_failing_request_fails_alone(model):
+    engine = Engine(model, max_batch=4, max_len=128)
+    good = Request([3, 4, 5], SamplingParams(temperature=0, max_tokens=6), n=2, hook=Hook())
+    bad = Request([6, 7], SamplingParams(temperature=0, max_tokens=6), hook=Hook(fail=True))
+    engine.add(good)
+    engine.add(bad)
+    events = run_engine(engine)
+    bad_events = [e for e in events if e.request is bad]
+    assert [e.finish_reason for e in bad_events] == ["error"] and "hook broke" in bad_events[0].text
+    text = {i: "".join(e.text for e in events if e.request is good and e.index == i) for i in (0, 1)}
+    assert good.sequences[0].finish_reason == "stop" and len(good.sequences[0].output) == 3
+    assert text[0] == "".join(f"<{t}>" for t in good.sequences[0].output)  # ended by the hook: no tail
+    assert text[1] == "".join(f"<{t}>" for t in good.sequences[1].output) + "|end"
+    assert good.sequences[1].finish_reason == "length"
+
+
+def test_engine_limits(model):
+    engine = Engine(model, max_batch=2, max_len=16)
+    with pytest.raises(ValueError, match="batch size"):
+        engine.add(Request([1], SamplingParams(), n=3))
+    with pytest.raises(ContextError, match="this server's context is 16"):
+        engine.add(Request(list(range(16)), SamplingParams()))
+    req = Request(list(range(1, 11)), SamplingParams(temperature=0, max_tokens=100))
+    engine.add(req)
+    run_engine(engine)
+    assert len(req.sequences[0].output) == 6 and req.sequences[0].finish_reason == "length"  # the cache is full

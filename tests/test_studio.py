@@ -119,11 +119,90 @@ def test_edit_text_tasks_and_chat(studio, browser):
     lines = text.split("\n\n", 1)[1].strip().splitlines()
     assert len(lines) == 4 and all(
         len(ln) == 6 and all("CJK" in unicodedata.name(c) for c in ln[:5]) for ln in lines)
-    page.click(".tabs button[data-tab=chat]")
-    page.select_option("#persona-pick", "history-teacher")  # a built-in persona fills the prompt
-    assert page.eval_on_selector("#persona", "e => e.value").startswith("You are history-teacher.")
-    assert page.locator(".msg").count() == 1  # its greeting
-    page.fill("#chat-message", "hello")
-    page.click("#chat-send")
-    page.wait_for_function("() => document.querySelectorAll('.msg').length === 3")
     page.close()
+
+
+def chat_idle(page):
+    """The reply is written and the session reloaded from the server."""
+    page.wait_for_function("() => document.body.dataset.chatBusy === 'false'")
+
+
+def message_count(page) -> int:
+    return page.locator("#chat-log .msg").count()
+
+
+def test_chat_sessions_go_on_between_the_studio_and_the_terminal(tiny_llm, tiny_dir, session_home, browser):
+    """The chat pane runs on the session endpoints: a chat started in the studio continues in
+    `llmos chat --session N`, and one started in the terminal continues in the studio."""
+    from llmos.chat.sessions import Sessions
+    from llmos.db import Store
+    from llmos.server.app import create_app
+
+    from helpers import llmos
+
+    store = Store(session_home / "llmos.db")  # the store the terminal uses too
+    server = ServerThread(create_app(tiny_llm, store=store))
+    sessions = Sessions(store)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(server.url + "/")
+        wait_ready(page)
+        page.click(".tabs button[data-tab=chat]")
+        page.select_option("#persona-pick", "history-teacher")
+        page.click("#chat-new")
+        page.wait_for_function("() => document.querySelector('#session-pick').value !== ''")
+        sid = int(page.eval_on_selector("#session-pick", "e => e.value"))
+        assert message_count(page) == 1  # the persona's greeting is the first turn
+        assert sessions.get(sid)["persona"] == "history-teacher"
+
+        page.fill("#chat-message", "hello")
+        page.click("#chat-send")
+        page.wait_for_function("() => document.querySelectorAll('#chat-log .msg').length === 3")
+        chat_idle(page)
+        first_reply = sessions.turns(sid)[-1]
+        assert [t["content"] for t in sessions.turns(sid) if t["role"] == "user"] == ["hello"]
+        assert first_reply["role"] == "assistant"
+        page.evaluate("() => { document.body.dataset.chatBusy = 'pending'; }")
+        page.click("#chat-retry")  # a new reply; the old one stays in the session, inactive
+        chat_idle(page)
+        page.wait_for_function("() => document.querySelectorAll('#chat-log .msg').length === 3")
+        every = sessions.turns(sid, include_inactive=True)
+        assert [t["id"] for t in every if not t["active"]] == [first_reply["id"]]
+
+        page.click("#chat-up")
+        page.wait_for_selector("#chat-log .msg.assistant .rated")
+        assert sessions.turns(sid)[-1]["rating"] == 5
+        page.fill("#chat-fact", "my novel is set in Lisbon")
+        page.click("#chat-pin")
+        page.wait_for_selector("#chat-facts-list li")
+        assert "my novel is set in Lisbon" in sessions.facts(sid)
+
+        # the terminal goes on with it, on the model the session was started with
+        proc = llmos("chat", "--session", str(sid), home=session_home, stdin="and then?\n")
+        assert proc.returncode == 0, proc.stderr
+        assert [t["content"] for t in sessions.turns(sid) if t["role"] == "user"] == ["hello", "and then?"]
+        page.select_option("#session-pick", "")
+        page.select_option("#session-pick", str(sid))
+        page.wait_for_selector("#chat-log .msg.user >> text=and then?")
+        assert message_count(page) == 5
+
+        # a chat started in the terminal goes on in the studio
+        proc = llmos("chat", "--persona", "writing-coach", "-m", str(tiny_dir), home=session_home, stdin="hi coach\n")
+        assert proc.returncode == 0, proc.stderr
+        other = max(s["id"] for s in sessions.list())
+        assert other != sid and sessions.get(other)["persona"] == "writing-coach"
+        page.reload()
+        wait_ready(page)
+        page.click(".tabs button[data-tab=chat]")
+        page.select_option("#session-pick", str(other))
+        page.wait_for_selector("#chat-log .msg.user >> text=hi coach")
+        page.fill("#chat-message", "one more thing")
+        page.click("#chat-send")
+        chat_idle(page)
+        page.wait_for_function("() => document.querySelectorAll('#chat-log .msg.assistant').length >= 2")
+        assert [t["content"] for t in sessions.turns(other) if t["role"] == "user"] == ["hi coach", "one more thing"]
+        assert page.eval_on_selector("#persona-pick", "e => e.value") == "writing-coach"
+        page.screenshot(path=str(ARTIFACTS / "studio-chat.png"), full_page=True)
+        page.close()
+    finally:
+        server.stop()

@@ -92,7 +92,7 @@ def chat(
         base = KnowledgeBase(store, kb_name) if kb_name else None
     except (SessionError, PersonaError, KBError) as e:
         fail(str(e))
-    llm = load_llm(model, precision)
+    llm = load_llm(_chat_model(model, row, chosen), precision)
     settings = ChatSettings(max_tokens=max_tokens, temperature=temperature, seed=seed, budget=budget,
                             extract_facts=not no_facts)
     conv = Conversation(llm, sessions, session, chosen, base, settings)
@@ -110,6 +110,30 @@ def chat(
     _repl(conv, interactive)
     if interactive:
         err.print(f"[dim]saved as session {conv.id}: resume with `llmos chat --session {conv.id}`[/]", highlight=False)
+
+
+def _chat_model(model: str | None, row: dict | None, persona) -> str | None:
+    """The model a chat runs on: the one named; else the one a resumed session was started with
+    (in the studio too); else by the persona's language (Chinese: the multilingual model)."""
+    import json
+
+    from llmos.weights.store import ModelError, model_for, resolve
+
+    if model:
+        return model
+    if row is not None and row["model"]:
+        from llmos.remote import RemoteError, load_remotes
+
+        try:
+            if row["model"] in load_remotes():
+                return row["model"]
+            resolve(row["model"], quiet=True)
+            return row["model"]
+        except (ModelError, RemoteError):
+            err.print(f"[yellow]note:[/] session {row['id']} ran on {row['model']}, which is not here; "
+                      f"using the default for its persona", highlight=False)
+    language = persona.language if persona is not None else json.loads(row["persona_data"]).get("language")
+    return model_for(None, language=language)
 
 
 def _lines(interactive: bool):

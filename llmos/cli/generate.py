@@ -51,7 +51,9 @@ def generate(
         prompt = sys.stdin.read()
     if n < 1:
         fail("-n must be at least 1")
-    llm = load_llm(model, precision)
+    from llmos.weights.store import model_for
+
+    llm = load_llm(model_for(model, prompt), precision)  # Chinese: the multilingual model
     from llmos.engine.generate import ContextError
     from llmos.llm import Result
 

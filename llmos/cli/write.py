@@ -49,7 +49,8 @@ def write(
     from llmos.llm import Result
     from llmos.writing import forms as form_lib
     from llmos.writing.results import after_generation
-    from llmos.writing.tasks import MULTILINGUAL_MODEL, TaskError, WriteRequest, pick_language, prepare_write
+    from llmos.weights.store import model_for
+    from llmos.writing.tasks import TaskError, WriteRequest, pick_language, prepare_write
 
     if brief == "-":
         brief = sys.stdin.read()
@@ -58,7 +59,7 @@ def write(
         language = pick_language(brief, lang, form)
     except TaskError as e:
         fail(str(e))
-    model = model or (MULTILINGUAL_MODEL if language == "zh" else None)
+    model = model_for(model, language=language)
     if task == "novel":
         return _novel(brief, chapters, output, model, language, seed, precision)
     if n < 1:
@@ -222,7 +223,7 @@ def story_continue(
     from llmos.writing.story import StoryError, assemble_context, continue_story
 
     story = _load_story(path)
-    llm = load_llm(model or story.model, precision)
+    llm = load_llm(_story_model(model, story), precision)
     if show_context:
         try:
             prompt, parts = assemble_context(story, llm.tokenizer, llm.context_window,
@@ -245,6 +246,13 @@ def story_continue(
         fail(str(e))
     story.text += "".join(pieces)
     story.save(path)
+
+
+def _story_model(model: str | None, story) -> str | None:
+    """The model named, else the story's own, else by its language (Chinese: the multilingual model)."""
+    from llmos.weights.store import model_for
+
+    return model_for(model or story.model, story.text, story.memory)
 
 
 def _print_context(parts):
@@ -274,7 +282,7 @@ def story_show(
     if context:
         from llmos.writing.story import assemble_context
 
-        llm = load_llm(model or story.model, "fp32")
+        llm = load_llm(_story_model(model, story), "fp32")
         _, parts = assemble_context(story, llm.tokenizer, llm.context_window, story.sampler.get("max_tokens", 120))
         _print_context(parts)
 

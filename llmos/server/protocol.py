@@ -365,6 +365,13 @@ class Project(BaseModel):
     data: dict[str, Any] | None = None
 
 
+class ProjectBody(BaseModel):
+    """A studio project: its name and whatever the studio keeps (text, branches, Memory...)."""
+
+    name: str = "Untitled"
+    data: dict[str, Any] = {}
+
+
 class Projects(BaseModel):
     projects: list[Project]
 

@@ -17,7 +17,6 @@ import yaml
 
 from llmos.languages import has_han
 from llmos.settings import llmos_home
-from llmos.weights.store import MULTILINGUAL_MODEL  # noqa: F401  (the default for Chinese tasks)
 
 BUILTIN_DIR = Path(__file__).parent / "templates"
 LANGS = ("en", "zh")

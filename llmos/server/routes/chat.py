@@ -90,7 +90,7 @@ def import_persona(card: dict = Body(description="A SillyTavern character card (
     from llmos.chat.personas import PersonaError, persona_from_card_data, save_persona
 
     try:
-        persona = persona_from_card_data(card_from_dict(card, "the uploaded card"))
+        persona = persona_from_card_data(card_from_dict(card, "the uploaded card"), "the uploaded card")
         path = save_persona(persona)
     except (CardError, PersonaError) as e:
         raise APIError(400, str(e), "card") from None

@@ -19,28 +19,14 @@ def _missing(project_id: int) -> APIError:
     return not_found(f"no project {project_id}", "project_id")
 
 
-async def _json_object(http: HTTPRequest) -> dict:
-    try:
-        body = await http.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError(400, "the body must be JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    if "data" in body and not isinstance(body["data"], dict):
-        raise APIError(400, "data must be an object", "data")
-    return body
-
-
 @router.get("/api/projects", response_model=P.Projects)
 def list_projects(http: HTTPRequest):
     return {"projects": state(http).store.list_projects()}
 
 
 @router.post("/api/projects", response_model=P.Project)
-async def create_project(http: HTTPRequest):
-    """Body: {"name": ..., "data": {...}}."""
-    body = await _json_object(http)
-    return state(http).store.save_project(str(body.get("name") or "Untitled"), body.get("data") or {})
+def create_project(body: P.ProjectBody, http: HTTPRequest):
+    return state(http).store.save_project(body.name or "Untitled", body.data)
 
 
 @router.get("/api/projects/{project_id}", response_model=P.Project)
@@ -52,10 +38,9 @@ def get_project(project_id: int, http: HTTPRequest):
 
 
 @router.put("/api/projects/{project_id}", response_model=P.Project)
-async def put_project(project_id: int, http: HTTPRequest):
-    body = await _json_object(http)
+def put_project(project_id: int, body: P.ProjectBody, http: HTTPRequest):
     try:
-        return state(http).store.save_project(str(body.get("name") or "Untitled"), body.get("data") or {}, project_id)
+        return state(http).store.save_project(body.name or "Untitled", body.data, project_id)
     except KeyError:
         raise _missing(project_id) from None
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from fastapi import APIRouter, Request as HTTPRequest
+from fastapi.responses import StreamingResponse
 
 from llmos.server import protocol as P
 from llmos.server.errors import APIError, param_of
@@ -116,8 +117,6 @@ async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequ
             except (NovelError, ValueError, RuntimeError) as e:
                 yield sse(P.error_body(str(e)))
 
-        from fastapi.responses import StreamingResponse
-
         return StreamingResponse(events(), media_type="text/event-stream")
     try:
         stages = [stage_json(s) async for s in in_thread(book.stages, http)]
@@ -126,7 +125,13 @@ async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequ
     return {"book": body.book, "folder": str(folder), "stages": stages}
 
 
-@router.post("/api/story/continue", responses={200: {"content": {"text/event-stream": {}}}})
+STORY_EVENTS = {200: {"content": {"text/event-stream": {"schema": {
+    "type": "string", "description": 'data: {"context": [{"kind", "tokens", "reason", "text"}]}, then per token '
+                                     'data: {"text", "token", "logprob", "top": [[text, logprob]], "finish_reason"}, '
+                                     'then data: [DONE]'}}}}}
+
+
+@router.post("/api/story/continue", responses=STORY_EVENTS, response_class=StreamingResponse)
 async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
     """Server-sent events: first {"context": [...]} (what is sent and why), then one event per
     token {"text", "token", "logprob", "top": [[text, logprob], ...]}, then [DONE]."""

@@ -23,7 +23,7 @@ function emptyData() {
   return {
     nodes: { root: { id: "root", parent: null, text: "", kind: "root", created: Date.now() } },
     current: "root", memory: "", authors_note: "", an_depth: 3, lorebook: [],
-    sampler: { ...PRESETS.balanced }, preset: "balanced", chat: [], persona: null,
+    sampler: { ...PRESETS.balanced }, preset: "balanced", chat_session: null,
   };
 }
 
@@ -139,6 +139,11 @@ async function openProject(id) {
   loadPanels();
   render();
   $("#save-state").textContent = "saved";
+  chat = null;
+  if (project.data.chat_session) {
+    try { await openSession(project.data.chat_session); } catch (e) { project.data.chat_session = null; }
+  }
+  renderChat();
 }
 
 function newProject() {
@@ -147,6 +152,8 @@ function newProject() {
   location.hash = "";
   loadPanels();
   render();
+  chat = null;
+  renderChat();
 }
 
 // ---------------------------------------------------------------- rendering
@@ -394,21 +401,32 @@ async function loadTasks() {
 async function runTask() {
   const variables = {};
   if ($("#acrostic").value.trim()) variables.acrostic = $("#acrostic").value.trim();
+  if ($("#task-rhyme").checked) variables.rhyme = "true";
   const body = { task: $("#task").value, brief: $("#brief").value, n: Number($("#task-n").value) || 1,
-                 variables, form: $("#form").value || null };
+                 variables, form: $("#form").value || null, rank: $("#task-rank").checked };
   $("#task-status").textContent = "writing…";
   $("#task-results").innerHTML = "";
   try {
-    const out = await (await api("/api/write", { method: "POST", body: JSON.stringify(body) })).json();
-    for (const c of out.candidates) {
+    const res = await api("/api/write", { method: "POST", body: JSON.stringify(body) });
+    const note = res.headers.get("x-llmos-note");
+    const out = await res.json();
+    const order = out.ranking ? out.ranking.map((r) => r.index) : out.candidates.map((c) => c.index);
+    const scores = Object.fromEntries((out.ranking || []).map((r) => [r.index, r.score]));
+    for (const c of order.map((i) => out.candidates[i])) {
       const div = document.createElement("div");
       div.className = "result";
       div.textContent = c.text;
       if (c.form_problems) {
-        const note = document.createElement("div");
-        note.className = "muted";
-        note.textContent = c.form_problems.length ? "form: " + c.form_problems.join("; ") : "form kept";
-        div.appendChild(note);
+        const kept = document.createElement("div");
+        kept.className = "muted";
+        kept.textContent = c.form_problems.length ? "form: " + c.form_problems.join("; ") : "form kept";
+        div.appendChild(kept);
+      }
+      if (c.index in scores) {
+        const score = document.createElement("div");
+        score.className = "muted score";
+        score.textContent = `rank score ${scores[c.index].toFixed(2)}`;
+        div.appendChild(score);
       }
       const insert = document.createElement("button");
       insert.textContent = "Insert into story";
@@ -420,44 +438,161 @@ async function runTask() {
       div.appendChild(insert);
       $("#task-results").appendChild(div);
     }
-    $("#task-status").textContent = "";
+    $("#task-status").textContent = note || "";
   } catch (e) { $("#task-status").textContent = e.message; }
 }
 
 // ---------------------------------------------------------------- chat tab
+// Chats are sessions on the server (/api/chat/sessions): the same turns, memory, facts and
+// personas as `llmos chat`, so a chat goes on from here to the terminal and back.
+
+let chat = null; // the open session, as GET /api/chat/sessions/{id} returns it
+let editing = false; // the next Send replaces the last message
+
+function chatStatus(text) { $("#chat-status").textContent = text || ""; }
 
 function renderChat() {
   const log = $("#chat-log");
   log.innerHTML = "";
-  for (const m of project.data.chat) {
+  for (const t of chat ? chat.turns : []) {
     const div = document.createElement("div");
-    div.className = "msg " + m.role;
-    div.textContent = m.content;
+    div.className = "msg " + t.role;
+    div.textContent = t.content;
+    if (t.rating != null) {
+      const mark = document.createElement("span");
+      mark.className = "rated";
+      mark.textContent = t.rating >= 4 ? "(rated good)" : t.rating <= 2 ? "(rated bad)" : `(rated ${t.rating})`;
+      div.appendChild(mark);
+    }
     log.appendChild(div);
   }
   log.scrollTop = log.scrollHeight;
+  $("#chat-facts-list").innerHTML = (chat ? chat.facts : []).map((f) => `<li>${escapeHtml(f)}</li>`).join("");
+  $("#session-pick").value = chat ? String(chat.id) : "";
+  if (chat) $("#persona-pick").value = chat.persona;
+  $("#kb-pick").value = chat && chat.kb ? chat.kb : "";
+  describePersona();
+}
+
+async function refreshSessions() {
+  const { sessions } = await (await api("/api/chat/sessions")).json();
+  $("#session-pick").innerHTML = '<option value="">(new chat)</option>' + sessions.map((s) =>
+    `<option value="${s.id}">#${s.id} ${escapeHtml(s.persona)}: ${escapeHtml((s.title || s.first_message || "").slice(0, 40))}</option>`).join("");
+  if (chat) $("#session-pick").value = String(chat.id);
+}
+
+async function openSession(id) {
+  chat = await (await api(`/api/chat/sessions/${id}`)).json();
+  project.data.chat_session = chat.id;
+  scheduleSave();
+  renderChat();
+}
+
+async function newChat() {
+  const body = { persona: $("#persona-pick").value || null, kb: $("#kb-pick").value || null };
+  const res = await api("/api/chat/sessions", { method: "POST", body: JSON.stringify(body) });
+  noteFrom(res);
+  chat = await res.json();
+  project.data.chat_session = chat.id;
+  scheduleSave();
+  await refreshSessions();
+  renderChat();
+}
+
+function noteFrom(res) {
+  const note = res.headers.get("x-llmos-note");
+  if (note) chatStatus(note);
+}
+
+async function chatTurn(path, body) {
+  // Stream a reply: the user's turn shows at once, the reply grows as it is written.
+  if (controller) return;
+  controller = new AbortController();
+  document.body.dataset.chatBusy = "true";
+  const reply = { role: "assistant", content: "", rating: null };
+  if (body.content) chat.turns.push({ role: "user", content: body.content, rating: null });
+  chat.turns.push(reply);
+  renderChat();
+  chatStatus("writing…");
+  try {
+    for await (const ev of sse(path, { ...body, stream: true }, controller.signal)) {
+      if (ev.error) throw new Error(ev.error.message);
+      if (ev.text) { reply.content += ev.text; renderChat(); }
+    }
+    chatStatus("");
+  } catch (e) { chatStatus(e.message); }
+  controller = null;
+  try {
+    await openSession(chat.id);  // what the server stored, ratings and facts included
+    await refreshSessions();
+  } finally { document.body.dataset.chatBusy = "false"; }
 }
 
 async function sendChat() {
   const text = $("#chat-message").value.trim();
   if (!text || controller) return;
+  if (!chat) await newChat();
   $("#chat-message").value = "";
-  project.data.persona = $("#persona").value;
-  project.data.chat.push({ role: "user", content: text });
-  const reply = { role: "assistant", content: "" };
-  project.data.chat.push(reply);
-  renderChat();
-  const messages = [{ role: "system", content: project.data.persona }, ...project.data.chat.slice(0, -1)];
-  controller = new AbortController();
+  if (editing) {
+    editing = false;
+    const last = [...chat.turns].reverse().findIndex((t) => t.role === "user");
+    if (last >= 0) chat.turns.splice(chat.turns.length - 1 - last);
+    await chatTurn(`/api/chat/sessions/${chat.id}/edit`, { content: text });
+  } else {
+    await chatTurn(`/api/chat/sessions/${chat.id}/messages`, { content: text });
+  }
+}
+
+async function chatCommand(action) {
+  if (!chat || controller) return;
   try {
-    for await (const ev of sse("/v1/chat/completions", { messages, stream: true, max_tokens: 200, temperature: 0.7 },
-                               controller.signal)) {
-      const delta = ev.choices && ev.choices[0] && ev.choices[0].delta;
-      if (delta && delta.content) { reply.content += delta.content; renderChat(); }
+    if (action === "retry") {
+      const last = chat.turns.length - 1;
+      if (last >= 0 && chat.turns[last].role === "assistant") chat.turns.pop();
+      await chatTurn(`/api/chat/sessions/${chat.id}/retry`, {});
+      return;
     }
-  } catch (e) { reply.content += `\n[${e.message}]`; renderChat(); }
-  controller = null;
-  scheduleSave();
+    if (action === "undo") {
+      const out = await (await api(`/api/chat/sessions/${chat.id}/undo`, { method: "POST" })).json();
+      chatStatus("took back: " + out.taken);
+    } else if (action === "edit") {
+      const user = [...chat.turns].reverse().find((t) => t.role === "user");
+      if (!user) return;
+      $("#chat-message").value = user.content;
+      editing = true;
+      chatStatus("editing your last message: Send replaces it");
+      return;
+    } else if (action === "up" || action === "down") {
+      await api(`/api/chat/sessions/${chat.id}/rate`, { method: "POST", body: JSON.stringify({ rating: action }) });
+    } else if (action === "pin") {
+      const fact = $("#chat-fact").value.trim();
+      if (!fact) return;
+      await api(`/api/chat/sessions/${chat.id}/facts`, { method: "POST", body: JSON.stringify({ fact }) });
+      $("#chat-fact").value = "";
+    } else if (action === "persona") {
+      await api(`/api/chat/sessions/${chat.id}`, { method: "PATCH", body: JSON.stringify({ persona: $("#persona-pick").value }) });
+    } else if (action === "kb") {
+      await api(`/api/chat/sessions/${chat.id}`, { method: "PATCH", body: JSON.stringify({ kb: $("#kb-pick").value }) });
+    } else if (action === "delete") {
+      await api(`/api/chat/sessions/${chat.id}`, { method: "DELETE" });
+      chat = null;
+      project.data.chat_session = null;
+      scheduleSave();
+      await refreshSessions();
+      renderChat();
+      return;
+    }
+    await openSession(chat.id);
+  } catch (e) { chatStatus(e.message); }
+}
+
+async function exportChat() {
+  if (!chat) return;
+  const blob = await (await api(`/api/chat/sessions/${chat.id}/export?format=md`)).blob();
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `chat-${chat.id}.md`;
+  a.click();
 }
 
 // ---------------------------------------------------------------- wiring
@@ -507,7 +642,18 @@ function wire() {
   $("#run-task").onclick = runTask;
   $("#chat-send").onclick = sendChat;
   $("#chat-message").addEventListener("keydown", (e) => { if (e.key === "Enter") sendChat(); });
-  $("#chat-clear").onclick = () => { project.data.chat = []; renderChat(); scheduleSave(); };
+  $("#chat-new").onclick = () => newChat().catch((e) => chatStatus(e.message));
+  for (const action of ["retry", "undo", "edit", "up", "down", "pin", "delete"]) {
+    $("#chat-" + action).onclick = () => chatCommand(action);
+  }
+  $("#chat-export").onclick = (e) => { e.preventDefault(); exportChat(); };
+  $("#session-pick").onchange = () => {
+    const id = $("#session-pick").value;
+    if (id) openSession(id).catch((e) => chatStatus(e.message));
+    else { chat = null; renderChat(); }
+  };
+  $("#persona-pick").onchange = () => { describePersona(); if (chat) chatCommand("persona"); };
+  $("#kb-pick").onchange = () => { if (chat) chatCommand("kb"); };
   document.addEventListener("click", (e) => {
     if (!e.target.closest("#token-popup") && !e.target.classList.contains("tok")) $("#token-popup").classList.add("hidden");
   });
@@ -523,22 +669,25 @@ async function download(format) {
   a.click();
 }
 
+let personas = [];
+
+function describePersona() {
+  const p = personas.find((x) => x.name === $("#persona-pick").value);
+  $("#persona-about").textContent = p ? p.description : "";
+}
+
 async function loadPersonas() {
   try {
-    const { personas } = await (await api("/api/personas")).json();
-    const pick = $("#persona-pick");
-    pick.innerHTML = '<option value="">(your own)</option>' +
-      personas.map((p) => `<option value="${escapeHtml(p.name)}">${escapeHtml(p.name)}</option>`).join("");
-    pick.onchange = () => {
-      const p = personas.find((x) => x.name === pick.value);
-      if (!p) return;
-      $("#persona").value = p.system;
-      project.data.persona = p.system;
-      if (p.greeting && !project.data.chat.length) project.data.chat.push({ role: "assistant", content: p.greeting });
-      renderChat();
-      scheduleSave();
-    };
-  } catch (e) { /* personas are optional: the text box still works */ }
+    personas = (await (await api("/api/personas")).json()).personas;
+    $("#persona-pick").innerHTML = personas.map((p) =>
+      `<option value="${escapeHtml(p.name)}">${escapeHtml(p.name)}${p.language && p.language !== "en" ? " (" + escapeHtml(p.language) + ")" : ""}</option>`).join("");
+    $("#persona-pick").value = "assistant";
+    describePersona();
+    const { knowledge_bases } = await (await api("/api/kb")).json();
+    $("#kb-pick").innerHTML = '<option value="">(none)</option>' +
+      knowledge_bases.map((k) => `<option value="${escapeHtml(k.name)}">${escapeHtml(k.name)}</option>`).join("");
+    await refreshSessions();
+  } catch (e) { chatStatus(e.message); }
 }
 
 async function init() {

@@ -1,0 +1,294 @@
+"""LLMOS's own routes on a real server on 127.0.0.1: chat sessions (the REPL's turn pipeline),
+knowledge bases, writing with every CLI option, novels, personas, the model store, beam
+search, where Chinese requests go, and the OpenAPI schema of it all."""
+
+import json
+import os
+import time
+
+import httpx
+import pytest
+
+from conftest import BUNDLED_HOME, REPO
+from helpers import ServerThread, llmos
+
+SHOP = REPO / "benchmarks" / "data" / "shop"
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    """A user directory with the knowledge-base encoder from the shared test store."""
+    home = tmp_path_factory.mktemp("routes-home")
+    (home / "embedders").mkdir()
+    os.symlink(BUNDLED_HOME / "embedders" / "all-minilm-l6-v2", home / "embedders" / "all-minilm-l6-v2")
+    return home
+
+
+@pytest.fixture
+def in_home(monkeypatch, home):
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llm, home):
+    from llmos.db import Store
+    from llmos.server.app import create_app
+
+    s = ServerThread(create_app(tiny_llm, store=Store(home / "llmos.db"), max_len=512))
+    yield s
+    s.stop()
+
+
+def call(server, method, path, body=None, **kw):
+    return httpx.request(method, server.url + path, json=body, timeout=120, **kw)
+
+
+def events(response) -> list:
+    out = []
+    for line in response.text.splitlines():
+        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+            out.append(json.loads(line[5:]))
+    return out
+
+
+def test_a_chat_session_over_http(server, in_home):
+    r = call(server, "POST", "/api/chat/sessions", {"persona": "history-teacher", "title": "Rome"})
+    assert r.status_code == 201, r.text
+    session = r.json()
+    sid = session["id"]
+    assert session["persona"] == "history-teacher" and session["title"] == "Rome"
+    assert [t["role"] for t in session["turns"]] == ["assistant"]  # the greeting
+
+    reply = call(server, "POST", f"/api/chat/sessions/{sid}/messages",
+                 {"content": "my name is Ada", "max_tokens": 8, "seed": 1}).json()
+    assert reply["session"] == sid and reply["turn"]["role"] == "assistant" and reply["turn"]["content"] == reply["reply"]
+    assert call(server, "GET", f"/api/chat/sessions/{sid}").json()["facts"] == ["The user's name is Ada."]
+
+    streamed = call(server, "POST", f"/api/chat/sessions/{sid}/messages",
+                    {"content": "tell me more", "max_tokens": 8, "seed": 2, "stream": True})
+    assert streamed.text.rstrip().endswith("data: [DONE]")
+    got = events(streamed)
+    assert "context" in got[0] and "tell me more" in got[0]["context"]  # what was sent to the model
+    text = "".join(e.get("text", "") for e in got)
+    final = got[-1]["turn"]
+    assert final["reply"] == text.strip() and final["turn"]["content"] == text.strip()
+
+    before = call(server, "GET", f"/api/chat/sessions/{sid}").json()["turns"]
+    retried = call(server, "POST", f"/api/chat/sessions/{sid}/retry", {"max_tokens": 8, "seed": 3}).json()
+    after = call(server, "GET", f"/api/chat/sessions/{sid}").json()["turns"]
+    assert len(after) == len(before) and after[-1]["id"] == retried["turn"]["id"] != before[-1]["id"]
+
+    edited = call(server, "POST", f"/api/chat/sessions/{sid}/edit", {"content": "tell me less", "max_tokens": 6}).json()
+    users = [t["content"] for t in call(server, "GET", f"/api/chat/sessions/{sid}").json()["turns"] if t["role"] == "user"]
+    assert users == ["my name is Ada", "tell me less"] and edited["turn"]["role"] == "assistant"
+
+    assert call(server, "POST", f"/api/chat/sessions/{sid}/rate", {"rating": "up"}).json()["turns"][-1]["rating"] == 5
+    bad = call(server, "POST", f"/api/chat/sessions/{sid}/rate", {"rating": 9})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rating"
+    pinned = call(server, "POST", f"/api/chat/sessions/{sid}/facts", {"fact": "Ada writes about Rome"}).json()
+    assert pinned["pinned"] and "Ada writes about Rome" in pinned["facts"]
+    assert not call(server, "POST", f"/api/chat/sessions/{sid}/facts", {"fact": "Ada writes about Rome"}).json()["pinned"]
+
+    taken = call(server, "POST", f"/api/chat/sessions/{sid}/undo").json()
+    assert taken["taken"] == "tell me less"
+    renamed = call(server, "PATCH", f"/api/chat/sessions/{sid}", {"title": "Rome, again", "persona": "writing-coach"}).json()
+    assert renamed["title"] == "Rome, again" and renamed["persona"] == "writing-coach"
+
+    md = call(server, "GET", f"/api/chat/sessions/{sid}/export?format=md").text
+    assert md.startswith(f"# Chat {sid}: Rome, again") and "_(replaced)_" in md and "Ada writes about Rome" in md
+    record = json.loads(call(server, "GET", f"/api/chat/sessions/{sid}/export?format=json").text)
+    assert any(not t["active"] for t in record["turns"])
+    assert sid in [s["id"] for s in call(server, "GET", "/api/chat/sessions").json()["sessions"]]
+    assert call(server, "DELETE", f"/api/chat/sessions/{sid}").json() == {"deleted": sid}
+    assert call(server, "GET", f"/api/chat/sessions/{sid}").status_code == 404
+
+
+@pytest.mark.parametrize("method, path, body, status, param", [
+    ("POST", "/api/chat/sessions", {"persona": "nobody"}, 400, "persona"),
+    ("POST", "/api/chat/sessions", {"kb": "missing"}, 400, "kb"),
+    ("POST", "/api/chat/sessions", {"colour": "red"}, 400, "colour"),
+    ("POST", "/api/chat/sessions/9999/messages", {"content": "hi"}, 404, "session_id"),
+    ("POST", "/api/chat/sessions/9999/undo", None, 404, "session_id"),
+    ("GET", "/api/chat/sessions/9999/export", None, 404, "session_id"),
+    ("GET", "/api/kb/missing", None, 404, "name"),
+    ("GET", "/api/kb/bad name!/search?q=x", None, 400, "name"),
+    ("POST", "/api/kb/x/documents", {"documents": []}, 400, "documents"),
+    ("POST", "/api/write", {"task": "novel", "brief": "x"}, 400, "book"),
+    ("POST", "/api/write", {"task": "novel", "brief": "x", "book": "../up"}, 400, "book"),
+    ("POST", "/api/personas/import", {"description": "no name"}, 400, "card"),
+    ("GET", "/api/personas/nobody", None, 404, "name"),
+    ("POST", "/v1/completions", {"prompt": "x", "beams": 2, "n": 3}, 400, "n"),
+])
+def test_bad_requests_name_what_is_wrong(server, in_home, method, path, body, status, param):
+    r = call(server, method, path, body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+
+
+def test_an_empty_message_and_nothing_to_retry(server, in_home):
+    sid = call(server, "POST", "/api/chat/sessions", {}).json()["id"]
+    assert call(server, "POST", f"/api/chat/sessions/{sid}/messages", {"content": ""}).status_code == 400
+    r = call(server, "POST", f"/api/chat/sessions/{sid}/retry")
+    assert r.status_code == 400 and "nothing to retry" in r.json()["error"]["message"]
+
+
+def test_a_client_that_leaves_mid_reply_frees_its_rows_and_keeps_the_text(server, in_home):
+    scheduler = server.server.config.app.state.scheduler
+    sid = call(server, "POST", "/api/chat/sessions", {}).json()["id"]
+    with httpx.stream("POST", server.url + f"/api/chat/sessions/{sid}/messages", timeout=60,
+                      json={"content": "go on", "max_tokens": 400, "stream": True, "temperature": 1.0}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and '"text"' in line:
+                break
+    deadline = time.time() + 20
+    while scheduler.running and time.time() < deadline:
+        time.sleep(0.05)
+    assert scheduler.running == 0
+    deadline = time.time() + 10
+    from llmos.chat.sessions import Sessions
+
+    sessions = Sessions(server.server.config.app.state.store)
+    while time.time() < deadline and sessions.turns(sid)[-1]["role"] != "assistant":
+        time.sleep(0.05)
+    last = sessions.turns(sid)[-1]
+    assert last["role"] == "assistant" and last["meta"].get("interrupted") is True
+
+
+@pytest.mark.bundled
+def test_knowledge_bases_over_http_and_in_a_chat(server, in_home):
+    docs = [{"name": p.name, "text": p.read_text()} for p in (SHOP / "faq.md", SHOP / "shop.md")]
+    added = call(server, "POST", "/api/kb/shop/documents", {"documents": docs}).json()
+    assert sorted(added["added"]) == ["upload/faq.md", "upload/shop.md"] and added["passages"] > 5
+    again = call(server, "POST", "/api/kb/shop/documents", {"documents": docs[:1]}).json()
+    assert again["unchanged"] == ["upload/faq.md"] and again["added"] == []
+    assert "shop" in [k["name"] for k in call(server, "GET", "/api/kb").json()["knowledge_bases"]]
+    listed = call(server, "GET", "/api/kb/shop").json()["documents"]
+    assert [d["path"] for d in listed] == ["upload/faq.md", "upload/shop.md"]
+    hits = call(server, "GET", "/api/kb/shop/search?q=lettering%20lessons&k=2").json()["hits"]
+    assert hits[0]["source"] == "shop.md" and hits[0]["heading"] == "Calligraphy workshops"
+    # a chat on the knowledge base answers an FAQ question from it, with its source
+    question = next(line[2:].strip() for line in SHOP.joinpath("faq.md").read_text().splitlines() if line.startswith("Q:"))
+    sid = call(server, "POST", "/api/chat/sessions", {"persona": "support", "kb": "shop"}).json()["id"]
+    turn = call(server, "POST", f"/api/chat/sessions/{sid}/messages", {"content": question}).json()
+    assert turn["strategy"] == "faq" and "Source: faq.md" in turn["reply"]
+    assert call(server, "DELETE", "/api/kb/shop/documents?path=upload/faq.md").json() == {"deleted": "upload/faq.md"}
+    assert [d["path"] for d in call(server, "GET", "/api/kb/shop").json()["documents"]] == ["upload/shop.md"]
+    assert call(server, "DELETE", "/api/kb/shop").json() == {"deleted": "shop"}
+    assert call(server, "GET", "/api/kb/shop").status_code == 404
+
+
+def test_write_with_the_clis_options_gives_the_clis_result(server, tiny_dir, in_home):
+    body = {"task": "poem", "brief": "rain", "form": "haiku", "n": 3, "rank": True, "seed": 4, "max_tokens": 40}
+    api = call(server, "POST", "/api/write", body).json()
+    assert [c["form_problems"] for c in api["candidates"]] == [[], [], []]
+    cli = llmos("write", "poem", "rain", "--form", "haiku", "-n", "3", "--rank", "--seed", "4", "--max-tokens", "40",
+                "--json", "--precision", "fp32", "-m", str(tiny_dir), home=in_home)
+    assert cli.returncode == 0, cli.stderr
+    cli = json.loads(cli.stdout)
+    assert [c["text"] for c in api["candidates"]] == [c["text"] for c in cli["completions"]]
+    assert api["ranking"] == cli["ranking"] and api["form"] == cli["form"]
+
+    rewrite = call(server, "POST", "/api/write", {"task": "rewrite", "brief": "me and him goes", "max_tokens": 20,
+                                                  "seed": 1, "dry": 0.8, "allow_phrases": True}).json()
+    assert set(rewrite["revision"]) == {"revised", "suggestions", "diff"}
+    ideas = call(server, "POST", "/api/write", {"task": "brainstorm", "brief": "a heist", "variables": {"n": "3"},
+                                                "max_tokens": 30, "seed": 1}).json()
+    assert isinstance(ideas["ideas"], list) and len(ideas["ideas"]) <= 3
+    streamed = events(call(server, "POST", "/api/write", {**body, "stream": True}))
+    assert streamed[-1]["result"]["ranking"] == api["ranking"]
+    texts = ["".join(e.get("text", "") for e in streamed if e.get("index") == i) for i in range(3)]
+    assert texts == [c["text"] for c in api["candidates"]]
+
+
+def test_banned_phrases_and_generate_options(server, tiny_llm, in_home):
+    plain = call(server, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 12, "temperature": 0}).json()
+    first_word = plain["choices"][0]["text"].strip().split(" ")[0]
+    assert first_word
+    banned = call(server, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 12, "temperature": 0,
+                                                     "ban": [first_word]}).json()
+    assert first_word not in banned["choices"][0]["text"]
+    no_repeat = call(server, "POST", "/v1/completions", {"prompt": "the", "max_tokens": 30, "temperature": 0,
+                                                        "no_repeat_ngram_size": 2}).json()
+    ids = tiny_llm.tokenizer.encode(no_repeat["choices"][0]["text"], add_bos=False)
+    assert len(ids) > 4
+    beams = call(server, "POST", "/v1/completions", {"prompt": "the cat", "max_tokens": 8, "beams": 3, "n": 2}).json()
+    direct = tiny_llm.beam_search("the cat", 3, 8, n=2)
+    assert [c["text"] for c in beams["choices"]] == [c.text for c in direct.completions]
+
+
+def test_a_novel_over_http_resumes_from_its_files(server, in_home):
+    body = {"task": "novel", "brief": "a lighthouse keeper", "book": "keeper", "chapters": 1, "seed": 1}
+    first = call(server, "POST", "/api/write", body).json()
+    names = [s["name"] for s in first["stages"]]
+    assert names == ["premise", "outline", "plan of chapter 1", "chapter 1", "summary of chapter 1", "ledger of chapter 1"]
+    assert all(s["generated"] for s in first["stages"]) and (in_home / "books" / "keeper" / "chapters" / "01.md").is_file()
+    (in_home / "books" / "keeper" / "chapters" / "01.md").unlink()  # the writer deletes a chapter: only it is redone
+    streamed = events(call(server, "POST", "/api/write", {**body, "stream": True}))
+    redone = {e["stage"]["name"]: e["stage"]["generated"] for e in streamed}
+    assert redone["premise"] is False and redone["chapter 1"] is True and redone["summary of chapter 1"] is True
+
+
+def test_personas_and_the_model_store(server, in_home):
+    card = {"spec": "chara_card_v2", "data": {"name": "Captain Vale", "description": "A smuggler.",
+                                              "first_mes": "Ahoy, {{user}}.", "mes_example": ""}}
+    r = call(server, "POST", "/api/personas/import", card).json()
+    assert r["name"] == "Captain-Vale"
+    shown = call(server, "GET", "/api/personas/Captain-Vale").json()
+    assert shown["greeting"] == "Ahoy, you." and shown["description"] == "A smuggler."
+    assert "Captain-Vale" in [p["name"] for p in call(server, "GET", "/api/personas").json()["personas"]]
+    models = call(server, "GET", "/api/models").json()["models"]
+    assert {"smollm2-135m-instruct", "gemma3-270m"} <= {m["name"] for m in models}
+    r = call(server, "POST", "/api/models/no-such-model/pull")
+    assert r.status_code == 404 and "unknown model" in r.json()["error"]["message"]
+
+
+def test_chinese_on_an_english_server_says_why(server, in_home):
+    r = call(server, "POST", "/api/write", {"task": "poem", "brief": "春天", "max_tokens": 5})
+    assert r.status_code == 200 and "multilingual" in r.headers["x-llmos-note"]
+    r = call(server, "POST", "/api/write", {"task": "poem", "brief": "spring", "max_tokens": 5})
+    assert "x-llmos-note" not in r.headers
+
+
+@pytest.mark.bundled
+def test_chinese_goes_to_the_multilingual_model(tiny_llm, gemma3_dir, tmp_path, monkeypatch):
+    from llmos.db import Store
+    from llmos.server.app import create_app
+
+    s = ServerThread(create_app(tiny_llm, store=Store(tmp_path / "db"), multilingual=str(gemma3_dir)))
+    try:
+        zh = call(s, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "写一句关于秋天的诗"}],
+                                                      "max_tokens": 12, "temperature": 0}).json()
+        en = call(s, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "autumn"}],
+                                                      "max_tokens": 4, "temperature": 0}).json()
+        assert zh["model"] == "gemma3-270m" and en["model"] == tiny_llm.name
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in zh["choices"][0]["message"]["content"])
+        named = call(s, "POST", "/v1/chat/completions", {"model": tiny_llm.name, "max_tokens": 2,
+                                                         "messages": [{"role": "user", "content": "秋天"}]}).json()
+        assert named["model"] == tiny_llm.name  # a named model is always used
+        assert {m["id"] for m in call(s, "GET", "/v1/models").json()["data"]} == {tiny_llm.name, "gemma3-270m"}
+        # a persona in Chinese starts its sessions on the multilingual model
+        personas = tmp_path / "personas"
+        personas.mkdir()
+        monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+        (personas / "laoshi.yaml").write_text("name: laoshi\ndescription: 一位耐心的语文老师。\nlanguage: zh\n", encoding="utf-8")
+        session = call(s, "POST", "/api/chat/sessions", {"persona": "laoshi"}).json()
+        assert session["model"] == "gemma3-270m"
+    finally:
+        s.stop()
+
+
+def test_every_route_is_documented(server):
+    spec = call(server, "GET", "/openapi.json").json()
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            ok = op["responses"].get("200") or op["responses"].get("201")
+            assert ok and ok.get("content"), f"{method.upper()} {path} documents no response"
+            schema = next(iter(ok["content"].values())).get("schema")
+            if path not in ("/api/chat/sessions/{session_id}/export", "/api/projects/{project_id}/export", "/metrics"):
+                assert schema, f"{method.upper()} {path} has no response schema"
+            if method in ("post", "put", "patch") and not path.endswith(("/undo", "/pull")):
+                assert "requestBody" in op, f"{method.upper()} {path} documents no request body"
+    for needed in ("/api/chat/sessions", "/api/chat/sessions/{session_id}/messages", "/api/kb/{name}/documents",
+                   "/api/kb/{name}/search", "/api/write", "/api/models", "/api/personas/import", "/v1/embeddings"):
+        assert needed in spec["paths"]
