@@ -20,6 +20,18 @@ def cpu_name() -> str:
     return "unknown"
 
 
+def revision() -> str:
+    """The git commit the measured code is at (with '+changes' when the tree differs from it)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "llmos"], cwd=ROOT, capture_output=True, text=True).stdout
+        return head + ("+changes" if dirty.strip() else "") if head else "unknown"
+    except OSError:
+        return "unknown"
+
+
 def print_table(header: list[str], rows: list[list]):
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:

@@ -7,6 +7,7 @@ Each engine runs in its own child process (so peak RSS is its own), loads the mo
 a 128-token prompt with 256 new tokens, greedy, `--repeats` times; the table reports medians.
 transformers loads the original GGUF (it dequantizes to float32, as the parity tests do).
 LLMOS also runs `-n 8` (8 sampled candidates sharing one prefill) for aggregate throughput.
+--engines picks the rows to run (e.g. llmos_fp16,llmos_fp16_n8 to compare two revisions of LLMOS).
 Results: a table on stdout and JSON in benchmarks/results/generate.json.
 """
 
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, cpu_name, print_table, write_json
+from common import RESULTS, ROOT, cpu_name, print_table, revision, write_json
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
 
@@ -38,7 +39,7 @@ def peak_rss_mib() -> float:
 def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
     import torch
 
-    from llmos.engine.generate import Generation
+    from llmos.engine.generate import Request, run
     from llmos.engine.sampling import SamplingParams
     from llmos.weights.store import load_checkpoint, resolve
 
@@ -54,14 +55,17 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
         params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
     else:
         params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=NEW_TOKENS, seed=0)
+    def generate(params, n):
+        req = Request(ids, params, n)
+        for _ in run(loaded.model, req):
+            pass
+        return req.timings
+
     runs = []
     with torch.inference_mode():
-        Generation(loaded.model, ids, SamplingParams(temperature=0, max_tokens=8)).__iter__().__next__()  # warm-up
+        generate(SamplingParams(temperature=0, max_tokens=8), 1)  # warm-up
         for _ in range(repeats):
-            gen = Generation(loaded.model, ids, params, n)
-            for _ in gen:
-                pass
-            t = gen.timings
+            t = generate(params, n)
             runs.append(dict(
                 ttft_s=t.first_token_s, prefill_tok_s=len(ids) / t.prefill_s,
                 decode_tok_s=t.decode_tokens / t.decode_s,
@@ -126,6 +130,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("-n", type=int, default=1)
+    ap.add_argument("--engines", default="hf_fp32,llmos_fp16,llmos_fp32,llmos_fp16_n8",
+                    help="which rows to run (comma-separated); the ratio column needs hf_fp32")
     ap.add_argument("--child", choices=["llmos", "hf"])
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args()
@@ -139,20 +145,25 @@ def main():
     import torch
 
     rows, results = [], {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(),
-                         "cpu": cpu_name(), "models": {}}
+                         "cpu": cpu_name(), "revision": revision(), "models": {}}
     for model in args.models.split(","):
-        r = {
-            "hf_fp32": child(dict(engine="hf", model=model, repeats=args.repeats)),
-            "llmos_fp16": child(dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats)),
-            "llmos_fp32": child(dict(engine="llmos", model=model, precision="fp32", repeats=args.repeats)),
-            "llmos_fp16_n8": child(dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats, n=8)),
+        jobs = {
+            "hf_fp32": dict(engine="hf", model=model, repeats=args.repeats),
+            "llmos_fp16": dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats),
+            "llmos_fp32": dict(engine="llmos", model=model, precision="fp32", repeats=args.repeats),
+            "llmos_fp16_n8": dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats, n=8),
         }
-        hf_decode = median(r["hf_fp32"]["runs"], "decode_tok_s")
+        wanted = args.engines.split(",")
+        unknown = set(wanted) - set(jobs)
+        if unknown:
+            raise SystemExit(f"unknown --engines {', '.join(sorted(unknown))}; choose from {', '.join(jobs)}")
+        r = {name: child(job) for name, job in jobs.items() if name in wanted}
+        hf_decode = median(r["hf_fp32"]["runs"], "decode_tok_s") if "hf_fp32" in r else None
         for name, res in r.items():
             decode = median(res["runs"], "decode_tok_s")
             res["median"] = {k: median(res["runs"], k) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
-            res["decode_vs_hf"] = decode / hf_decode
-            rows.append([model, name, f"{decode:.1f}", f"{decode / hf_decode:.2f}x",
+            res["decode_vs_hf"] = decode / hf_decode if hf_decode else None
+            rows.append([model, name, f"{decode:.1f}", f"{decode / hf_decode:.2f}x" if hf_decode else "-",
                          f"{res['median']['prefill_tok_s']:.0f}", f"{res['median']['ttft_s']:.2f}",
                          f"{res['load_s']:.2f}", f"{res['peak_rss_mib']:.0f}"])
         results["models"][model] = r

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, cpu_name, print_table, write_json
+from common import RESULTS, ROOT, cpu_name, print_table, revision, write_json
 
 
 def free_port() -> int:
@@ -201,29 +201,28 @@ async def soak(server: Server, prompts: list[str], output_len: int, concurrency:
 
 
 def engine_only(model: str, precision: str, input_len: int, steps: int = 64) -> dict:
-    """The scheduler's decode steps in this process, without HTTP: 1 row against 16 rows."""
+    """The engine's decode steps in this process, without HTTP or threads: 1 row against 16 rows."""
     from dataclasses import replace
 
     import torch
 
+    from llmos.engine.generate import Engine, Request
     from llmos.llm import LLM
-    from llmos.server.scheduler import Request, Scheduler
 
     torch.set_grad_enabled(False)
     llm = LLM.load(model, precision=precision)
     ids = llm.tokenizer.encode(make_prompts(model, 1, input_len)[0])[:input_len]
     out = {}
     for rows in (1, 16):
-        s = Scheduler(llm, max_batch=16, max_len=input_len + steps + 8)
-        s.close()  # drive it by hand, from this thread
+        engine = Engine(llm.model, max_batch=16, max_len=input_len + steps + 8)
         params = llm.sampling(max_tokens=steps + 4, temperature=0.8)
         for i in range(rows):
-            s.waiting.put(Request(ids, replace(params, seed=i, stop_token_ids=[])))
-        s._admit()
-        s._step()  # warm-up
+            engine.add(Request(ids, replace(params, seed=i, stop_token_ids=[])))
+        engine.step()  # admission: every prefill
+        engine.step()  # warm-up
         t0 = time.perf_counter()
         for _ in range(steps):
-            s._step()
+            engine.step()
         out[rows] = 1000 * (time.perf_counter() - t0) / steps
     return {"ms_per_step_1": out[1], "ms_per_step_16": out[16], "speedup": 16 * out[1] / out[16]}
 
@@ -239,7 +238,7 @@ def main():
     ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals (default: all at once)")
     ap.add_argument("--soak", type=float, default=0, help="seconds of sustained load at --concurrency (0: skip)")
     ap.add_argument("--soak-only", action="store_true", help="skip the sequential/concurrent comparison")
-    ap.add_argument("--engine-only", action="store_true", help="time the scheduler's decode steps in-process, no HTTP")
+    ap.add_argument("--engine-only", action="store_true", help="time the engine's decode steps in-process, no HTTP")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
 
@@ -250,7 +249,7 @@ def main():
         r = engine_only(args.model, args.precision, args.input_len)
         print(f"scheduler without HTTP: {r['ms_per_step_1']:.1f} ms per step for 1 row, {r['ms_per_step_16']:.1f} ms for 16 rows: "
               f"{r['speedup']:.2f}x the tokens per second")
-        write_json(args.out, {"model": args.model, "cpu": cpu_name(), **r})
+        write_json(args.out, {"model": args.model, "cpu": cpu_name(), "revision": revision(), **r})
         return
     prompts = make_prompts(args.model, args.num_prompts, args.input_len)
     server = Server(args.model, max(args.concurrency, 1), args.precision)
@@ -258,7 +257,7 @@ def main():
         server.wait_ready()
         asyncio.run(run_load(server.url, prompts[:2], 8, 2, float("inf"), seed0=99))  # warm-up
         rss_start = server.rss()
-        results = {"model": args.model, "precision": args.precision, "cpu": cpu_name(),
+        results = {"model": args.model, "precision": args.precision, "cpu": cpu_name(), "revision": revision(),
                    "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
                    "concurrency": args.concurrency, "rate": str(args.rate), "rss_start_mib": rss_start}
         if not args.soak_only:

@@ -292,3 +292,55 @@ def test_every_route_is_documented(server):
     for needed in ("/api/chat/sessions", "/api/chat/sessions/{session_id}/messages", "/api/kb/{name}/documents",
                    "/api/kb/{name}/search", "/api/write", "/api/models", "/api/personas/import", "/v1/embeddings"):
         assert needed in spec["paths"]
+
+
+def wait_job(server, job_id, until=("done", "failed", "stopped"), timeout=240, check=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = call(server, "GET", f"/api/jobs/{job_id}").json()
+        if job["status"] in until and (check is None or check(job)):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['status']}: {job['log'][-2000:]}")
+
+
+@pytest.mark.slow
+def test_prepare_train_resume_stop_and_export_as_jobs(server, in_home, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Verse {i}: the sea, the salt, the slow grey light of morning {i % 7}." for i in range(400)))
+    job = call(server, "POST", "/api/prepare", {"inputs": [str(corpus)], "output": str(tmp_path / "data")})
+    assert job.status_code == 202 and job.json()["command"][:2] == ["llmos", "prepare"]
+    done = wait_job(server, job.json()["id"])
+    assert done["status"] == "done", done["log"]
+
+    opts = {"preset": "baby-gpt", "max_steps": 4, "eval_interval": 2, "eval_iters": 1, "batch_size": 2, "log_interval": 1}
+    body = {"data": str(tmp_path / "data"), "output": str(tmp_path / "run"), "options": opts, "set": ["n_layer=1"]}
+    for bad, needle in (({"lr": 5}, "lr must be in (0, 1)"), ({"learning_rate": 1}, "learning_rate"),
+                        ({"model": {"n_layers": 2}}, "n_layers")):
+        r = call(server, "POST", "/api/train", {**body, "options": {**opts, **bad}})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"]
+    r = call(server, "POST", "/api/train", {**body, "data": str(tmp_path / "nothing")})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "data"
+
+    trained = wait_job(server, call(server, "POST", "/api/train", body).json()["id"])
+    assert trained["status"] == "done", trained["log"]
+    assert trained["progress"]["step"] == 4 and (tmp_path / "run" / "LATEST").is_file()
+    resumed = wait_job(server, call(server, "POST", "/api/train", {"data": body["data"], "output": body["output"],
+                                                                 "options": {"max_steps": 6}, "resume": True}).json()["id"])
+    assert resumed["status"] == "done" and resumed["progress"]["step"] == 6, resumed["log"]
+
+    long = call(server, "POST", "/api/train", {**body, "output": str(tmp_path / "long"),
+                                               "options": {**opts, "max_steps": 100000}}).json()
+    wait_job(server, long["id"], until=("running",), check=lambda j: (j["progress"] or {}).get("step", 0) >= 3)
+    stopped = call(server, "POST", f"/api/jobs/{long['id']}/stop").json()
+    assert stopped["status"] == "stopped" and "--resume" in stopped["log"]
+    assert (tmp_path / "long" / "LATEST").is_file()  # the last checkpoint is kept
+
+    ngram = wait_job(server, call(server, "POST", "/api/ngram", {"data": body["data"], "order": 3}).json()["id"])
+    assert ngram["status"] == "done" and "perplexity" in ngram["log"]
+    exported = wait_job(server, call(server, "POST", "/api/export", {"model": body["output"],
+                                                                   "output": str(tmp_path / "hf")}).json()["id"])
+    assert exported["status"] == "done" and (tmp_path / "hf" / "config.json").is_file()
+    listed = [j["id"] for j in call(server, "GET", "/api/jobs").json()["jobs"]]
+    assert listed[:2] == [exported["id"], ngram["id"]]
+    assert call(server, "GET", "/api/jobs/999").status_code == 404

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from llmos.server import errors
 from llmos.server.gate import Gate
-from llmos.server.routes import chat, knowledge, models, openai, projects, studio, writing
+from llmos.server.routes import chat, jobs, knowledge, models, openai, projects, studio, writing
 from llmos.server.state import ServerState
 
 
@@ -44,7 +44,7 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
     app.state.metrics = state.metrics
     app.add_middleware(Gate, limit=max_body, api_key=api_key, on_reject=state.metrics.count_request)
     errors.install(app, lambda request, status: state.metrics.count_request(request.url.path, status))
-    for router in (openai.router, writing.router, chat.router, knowledge.router, projects.router, models.router,
-                   studio.router):
+    for router in (openai.router, writing.router, chat.router, knowledge.router, projects.router, jobs.router,
+                   models.router, studio.router):
         app.include_router(router)
     return app

@@ -590,3 +590,70 @@ def chat_logprobs(tokenizer, lps) -> list[dict]:
 
     return [{**item(lp.token, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]}
             for lp in lps if lp is not None]
+
+
+# -- corpus, training and export jobs ----------------------------------------------------------
+
+
+class PrepareBody(BaseModel):
+    """POST /api/prepare: `llmos prepare` as a job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] = Field(min_length=1, description="Files, folders and globs of .txt, .md and .jsonl on this machine.")
+    output: str = Field(min_length=1, description="Dataset folder to write.")
+    tokenizer: str = "char"
+    vocab_size: int = Field(8192, ge=2)
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    separator: str | None = None
+    dedup: bool = True
+    near_dup_threshold: float = Field(0.8, gt=0, le=1)
+    lowercase: bool = False
+    remove_stopwords: bool = False
+    seed: int = 1337
+
+
+class TrainBody(BaseModel):
+    """POST /api/train: `llmos train` as a job. `options` holds what a --config YAML file holds
+    (any training option, and `model:` fields), merged by the same builder as the command's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(min_length=1, description="A folder written by `llmos prepare` (or POST /api/prepare).")
+    output: str = Field(min_length=1, description="The run folder: checkpoints, metrics.jsonl, loss.png.")
+    options: dict[str, Any] = Field({}, description='Training options, e.g. {"preset": "tiny", "time_limit": "5m", '
+                                                    '"model": {"n_layer": 6}}.')
+    set: list[str] = Field([], description="Model fields as FIELD=VALUE, as `--set`.")
+    resume: bool = Field(False, description="Continue the run in output where it stopped.")
+
+
+class NgramBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(min_length=1)
+    order: int = Field(5, ge=1, le=10)
+
+
+class ExportBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, description="A run folder, checkpoint folder or model name.")
+    output: str = Field(min_length=1)
+    format: Literal["hf"] = "hf"
+
+
+class JobInfo(BaseModel):
+    id: int
+    kind: str
+    command: list[str]
+    status: Literal["running", "done", "failed", "stopped"]
+    returncode: int | None = None
+    folder: str | None = None
+    started_at: float
+    ended_at: float | None = None
+    log: str | None = Field(None, description="The end of the job's output.")
+    progress: dict[str, Any] | None = Field(None, description="train: the latest metrics line.")
+
+
+class JobList(BaseModel):
+    jobs: list[JobInfo]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request as HTTPRequest
 
 from llmos.server.errors import APIError, not_found
+from llmos.server.jobs import Jobs
 from llmos.server.metrics import Metrics
 from llmos.server.scheduler import Scheduler
 
@@ -39,6 +40,7 @@ class ServerState:
         self.primary = self._serve(llm)
         self.served: dict[str, Served] = {llm.name: self.primary}
         self.metrics = Metrics(self.schedulers)
+        self.jobs = Jobs()
         self._loading: asyncio.Lock | None = None
 
     def _serve(self, llm) -> Served:
@@ -51,6 +53,7 @@ class ServerState:
     def close(self):
         for scheduler in self.schedulers():
             scheduler.close()
+        self.jobs.close()
 
     def remote(self, model: str | None):
         return self.remotes.get(model) if model else None

@@ -112,13 +112,19 @@ def saved_train_config(run_dir: Path) -> dict:
 
 
 def build_train_config(output: Path, *, config_file: Path | None = None, flags: dict | None = None,
-                       set_pairs: list[str] = (), resume: bool = False) -> TrainConfig:
-    """The options of a run, merged in one order: defaults < YAML file < flags < `--set` (for model
-    fields). flags maps TrainConfig fields to values, None meaning "not given"; a time_limit given
-    as text ('5m') is read as a duration. Resuming the run in output with no options that define a
-    model (preset, config file, --set, init_from, objective) reuses its saved options; only
-    max_steps and time_limit may change then. Raises TrainError with a message for the user."""
+                       set_pairs: list[str] = (), resume: bool = False, options: dict | None = None) -> TrainConfig:
+    """The options of a run, merged in one order: defaults < YAML file (or `options`, the same
+    mapping already parsed: an HTTP request's) < flags < `--set` (for model fields). flags maps
+    TrainConfig fields to values, None meaning "not given"; a time_limit given as text ('5m') is
+    read as a duration. Resuming the run in output with no options that define a model (preset,
+    config file, --set, init_from, objective) reuses its saved options; only max_steps and
+    time_limit may change then. Raises TrainError with a message for the user."""
     values: dict = {}
+    if options is not None:
+        if not isinstance(options, dict):
+            raise TrainError("training options must be a mapping of option names to values")
+        values.update(options)
+        config_file = None
     if config_file is not None:
         import yaml
 
@@ -131,17 +137,24 @@ def build_train_config(output: Path, *, config_file: Path | None = None, flags: 
         values.update(loaded)
     from_file = values.pop("model", None) or {}
     if not isinstance(from_file, dict):
-        raise TrainError(f"{config_file}: 'model' must be a mapping of model fields, e.g. model: {{n_layer: 6}}")
+        raise TrainError(f"{config_file or 'options'}: 'model' must be a mapping of model fields, e.g. model: {{n_layer: 6}}")
     model_over = {**from_file, **parse_model_overrides(list(set_pairs))}
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     values.update(flags)
     if isinstance(values.get("time_limit"), str):
         values["time_limit"] = parse_duration(values["time_limit"])
-    defines_model = any(flags.get(k) for k in ("preset", "init_from", "objective")) or config_file or set_pairs
+    defines_model = any(flags.get(k) for k in ("preset", "init_from", "objective")) or config_file or options or set_pairs
     if resume and Path(output).exists() and not defines_model:
         kept = {k: v for k, v in values.items() if k in ("max_steps", "time_limit")}
         values = {**saved_train_config(Path(output)), **kept}
         model_over = values.pop("model", {})
+    if model_over:
+        from llmos.model import ModelConfig
+
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(model_over) - known)
+        if unknown:
+            raise TrainError(f"unknown model field(s) {', '.join(unknown)}; fields: {', '.join(sorted(known))}")
     cfg = TrainConfig.from_dict({**values, "model": model_over})
     cfg.validate()
     return cfg
