@@ -122,3 +122,29 @@ def test_bundled_end_to_end(smollm2_dir):
     assert len(set(texts)) == 3
     listing = llmos("models", home=BUNDLED_HOME)
     assert "smollm2-135m-instruct" in listing.stdout and "apache-2.0" in listing.stdout
+
+
+@pytest.mark.bundled
+def test_chinese_runs_on_the_multilingual_model_by_default(smollm2_dir, gemma3_dir, tmp_path):
+    """One rule on every default path: Chinese with no model named goes to gemma3-270m."""
+    home = tmp_path / "home"
+    home.mkdir()
+    os.symlink(BUNDLED_HOME / "models", home / "models")
+    zh = json.loads(llmos("generate", "秋天的夜晚", "--max-tokens", "4", "--json", home=home).stdout)
+    en = json.loads(llmos("generate", "An autumn night", "--max-tokens", "4", "--json", home=home).stdout)
+    assert zh["model"] == "gemma3-270m" and en["model"] == "smollm2-135m-instruct"
+    named = json.loads(llmos("generate", "秋天", "-m", "smollm2-135m-instruct", "--max-tokens", "2", "--json",
+                             home=home).stdout)
+    assert named["model"] == "smollm2-135m-instruct"
+    persona = tmp_path / "laoshi.yaml"
+    persona.write_text("name: laoshi\ndescription: 一位耐心的语文老师。\nlanguage: zh\n", encoding="utf-8")
+    chat = llmos("chat", "--persona", str(persona), "--max-tokens", "8", stdin="你好\n", home=home)
+    assert chat.returncode == 0, chat.stderr
+    from llmos.chat.sessions import Sessions
+    from llmos.db import Store
+
+    (session,) = Sessions(Store(home / "llmos.db")).list()
+    assert session["model"] == "gemma3-270m" and session["persona"] == "laoshi"
+    again = llmos("chat", "--session", str(session["id"]), "--max-tokens", "4", stdin="再说一句\n", home=home)
+    assert again.returncode == 0, again.stderr
+    assert Sessions(Store(home / "llmos.db")).get(session["id"])["model"] == "gemma3-270m"

@@ -52,6 +52,8 @@ class Conversation:
                 self.persona = persona_from_dict(json.loads(row["persona_data"]), f"session {session_id}")
             if row["status"] == "closed":
                 sessions.update(self.id, status="open")
+            if row["model"] != llm.name:  # the session goes on with another model: say so in it
+                sessions.update(self.id, model=llm.name)
 
     # -- state --
 

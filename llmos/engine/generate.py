@@ -253,7 +253,9 @@ def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions
 
 class Engine:
     """Continuous batching over one model and one KV cache. Call `add`, then `step` while
-    `has_work`; each step returns the events it produced."""
+    `has_work`; each step returns the events it produced. `add` may be called from another
+    thread than `step` (a server's routes; the waiting line is a deque, whose appends are
+    atomic); everything else belongs to the thread that steps."""
 
     def __init__(self, model: Transformer, max_batch: int = 16, max_len: int | None = None):
         self.model = model

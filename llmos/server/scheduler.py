@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -45,7 +46,6 @@ class Scheduler:
     def __init__(self, model, max_batch: int = 16, max_len: int | None = None, max_queue: int = 64):
         self.engine = Engine(model, max_batch=max_batch, max_len=min(max_len or 2048, model.config.max_seq_len))
         self.max_batch, self.max_len, self.max_queue = max_batch, self.engine.max_len, max_queue
-        self.incoming: queue.SimpleQueue[Request] = queue.SimpleQueue()
         self.rejected = 0
         self._stop = threading.Event()
         self._wake = threading.Condition()
@@ -60,7 +60,7 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        return self.incoming.qsize() + len(self.engine.waiting)
+        return len(self.engine.waiting)
 
     @property
     def running(self) -> int:
@@ -75,13 +75,17 @@ class Scheduler:
             self.rejected += 1
             raise QueueFull()
         req.owner = AsyncInbox(loop) if loop is not None else ThreadInbox()
-        self.incoming.put(req)
+        # Straight into the engine's waiting line (a deque: appending is atomic), so that a burst
+        # of requests arriving while others are prefilled is admitted in the same step.
+        self.engine.add(req)
         with self._wake:
             self._wake.notify()
 
-    def drive(self, req: Request) -> Iterator[list[Event]]:
+    def drive(self, req: Request, timeout: float | None = None) -> Iterator[list[Event]]:
         """Run a request in the shared batch from a worker thread: its events, step by step.
         An `LLM` made with `llm.with_driver(scheduler.drive)` generates this way."""
+        if timeout is not None:
+            req.deadline = time.monotonic() + timeout
         self.submit(req)
         inbox: ThreadInbox = req.owner
         ended = 0
@@ -105,11 +109,9 @@ class Scheduler:
     def _run(self):
         torch.set_grad_enabled(False)
         while not self._stop.is_set():
-            while not self.incoming.empty():
-                self.engine.waiting.append(self.incoming.get())
             if not self.engine.has_work:
                 with self._wake:
-                    if self.incoming.empty() and not self._stop.is_set():
+                    if not self.engine.has_work and not self._stop.is_set():
                         self._wake.wait(timeout=0.5)
                 continue
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import partial
 
 from fastapi import Request as HTTPRequest
 
@@ -45,7 +46,7 @@ class ServerState:
 
     def _serve(self, llm) -> Served:
         scheduler = Scheduler(llm.model, max_batch=self.max_batch, max_len=self.max_len, max_queue=self.max_queue)
-        return Served(llm.with_driver(scheduler.drive), scheduler)
+        return Served(llm.with_driver(partial(scheduler.drive, timeout=self.request_timeout)), scheduler)
 
     def schedulers(self) -> list[Scheduler]:
         return list({id(s.scheduler): s.scheduler for s in self.served.values()}.values())

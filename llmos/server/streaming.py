@@ -26,6 +26,7 @@ def sse(obj) -> str:
 
 
 DONE = "data: [DONE]\n\n"
+BUSY = "the server is busy: too many requests are waiting; retry shortly"
 
 
 async def submit(served, req: Request, timeout: float):
@@ -35,8 +36,7 @@ async def submit(served, req: Request, timeout: float):
     try:
         served.scheduler.submit(req, asyncio.get_running_loop())
     except QueueFull:
-        raise APIError(429, "the server is busy: too many requests are waiting; retry shortly",
-                       kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+        raise APIError(429, BUSY, kind="rate_limit_error", headers={"Retry-After": "1"}) from None
     except ValueError as e:
         raise APIError(400, str(e), "prompt") from None
 

@@ -13,8 +13,9 @@ from fastapi.responses import Response, StreamingResponse
 
 from llmos.server import protocol as P
 from llmos.server.errors import APIError, not_found
+from llmos.server.scheduler import QueueFull
 from llmos.server.state import state
-from llmos.server.streaming import DONE, in_thread, sse
+from llmos.server.streaming import BUSY, DONE, in_thread, sse
 
 router = APIRouter(tags=["Chat"])
 
@@ -235,6 +236,8 @@ async def _turn(http: HTTPRequest, session_id: int, opts: P.TurnOptions, start):
                         yield sse({"text": item})
                 yield sse({"turn": turn_json()})
                 yield DONE
+            except QueueFull:
+                yield sse(P.error_body(BUSY, kind="rate_limit_error"))
             except (*errors, ValueError, RuntimeError) as e:
                 yield sse(P.error_body(str(e)))
 
@@ -242,6 +245,8 @@ async def _turn(http: HTTPRequest, session_id: int, opts: P.TurnOptions, start):
     try:
         async for _ in in_thread(pieces, http):
             pass
+    except QueueFull:
+        raise APIError(429, BUSY, kind="rate_limit_error", headers={"Retry-After": "1"}) from None
     except (*errors, ValueError) as e:
         raise APIError(400, str(e)) from None
     return turn_json()

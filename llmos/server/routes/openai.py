@@ -34,6 +34,16 @@ def engine_request(llm, prompt, params, body: P.SamplingFields):
         raise APIError(400, str(e), "messages" if isinstance(prompt, list) else "prompt") from None
 
 
+def _stream(st, req, http: HTTPRequest, body: P.SamplingFields, chunk, head: list[str], envelope):
+    """The SSE response of a completion or chat completion, with the usage chunk when asked."""
+
+    def tail():
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(envelope([], usage=P.usage(req)))
+
+    return event_stream(req, http, chunk, head=head, tail=tail, on_end=lambda: st.metrics.finished(req, http.url.path))
+
+
 @router.get("/v1/models", response_model=P.ModelList)
 def list_models(http: HTTPRequest):
     st = state(http)
@@ -79,12 +89,7 @@ async def completions(body: P.CompletionRequest, http: HTTPRequest):
             return sse(envelope([{"index": e.index, "text": e.text, "logprobs": lp,
                                   "finish_reason": e.finish_reason and P.finish_reason(e.finish_reason)}]))
 
-        def tail():
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(envelope([], usage=P.usage(req)))
-
-        return event_stream(req, http, chunk, head=head, tail=tail,
-                            on_end=lambda: st.metrics.finished(req, http.url.path))
+        return _stream(st, req, http, body, chunk, head, envelope)
     reasons = await finish(req, http)
     st.metrics.finished(req, http.url.path)
     choices = []
@@ -148,12 +153,7 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
             lp = {"content": P.chat_logprobs(llm.tokenizer, [e.logprob])} if body.logprobs and e.logprob else None
             return sse(envelope([{"index": e.index, "delta": {"content": e.text}, "logprobs": lp, "finish_reason": None}]))
 
-        def tail():
-            if body.stream_options and body.stream_options.include_usage:
-                yield sse(envelope([], usage=P.usage(req)))
-
-        return event_stream(req, http, chunk, head=head, tail=tail,
-                            on_end=lambda: st.metrics.finished(req, http.url.path))
+        return _stream(st, req, http, body, chunk, head, envelope)
     reasons = await finish(req, http)
     st.metrics.finished(req, http.url.path)
     choices = []

@@ -11,8 +11,9 @@ from fastapi.responses import StreamingResponse
 
 from llmos.server import protocol as P
 from llmos.server.errors import APIError, param_of
+from llmos.server.scheduler import QueueFull
 from llmos.server.state import state
-from llmos.server.streaming import DONE, event_stream, finish, in_thread, sse, submit
+from llmos.server.streaming import BUSY, DONE, event_stream, finish, in_thread, sse, submit
 
 router = APIRouter(tags=["Writing"])
 
@@ -114,12 +115,16 @@ async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequ
                 async for stage in in_thread(book.stages, http):
                     yield sse({"stage": stage_json(stage)})
                 yield DONE
+            except QueueFull:
+                yield sse(P.error_body(BUSY, kind="rate_limit_error"))
             except (NovelError, ValueError, RuntimeError) as e:
                 yield sse(P.error_body(str(e)))
 
         return StreamingResponse(events(), media_type="text/event-stream")
     try:
         stages = [stage_json(s) async for s in in_thread(book.stages, http)]
+    except QueueFull:
+        raise APIError(429, BUSY, kind="rate_limit_error", headers={"Retry-After": "1"}) from None
     except (NovelError, ValueError) as e:
         raise APIError(400, str(e)) from None
     return {"book": body.book, "folder": str(folder), "stages": stages}
