@@ -133,10 +133,22 @@ def run_engine(engine, until=None, limit=500):
     return events
 
 
+def trace(seq) -> tuple[list[int], list[float]]:
+    """A sequence's tokens and their log-probabilities: a wrong KV cache row changes the
+    log-probabilities even where a tiny random model's sampled tokens stay the same."""
+    return [lp.token for lp in seq.logprobs], [lp.logprob for lp in seq.logprobs]
+
+
+def assert_same_traces(got, expected):
+    for (tokens, logprobs), (tokens_ref, logprobs_ref) in zip(got, expected, strict=True):
+        assert tokens == tokens_ref
+        assert logprobs == pytest.approx(logprobs_ref, abs=1e-4)
+
+
 def test_requests_joining_a_running_batch_write_what_they_write_alone(model):
-    params = [SamplingParams(temperature=0.9, max_tokens=12, seed=s) for s in range(4)]
+    params = [SamplingParams(temperature=0.9, max_tokens=12, seed=s, logprobs=0) for s in range(4)]
     prompts = [[5, 9, 77], [1, 2, 3, 4, 5, 6], [42], [7, 7, 7, 7]]
-    alone = [generate(model, p, sp)[0].output for p, sp in zip(prompts, params)]
+    alone = [trace(generate(model, p, sp)[0]) for p, sp in zip(prompts, params)]
     engine = Engine(model, max_batch=4, max_len=64)
     reqs = [Request(p, sp) for p, sp in zip(prompts, params)]
     engine.add(reqs[0])
@@ -147,7 +159,7 @@ def test_requests_joining_a_running_batch_write_what_they_write_alone(model):
     engine.add(reqs[3])
     steps_before = engine.stats["steps"]
     run_engine(engine)
-    assert [r.sequences[0].output for r in reqs] == alone
+    assert_same_traces([trace(r.sequences[0]) for r in reqs], alone)
     assert engine.stats["steps"] - steps_before < sum(len(a) for a in alone[2:]) + 12  # rows advanced together
 
 
@@ -222,3 +234,19 @@ def test_engine_limits(model):
     engine.add(req)
     run_engine(engine)
     assert len(req.sequences[0].output) == 6 and req.sequences[0].finish_reason == "length"  # the cache is full
+
+
+def test_rows_that_end_together_leave_the_others_unchanged(model):
+    """Several rows end in one step, among ones that go on: the survivors are packed to the
+    front of the cache and write what they write alone."""
+    lengths = [3, 3, 10, 3, 10, 3]
+    reqs = [Request([i + 1, 2 * i + 5, 40 + i], SamplingParams(temperature=0.9, max_tokens=m, seed=i, logprobs=0))
+            for i, m in enumerate(lengths)]
+    alone = [trace(generate(model, r.prompt, r.params)[0]) for r in reqs]
+    engine = Engine(model, max_batch=6, max_len=64)
+    for r in reqs:
+        engine.add(r)
+    run_engine(engine, until=lambda: len(engine.rows) == 2 and reqs[0].done)
+    assert [r.request for r in engine.rows] == [reqs[2], reqs[4]] or [r.request for r in engine.rows] == [reqs[4], reqs[2]]
+    run_engine(engine)
+    assert_same_traces([trace(r.sequences[0]) for r in reqs], alone)

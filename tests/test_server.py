@@ -95,7 +95,8 @@ def test_requests_join_the_running_batch(client, tiny_llm, server):
     before = dict(scheduler.stats)
 
     def one(i):
-        return client.completions.create(model=tiny_llm.name, prompt=f"story {i}", max_tokens=24, temperature=0.8, seed=i)
+        return client.completions.create(model=tiny_llm.name, prompt=f"story {i}", max_tokens=24, temperature=0.8, seed=i,
+                                         logprobs=1)
 
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(one, range(6)))
@@ -106,8 +107,12 @@ def test_requests_join_the_running_batch(client, tiny_llm, server):
     assert steps < tokens * 0.6  # several sequences advanced per decode step
     # Joining a batch at its own position changes nothing: each request writes what it writes alone.
     for i, r in enumerate(results):
-        alone = tiny_llm.generate(f"story {i}", tiny_llm.sampling(max_tokens=24, temperature=0.8, seed=i))
+        alone = tiny_llm.generate(f"story {i}", tiny_llm.sampling(max_tokens=24, temperature=0.8, seed=i, logprobs=1))
         assert r.choices[0].text == alone.completions[0].text
+        # the log-probabilities too: a tiny random model's tokens hardly depend on the context,
+        # its log-probabilities do
+        theirs = [lp.logprob for lp in alone.completions[0].logprobs]
+        assert r.choices[0].logprobs.token_logprobs[: len(theirs)] == pytest.approx(theirs, abs=1e-4)
 
 
 def raw(server, path, body=None, key=KEY, method="POST", content=None, headers=None):

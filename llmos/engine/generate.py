@@ -364,10 +364,11 @@ class Engine:
     # -- decoding --
 
     def _decode(self, events: list[Event]):
-        for row in [r for r in self.rows if r.request.cancelled or r.sequence.done]:
-            if row.request.cancelled and not row.sequence.done:
+        ended = [r for r in self.rows if r.request.cancelled or r.sequence.done]
+        for row in ended:
+            if not row.sequence.done:
                 row.sequence.finish_reason = "cancelled"
-            self._end(row, events)
+        self._end(ended, events)
         if not self.rows:
             return
         n = len(self.rows)
@@ -407,23 +408,32 @@ class Engine:
             elif req.deadline is not None and now > req.deadline and not seq.done:
                 seq.finish_reason = "length"
             events.append(Event(req, row.index, token, text, seq.logprobs[-1] if seq.logprobs else None))
-            if seq.done:
-                self._end(row, events)
+        self._end([row for row in rows if row.sequence.done], events)
 
-    def _end(self, row: Row, events: list[Event]):
-        req = row.request
-        if req.hook is not None:
-            tail = req.hook.finish(row.index)
-            if tail:
-                events.append(Event(req, row.index, text=tail))
-        events.append(Event(req, row.index, finish_reason=row.sequence.finish_reason))
-        i, last = self.rows.index(row), len(self.rows) - 1
-        if i != last:  # keep running rows packed: move the last row into the freed one
-            self.cache.copy_rows(last, i, self.rows[last].pos + 1)
-            self.rows[i] = self.rows[last]
-        self.rows.pop()
-        if req.done:
-            self._finished(req)
+    def _end(self, ended: list[Row], events: list[Event]):
+        """Close the ended rows and keep the running ones packed at the front of the cache:
+        each hole below the new end is filled by a running row from above it (rows that ended
+        together are never copied)."""
+        if not ended:
+            return
+        for row in ended:
+            req = row.request
+            if req.hook is not None:
+                tail = req.hook.finish(row.index)
+                if tail:
+                    events.append(Event(req, row.index, text=tail))
+            events.append(Event(req, row.index, finish_reason=row.sequence.finish_reason))
+        gone = {id(r) for r in ended}
+        keep = len(self.rows) - len(ended)
+        holes = [i for i in range(keep) if id(self.rows[i]) in gone]
+        movers = [i for i in range(keep, len(self.rows)) if id(self.rows[i]) not in gone]
+        for hole, mover in zip(holes, movers):
+            self.cache.copy_rows(mover, hole, self.rows[mover].pos + 1)
+            self.rows[hole] = self.rows[mover]
+        del self.rows[keep:]
+        for req in {id(r.request): r.request for r in ended}.values():
+            if req.done:
+                self._finished(req)
 
     def _finished(self, req: Request):
         t = req.timings
