@@ -30,7 +30,7 @@ def _write_request(body: P.WriteRequestBody, language: str):
                         [] if body.allow_phrases else body.banned_phrases)
 
 
-@router.post("/api/write", response_model=P.WriteResponse | P.NovelResponse, responses=SSE)
+@router.post("/api/write", response_model=P.WriteResponse | P.NovelResponse, response_model_exclude_none=True, responses=SSE)
 async def write(body: P.WriteRequestBody, http: HTTPRequest):
     """A writing task (GET /api/tasks lists them). Non-streamed, the answer carries what `llmos
     write --json` adds: form checks, the ranking, a rewrite's revision, a brainstorm's ideas.
