@@ -219,6 +219,28 @@ class AttnSpan:
     shared: bool = True  # every row's new tokens sit at the same positions
 
 
+def positions_in_segments(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) example ids -> each token's position within its example."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
+    return idx - first
+
+
+def segment_span(segments: torch.Tensor, window: int | None, causal: bool) -> AttnSpan:
+    """Attention of packed examples: within an example, causal (and windowed) as usual."""
+    T = segments.shape[1]
+    same = segments[:, None, :, None] == segments[:, None, None, :]  # (B, 1, T, T)
+    q = torch.arange(T, device=segments.device)[:, None]
+    k = torch.arange(T, device=segments.device)[None, :]
+    allowed = same & (k <= q) if causal else same
+    if window:
+        allowed = allowed & (k > q - window)
+    return AttnSpan(0, T, allowed, shared=True)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -340,6 +362,7 @@ class Transformer(nn.Module):
         kv_len: int | None = None,
         last_only: bool = False,
         return_hidden: bool = False,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (float32) for idx: (B, T) token ids.
 
@@ -351,11 +374,17 @@ class Transformer(nn.Module):
         Positions must be below config.max_seq_len; the engine checks. last_only returns
         (B, 1, V): prefill only needs the next token's distribution. return_hidden gives the
         final normalised hidden states (B, T, C) instead of logits (text embeddings).
+        segments (B, T), training only: short examples packed into one row, each run of equal
+        ids one example; its positions start at 0 and its tokens attend within it only.
         """
         c = self.config
         B, T = idx.shape
         shared = input_pos is None
-        if cache is None:
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed examples) are for training and scoring, not with a KV cache")
+            kv_len, input_pos = T, positions_in_segments(segments)
+        elif cache is None:
             kv_len, input_pos = T, torch.arange(T, device=idx.device)[None]
         elif shared:
             if kv_len is None:
@@ -371,7 +400,10 @@ class Transformer(nn.Module):
             cos, sin = self._rope(kind == "sliding", idx.device)
             rope = (cos[input_pos][:, :, None].to(x.dtype), sin[input_pos][:, :, None].to(x.dtype))  # (B|1, T, 1, hd)
             window = c.sliding_window if kind == "sliding" else None
-            plan[kind] = (rope, self._span(input_pos, kv_len, window, shared, cache is None))
+            if segments is not None:
+                plan[kind] = (rope, segment_span(segments, window, c.causal))
+            else:
+                plan[kind] = (rope, self._span(input_pos, kv_len, window, shared, cache is None))
         for block, kind in zip(self.blocks, c.layer_types):
             x = block(x, *plan[kind], cache, input_pos)
         if last_only:

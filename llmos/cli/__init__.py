@@ -30,6 +30,8 @@ app.command("models")(generate.list_models)
 app.command()(train.prepare)
 app.command()(train.ngram)
 app.command()(train.train)
+app.command()(train.finetune)
+app.command()(train.merge)
 app.command()(train.export)
 app.command()(train.embed)
 

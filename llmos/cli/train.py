@@ -74,31 +74,63 @@ def ngram(
               highlight=False)
 
 
+# Options shared by `train` and `finetune` (None: not given, the defaults or the YAML decide).
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="A YAML file of training options (a 'model:' mapping overrides model fields).")]
+SetOpt = Annotated[list[str], typer.Option("--set", help="Override a model field, e.g. --set n_layer=6 --set dropout=0.1.")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Sequences per step and process.")]
+BlockOpt = Annotated[Optional[int], typer.Option(help="Context length in training (default: the model's).")]
+AccumOpt = Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")]
+StepsOpt = Annotated[Optional[int], typer.Option(help="Optimizer steps.")]
+TimeOpt = Annotated[Optional[str], typer.Option(help="Stop after this long, e.g. 90s, 5m, 1h (the schedule follows the clock).")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate.")]
+MinLrOpt = Annotated[Optional[float], typer.Option(help="Final learning rate (default lr/10).")]
+WarmupOpt = Annotated[Optional[int], typer.Option()]
+DecayOpt = Annotated[Optional[float], typer.Option()]
+OptimizerOpt = Annotated[Optional[str], typer.Option(help="adamw, or muon (orthogonalized updates for hidden matrices; more per step for small models).")]
+ClipOpt = Annotated[Optional[float], typer.Option(help="Clip the gradient norm (0 = off).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (autocast).")]
+EvalIntervalOpt = Annotated[Optional[int], typer.Option(help="Steps between validation, samples and checkpoints.")]
+EvalItersOpt = Annotated[Optional[int], typer.Option(help="Batches per validation estimate.")]
+LogIntervalOpt = Annotated[Optional[int], typer.Option(help="Steps between lines in metrics.jsonl.")]
+SeedOpt = Annotated[Optional[int], typer.Option()]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the run in --output where it stopped.")]
+LoraOpt = Annotated[Optional[int], typer.Option(help="Train a LoRA adapter of this rank (8 is typical) instead of every weight.")]
+LoraAlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA scale numerator (default: 2 x rank).")]
+LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the adapter's input (default 0: a mask per linear costs ~10% of a CPU step).")]
+LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Linears to adapt, comma-separated: wqkv, wo (attention), w13, w2 (MLP); default all four.")]
+EarlyStopOpt = Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without a better validation loss; the run folder then loads its best checkpoint.")]
+
+
 def train(
     data: Annotated[Path, typer.Argument(help="A folder written by `llmos prepare`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder: checkpoints, metrics.jsonl, loss.png.")],
     preset: Annotated[Optional[str], typer.Option(help="Model size: baby-gpt, tiny, small, base.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="A YAML file of training options (a 'model:' mapping overrides model fields).")] = None,
-    set_: Annotated[list[str], typer.Option("--set", help="Override a model field, e.g. --set n_layer=6 --set dropout=0.1.")] = [],
+    config: ConfigOpt = None,
+    set_: SetOpt = [],
     init_from: Annotated[Optional[str], typer.Option(help="Start from this model's weights (fine-tuning).")] = None,
     objective: Annotated[Optional[str], typer.Option(help="clm (next token) or mlm (masked tokens, an encoder).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step and process.")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Context length in training (default: the model's).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
-    time_limit: Annotated[Optional[str], typer.Option(help="Stop after this long, e.g. 90s, 5m, 1h (the schedule follows the clock).")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
-    min_lr: Annotated[Optional[float], typer.Option(help="Final learning rate (default lr/10).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option()] = None,
-    weight_decay: Annotated[Optional[float], typer.Option()] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw, or muon (orthogonalized updates for hidden matrices; more per step for small models).")] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the gradient norm (0 = off).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="auto, fp32 or bf16 (autocast).")] = None,
-    eval_interval: Annotated[Optional[int], typer.Option(help="Steps between validation, samples and checkpoints.")] = None,
-    eval_iters: Annotated[Optional[int], typer.Option(help="Batches per validation estimate.")] = None,
-    log_interval: Annotated[Optional[int], typer.Option(help="Steps between lines in metrics.jsonl.")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --output where it stopped.")] = False,
+    batch_size: BatchOpt = None,
+    block_size: BlockOpt = None,
+    grad_accum: AccumOpt = None,
+    max_steps: StepsOpt = None,
+    time_limit: TimeOpt = None,
+    lr: LrOpt = None,
+    min_lr: MinLrOpt = None,
+    warmup_steps: WarmupOpt = None,
+    weight_decay: DecayOpt = None,
+    optimizer: OptimizerOpt = None,
+    grad_clip: ClipOpt = None,
+    dtype: DtypeOpt = None,
+    eval_interval: EvalIntervalOpt = None,
+    eval_iters: EvalItersOpt = None,
+    log_interval: LogIntervalOpt = None,
+    seed: SeedOpt = None,
+    lora: LoraOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    early_stop: EarlyStopOpt = None,
+    resume: ResumeOpt = False,
 ):
     """Train a Transformer on a prepared dataset, from scratch or from a pretrained model.
 
@@ -117,13 +149,124 @@ def train(
                  block_size=block_size, grad_accum=grad_accum, max_steps=max_steps, time_limit=time_limit, lr=lr,
                  min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, optimizer=optimizer,
                  grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval, eval_iters=eval_iters,
-                 log_interval=log_interval, seed=seed)
+                 log_interval=log_interval, seed=seed, **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets),
+                 early_stop=early_stop)
     try:
         cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume)
         trainer = Trainer(data, output, cfg, resume=resume)
     except (TrainError, ValueError, TypeError) as e:
         fail(str(e))
     _run_with_progress(trainer)
+
+
+def _lora_flags(rank, alpha, dropout, targets) -> dict:
+    return dict(lora=rank, lora_alpha=alpha, lora_dropout=dropout,
+                lora_targets=[t.strip() for t in targets.split(",") if t.strip()] if targets else None)
+
+
+def finetune(
+    data: Annotated[list[str], typer.Argument(help="Your text (files, folders, .txt/.md), JSONL of chats ('messages') or "
+                                                   "prompt/completion pairs, or a folder from `llmos prepare`.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="The model to adapt: a bundled name, a checkpoint or a run.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Run folder; use it as a model name afterwards (-m RUN).")],
+    lora: LoraOpt = None,
+    lora_alpha: LoraAlphaOpt = None,
+    lora_dropout: LoraDropoutOpt = None,
+    lora_targets: LoraTargetsOpt = None,
+    early_stop: EarlyStopOpt = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation.")] = 0.1,
+    config: ConfigOpt = None,
+    set_: SetOpt = [],
+    batch_size: BatchOpt = None,
+    block_size: BlockOpt = None,
+    grad_accum: AccumOpt = None,
+    max_steps: StepsOpt = None,
+    time_limit: TimeOpt = None,
+    lr: LrOpt = None,
+    min_lr: MinLrOpt = None,
+    warmup_steps: WarmupOpt = None,
+    weight_decay: DecayOpt = None,
+    grad_clip: ClipOpt = None,
+    dtype: DtypeOpt = None,
+    eval_interval: EvalIntervalOpt = None,
+    eval_iters: EvalItersOpt = None,
+    log_interval: LogIntervalOpt = None,
+    seed: SeedOpt = None,
+    resume: ResumeOpt = False,
+):
+    """Adapt a model to your writing (plain text) or teach it an instruction format (chats,
+    prompt/completion pairs: the loss is on the assistant's words only), with a LoRA adapter
+    (--lora R, stored small) or every weight. The same training loop and options as `llmos
+    train --init-from MODEL`, with defaults for fine-tuning; the data is prepared with the
+    model's own tokenizer and chat template into RUN/data.
+
+    Examples:
+
+      llmos finetune my_stories/ -m smollm2-135m-instruct -o runs/style --lora 8 --time-limit 10m
+
+      llmos finetune chats.jsonl -m smollm2-135m-instruct -o runs/sft --lora 16 --early-stop 3
+
+      llmos write story "a storm at sea" -m runs/style
+
+      llmos merge runs/style -o models/style      # a standalone checkpoint
+    """
+    from llmos.train.config import FINETUNE_DEFAULTS, build_train_config
+    from llmos.train.trainer import TrainError, Trainer
+
+    dataset = _finetune_data(data, model, output, val_fraction, seed, resume)
+    flags = dict(init_from=model, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
+                 max_steps=max_steps, time_limit=time_limit, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+                 weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval,
+                 eval_iters=eval_iters, log_interval=log_interval, seed=seed,
+                 **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets), early_stop=early_stop)
+    try:
+        cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume,
+                                 defaults=FINETUNE_DEFAULTS["lora" if lora else "full"])
+        trainer = Trainer(dataset, output, cfg, resume=resume)
+    except (TrainError, ValueError, TypeError) as e:
+        fail(str(e))
+    _run_with_progress(trainer)
+
+
+def _finetune_data(data: list[str], model: str, output: Path, val_fraction: float, seed: int | None,
+                   resume: bool) -> Path:
+    """A prepared dataset folder as given, or the data prepared with the model's tokenizer in RUN/data."""
+    if len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+        return Path(data[0])
+    folder = output / "data"
+    if resume and (folder / "meta.json").is_file():
+        return folder
+    from llmos.data.prepare import PrepareConfig, PrepareError, prepare as run
+
+    progress = PullProgress()
+    try:
+        report = run(PrepareConfig(list(data), str(folder), model, val_fraction=val_fraction, seed=seed or 1337), progress)
+    except (PrepareError, ValueError) as e:
+        progress.close()
+        fail(str(e))
+    progress.close()
+    for s in report["skipped"]:
+        err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
+    loss = report.get("loss_tokens")
+    err.print(f"data: {report['train_documents']:,} training and {report['val_documents']:,} held-out "
+              f"{'examples' if loss else 'documents'}, {report['train_tokens']:,} + {report['val_tokens']:,} tokens"
+              + (f" ({loss['train']:,} of them the assistant's, which carry the loss)" if loss else ""), highlight=False)
+    return folder
+
+
+def merge(
+    run: Annotated[str, typer.Argument(help="A LoRA run folder or adapter checkpoint.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder of the standalone checkpoint to write.")],
+):
+    """Merge a LoRA adapter into its base model's weights and write a standalone checkpoint
+    (no adapter, no reference to the base: it loads and exports like any model)."""
+    from llmos.weights import store
+
+    try:
+        path = store.merge_adapter(store.resolve(run), output)
+    except store.ModelError as e:
+        fail(str(e))
+    err.print(f"[green]merged[/] into {path}", highlight=False)
 
 
 def _run_with_progress(trainer):

@@ -2,9 +2,10 @@
 
 Inputs are files, folders (searched recursively) and glob patterns of .txt, .md and .jsonl.
 A .txt/.md file is one document, or several when a record separator is given (for instance a
-line holding only "%", the fortune-file convention). A .jsonl file holds one document per line
-in its "text" field; the other fields are kept as metadata. Files that are binary, empty, not
-UTF-8 or unreadable are skipped and listed with the reason, never fatal.
+line holding only "%", the fortune-file convention). A .jsonl file holds one document per line:
+its "text" field, or an instruction example (a chat's "messages", or "prompt" and
+"completion": see sft.py); the other fields are kept as metadata. Files that are binary, empty,
+not UTF-8 or unreadable are skipped and listed with the reason, never fatal.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from llmos.data import sft
 
 EXTENSIONS = (".txt", ".md", ".jsonl")
 ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
@@ -30,6 +33,8 @@ class Document:
     text: str
     source: str
     meta: dict = field(default_factory=dict)
+    kind: str = "text"  # "text", or an instruction example: "chat", "pair"
+    messages: list[dict] | None = None  # the example's conversation (chat and pair)
 
 
 @dataclass
@@ -123,8 +128,21 @@ def read_documents(files: list[Path], options: CleanOptions, skipped: list[tuple
                 except json.JSONDecodeError:
                     skipped.append((f"{path}:{lineno}", "invalid JSON line"))
                     continue
-                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                    skipped.append((f"{path}:{lineno}", "no string 'text' field"))
+                kind = sft.kind_of(record) if isinstance(record, dict) else None
+                if kind in ("chat", "pair"):
+                    try:
+                        messages = sft.check_record(record, f"{path}:{lineno}")
+                    except sft.SFTError as e:
+                        skipped.append((f"{path}:{lineno}", str(e).split(": ", 1)[-1]))
+                        continue
+                    for key in ("messages", "prompt", "completion"):
+                        record.pop(key, None)
+                    count += 1
+                    # the text stands for the example in deduplication and splitting
+                    yield Document("\n".join(m["content"] for m in messages), f"{path}:{lineno}", record, kind, messages)
+                    continue
+                if kind != "text":
+                    skipped.append((f"{path}:{lineno}", "no string 'text' field (nor 'messages', nor 'prompt' and 'completion')"))
                     continue
                 cleaned = clean_text(record.pop("text"), options)
                 if cleaned:

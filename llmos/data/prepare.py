@@ -7,12 +7,18 @@ Output folder:
   tokenizer.json       HF tokenizers
   meta.json            vocabulary, dtype, shards, special tokens, the options used
   report.json          documents, tokens, duplicates removed, files skipped and why
+
+Instruction data (JSONL chats or prompt/completion pairs, rendered with the model given as
+--tokenizer) adds, per shard, `.mask.bin` (1 where a token carries the loss: what the
+assistant writes) and `.starts.bin` (where each example begins), so that training packs whole
+examples into its rows without attention across them.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,10 +88,10 @@ def build_tokenizer(cfg: PrepareConfig, train: list[str], val: list[str]):
 
     if cfg.tokenizer == "char":
         tok = vocab.char_tokenizer(train + val)  # nanoGPT's char level: every character has a token
-        return tok, vocab.tokenizer_meta("char", tok), None
+        return tok, vocab.tokenizer_meta("char", tok), None, None
     if cfg.tokenizer == "bpe":
         tok = vocab.bpe_tokenizer(train, cfg.vocab_size)
-        return tok, vocab.tokenizer_meta("bpe", tok), None
+        return tok, vocab.tokenizer_meta("bpe", tok), None, None
     from llmos.weights import store as models
     from llmos.tokenizer import Tokenizer
 
@@ -96,7 +102,7 @@ def build_tokenizer(cfg: PrepareConfig, train: list[str], val: list[str]):
     meta = json.loads((path / "config.json").read_text())
     tok = Tokenizer.from_dir(path, meta)
     info = dict(meta.get("tokenizer", {}), kind=f"model:{meta.get('name', path.name)}")
-    return tok.hf, info, meta
+    return tok.hf, info, meta, tok
 
 
 def write_shards(out: Path, split: str, ids: np.ndarray, shard_tokens: int) -> list[dict]:
@@ -110,6 +116,47 @@ def write_shards(out: Path, split: str, ids: np.ndarray, shard_tokens: int) -> l
         del mm
         shards.append({"file": name, "tokens": int(len(part))})
     return shards
+
+
+def encode_examples(tok, docs: list[Document], dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Instruction examples (and any plain documents among them) -> (ids, loss mask, starts)."""
+    from llmos.data import sft
+
+    ids, mask, starts = [], [], []
+    for d in docs:
+        starts.append(len(ids))
+        if d.kind == "text":
+            piece = tok.encode(d.text, add_bos=False) + ([tok.eos_id] if tok.eos_id is not None else [])
+            ids += piece
+            mask += [1] * len(piece)
+            continue
+        try:
+            piece, learn = sft.render(tok, d.messages, pair=d.kind == "pair")
+        except sft.SFTError as e:
+            raise PrepareError(f"{d.source}: {e}") from None
+        ids += piece
+        mask += learn
+    return np.asarray(ids, dtype=dtype), np.asarray(mask, dtype=np.uint8), np.asarray(starts, dtype=np.int64)
+
+
+def split_examples(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Whole examples to validation, seeded: at least one, and at least one left to train on."""
+    if len(docs) < 2:
+        raise PrepareError("instruction data needs at least 2 examples (one is held out for validation)")
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(docs) - 1, max(1, round(fraction * len(docs))))
+    val = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val], [d for i, d in enumerate(docs) if i in val]
+
+
+def write_examples(out: Path, split: str, ids: np.ndarray, mask: np.ndarray, starts: np.ndarray) -> list[dict]:
+    """One shard of an instruction split: its ids, loss mask and example starts."""
+    name = f"{split}_000"
+    for suffix, array in ((".bin", ids), (".mask.bin", mask), (".starts.bin", starts)):
+        array.tofile(out / f"{name}{suffix}")
+    return [{"file": f"{name}.bin", "tokens": int(len(ids)), "mask": f"{name}.mask.bin",
+             "starts": f"{name}.starts.bin", "examples": int(len(starts))}]
 
 
 def encode(tok, texts: list[str], eos_id: int | None, dtype) -> np.ndarray:
@@ -162,18 +209,34 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
     if not docs:
         reasons = "; ".join(f"{f}: {r}" for f, r in skipped[:5])
         raise PrepareError(f"the corpus is empty after reading and cleaning ({reasons or 'no text'})")
-    train_texts, val_texts = split_documents(docs, cfg.val_fraction, cfg.seed)
+    instruction = any(d.kind != "text" for d in docs)
+    if instruction:
+        bad = [(f, r) for f, r in skipped if re.search(r"\.jsonl:\d+$", f)]
+        if bad:  # in instruction data a broken example is an error, not noise to skip
+            raise PrepareError(f"{bad[0][0]}: {bad[0][1]}" + (f" (and {len(bad) - 1} more lines)" if len(bad) > 1 else ""))
+        train_docs, val_docs = split_examples(docs, cfg.val_fraction, cfg.seed)
+        train_texts, val_texts = [d.text for d in train_docs], [d.text for d in val_docs]
+    else:
+        train_texts, val_texts = split_documents(docs, cfg.val_fraction, cfg.seed)
     report_progress("Tokenizer", 0, 1)
-    tok, tok_info, source_meta = build_tokenizer(cfg, train_texts, val_texts)
+    tok, tok_info, source_meta, model_tok = build_tokenizer(cfg, train_texts, val_texts)
     report_progress("Tokenizer", 1, 1)
+    if instruction and model_tok is None:
+        raise PrepareError("chat and prompt/completion records are rendered with a model's chat template: "
+                           "pass --tokenizer MODEL (the model you will fine-tune)")
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
     eos = tok_info.get("eos_token")
     eos_id = tok.token_to_id(eos) if eos else None
     report_progress("Tokenizing", 0, 2)
-    train_ids = encode(tok, train_texts, eos_id, dtype)
-    report_progress("Tokenizing", 1, 2)
-    val_ids = encode(tok, val_texts, eos_id, dtype)
+    if instruction:
+        train_ids, train_mask, train_starts = encode_examples(model_tok, train_docs, dtype)
+        report_progress("Tokenizing", 1, 2)
+        val_ids, val_mask, val_starts = encode_examples(model_tok, val_docs, dtype)
+    else:
+        train_ids = encode(tok, train_texts, eos_id, dtype)
+        report_progress("Tokenizing", 1, 2)
+        val_ids = encode(tok, val_texts, eos_id, dtype)
     report_progress("Tokenizing", 2, 2)
 
     tmp = out.with_name(out.name + ".partial")
@@ -185,8 +248,11 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
         "tokenizer": tok_info,
         "eos_id": eos_id,
         "mask_id": tok.token_to_id(tok_info["mask_token"]) if tok_info.get("mask_token") else None,
-        "train": write_shards(tmp, "train", train_ids, cfg.shard_tokens),
-        "val": write_shards(tmp, "val", val_ids, cfg.shard_tokens),
+        "instruction": instruction,
+        "train": (write_examples(tmp, "train", train_ids, train_mask, train_starts) if instruction
+                  else write_shards(tmp, "train", train_ids, cfg.shard_tokens)),
+        "val": (write_examples(tmp, "val", val_ids, val_mask, val_starts) if instruction
+                else write_shards(tmp, "val", val_ids, cfg.shard_tokens)),
         "prepare": {k: v for k, v in asdict(cfg).items() if k != "report"},
     }
     if source_meta is not None:  # keep the source model's prompt style for fine-tuning
@@ -205,6 +271,8 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
         "vocab_size": vocab_size,
         "skipped": [{"file": f, "reason": r} for f, r in skipped],
     }
+    if instruction:
+        report["loss_tokens"] = {"train": int(train_mask.sum()), "val": int(val_mask.sum())}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     if out.exists():

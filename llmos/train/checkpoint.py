@@ -45,7 +45,10 @@ def _fsync_dir(path: Path):
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, tokenizer_file: Path,
-                    train_state: dict, keep: int = 1) -> Path:
+                    train_state: dict, keep: int = 1, weights_file: str = "model.safetensors",
+                    protect: str | None = None) -> Path:
+    """weights_file: "adapter.safetensors" for a LoRA run (model_state then holds only the
+    adapter). protect: a checkpoint kept whatever `keep` says (the best one, under early stopping)."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, t
         # Tied weights are stored once (safetensors refuses shared tensors).
         state = {k: v.detach().contiguous() for k, v in model_state.items()
                  if not (k == "lm_head.weight" and config["model"].get("tie_embeddings"))}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / weights_file), metadata={"format": "pt"})
         torch.save(train_state, tmp / "train_state.pt")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
@@ -76,10 +79,18 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, t
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    olds = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name != name)
+    olds = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name not in (name, protect))
     for old in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def mark_best(run_dir: Path, checkpoint: Path):
+    """BEST names the checkpoint with the lowest validation loss; a run folder used as a model
+    name loads it (written atomically, like LATEST)."""
+    tmp = run_dir / ".BEST.tmp"
+    tmp.write_text(checkpoint.name)
+    tmp.replace(run_dir / "BEST")
 
 
 def load_train_state(checkpoint: Path) -> dict:

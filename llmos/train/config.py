@@ -44,6 +44,12 @@ class TrainConfig:
     keep_checkpoints: int = 1
     seed: int = 1337
     mask_prob: float = 0.15
+    # fine-tuning
+    lora: int = 0  # LoRA rank; 0: every weight trains (full fine-tuning)
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w13", "w2"])
+    early_stop: int = 0  # stop after this many evaluations without a better validation loss (0: off)
 
     def validate(self):
         def check(ok, message):
@@ -56,6 +62,13 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         check(self.block_size is None or self.block_size >= 2, f"block_size must be at least 2, got {self.block_size}")
+        check(self.lora >= 0, f"lora (the rank) must be 0 (off) or more, got {self.lora}")
+        check(not (self.lora and not self.init_from), "--lora adapts a pretrained model: give --init-from MODEL "
+                                                      "(or use `llmos finetune -m MODEL`)")
+        check(not (self.lora and self.optimizer == "muon"), "--optimizer muon orthogonalizes whole matrices; "
+                                                             "with --lora use adamw")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check(self.early_stop >= 0, f"early_stop must be 0 (off) or more, got {self.early_stop}")
         check(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         check(self.min_lr is None or 0 <= self.min_lr <= self.lr, f"min_lr must be in [0, lr], got {self.min_lr}")
         check(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
@@ -111,15 +124,28 @@ def saved_train_config(run_dir: Path) -> dict:
     return json.loads((ckpt / "config.json").read_text()).get("train", {})
 
 
+# Fine-tuning starts from a trained model: a lower learning rate than pretraining (higher for an
+# adapter, whose update starts at zero), a short warmup, frequent evaluation, the held-out loss
+# deciding when to stop. Under everything a user gives (YAML, flags, --set).
+FINETUNE_DEFAULTS = {
+    "full": {"lr": 5e-5, "min_lr": 5e-6, "warmup_steps": 10, "batch_size": 4, "block_size": 256, "max_steps": 500,
+             "eval_interval": 25, "eval_iters": 10, "weight_decay": 0.0, "log_interval": 1},
+    "lora": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "batch_size": 4, "block_size": 256, "max_steps": 500,
+             "eval_interval": 25, "eval_iters": 10, "weight_decay": 0.0, "log_interval": 1},
+}
+
+
 def build_train_config(output: Path, *, config_file: Path | None = None, flags: dict | None = None,
-                       set_pairs: list[str] = (), resume: bool = False, options: dict | None = None) -> TrainConfig:
+                       set_pairs: list[str] = (), resume: bool = False, options: dict | None = None,
+                       defaults: dict | None = None) -> TrainConfig:
     """The options of a run, merged in one order: defaults < YAML file (or `options`, the same
     mapping already parsed: an HTTP request's) < flags < `--set` (for model fields). flags maps
     TrainConfig fields to values, None meaning "not given"; a time_limit given as text ('5m') is
     read as a duration. Resuming the run in output with no options that define a model (preset,
     config file, --set, init_from, objective) reuses its saved options; only max_steps and
-    time_limit may change then. Raises TrainError with a message for the user."""
-    values: dict = {}
+    time_limit may change then. `defaults` sit under all of these (fine-tuning's). Raises
+    TrainError with a message for the user."""
+    values: dict = dict(defaults or {})
     if options is not None:
         if not isinstance(options, dict):
             raise TrainError("training options must be a mapping of option names to values")

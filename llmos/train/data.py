@@ -1,8 +1,10 @@
 """Token shards written by `llmos prepare`, read through memory maps.
 
-Batches are random windows (nanoGPT's sampling). All ranks of a distributed run draw the same
-global batch from the same seeded generator and each takes its own slice, so a run's data order
-depends only on the seed and the global batch size, and resuming restores it exactly.
+Batches are random windows (nanoGPT's sampling), or, for instruction data, whole examples
+packed into rows (`packed_batch`: each example keeps to itself in attention, and only its
+assistant tokens are targets). All ranks of a distributed run draw the same global batch from
+the same seeded generator and each takes its own slice, so a run's data order depends only on
+the seed and the global batch size, and resuming restores it exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class TokenData:
         self.meta = json.loads(meta_file.read_text())
         self.vocab_size = int(self.meta["vocab_size"])
         dtype = np.dtype(self.meta["dtype"])
-        self.shards = {}
+        self.shards, self.examples = {}, {}
+        self.instruction = bool(self.meta.get("instruction"))
         for split in ("train", "val"):
             arrays = []
             for shard in self.meta[split]:
@@ -37,12 +40,26 @@ class TokenData:
                 if not f.is_file():
                     raise DataError(f"{f} is missing; run `llmos prepare` again")
                 arrays.append(np.memmap(f, dtype=dtype, mode="r", shape=(shard["tokens"],)))
+                if self.instruction:
+                    try:
+                        mask = np.fromfile(self.path / shard["mask"], dtype=np.uint8)
+                        starts = np.fromfile(self.path / shard["starts"], dtype=np.int64)
+                    except (OSError, KeyError) as e:
+                        raise DataError(f"{self.path}: an instruction shard lacks its mask or starts ({e}); "
+                                        f"run `llmos prepare` again") from None
+                    if len(mask) != shard["tokens"] or len(starts) != shard.get("examples", len(starts)):
+                        raise DataError(f"{self.path}: {shard['file']} and its mask or starts disagree; run `llmos prepare` again")
+                    self.examples[split] = (arrays[-1], mask, starts)
             self.shards[split] = arrays
 
     def tokens(self, split: str) -> int:
         return sum(len(a) for a in self.shards[split])
 
     def check(self, split: str, block_size: int, batch_size: int = 1):
+        if self.instruction:
+            if split not in self.examples or len(self.examples[split][2]) == 0:
+                raise DataError(f"the {split} split holds no examples: add some, or prepare with another --val-fraction")
+            return
         usable = [a for a in self.shards[split] if len(a) > block_size + 1]
         if not usable:
             n = self.tokens(split)
@@ -68,3 +85,37 @@ class TokenData:
         windows = np.stack([np.asarray(arrays[w][o : o + block_size + 1], dtype=np.int64) for w, o in picks])
         t = torch.from_numpy(windows)
         return t[:, :-1], t[:, 1:]
+
+    def packed_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
+                     rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs, targets, segments), each (batch, block): random whole examples packed into
+        each row (one that does not fit starts the next row; one longer than a row is cut).
+        Targets are -100 where the loss does not count (the prompt, padding); segments number
+        the examples of a row (padding gets its own), for the model's packed attention."""
+        ids, mask, starts = self.examples[split]
+        ends = np.append(starts[1:], len(ids))
+        usable = np.nonzero(ends - starts >= 2)[0]  # an example needs an input and a target
+        if len(usable) == 0:
+            raise DataError(f"the {split} split has no example of two tokens or more")
+        x = np.zeros((batch_size, block_size), dtype=np.int64)
+        y = np.full((batch_size, block_size), -100, dtype=np.int64)
+        seg = np.zeros((batch_size, block_size), dtype=np.int64)
+        for b in range(batch_size):
+            used, k = 0, 0
+            while used < block_size:
+                e = int(usable[int(torch.randint(len(usable), (1,), generator=generator))])
+                s, t = int(starts[e]), int(ends[e])
+                length = t - s - 1  # an example of n tokens gives n - 1 (input, target) pairs
+                if length > block_size - used:
+                    if used:
+                        break  # a fresh row for it next time
+                    length = block_size
+                window = np.asarray(ids[s : s + length + 1], dtype=np.int64)
+                x[b, used : used + length] = window[:-1]
+                y[b, used : used + length] = np.where(mask[s + 1 : s + length + 1] > 0, window[1:], -100)
+                seg[b, used : used + length] = k
+                used, k = used + length, k + 1
+            seg[b, used:] = k  # padding: a segment of its own, with no targets
+        if rows is not None:
+            x, y, seg = x[rows], y[rows], seg[rows]
+        return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(seg)

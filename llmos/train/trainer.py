@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from llmos.model import ModelConfig, Transformer
-from llmos.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, save_checkpoint
+from llmos.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, mark_best, save_checkpoint
 from llmos.train.config import TrainConfig, TrainError  # TrainConfig is also imported from here
 from llmos.train.data import TokenData
 from llmos.train.optim import Muon, Optimizers
@@ -88,6 +88,8 @@ def build_model_config(cfg: TrainConfig, data: TokenData) -> tuple[ModelConfig, 
         except models.ModelError as e:
             raise TrainError(str(e)) from None
         meta = json.loads((path / "config.json").read_text())
+        if cfg.lora and meta.get("adapter"):
+            raise TrainError(f"--init-from {cfg.init_from} is an adapter: merge it first (`llmos merge`) to adapt it again")
         mc = ModelConfig.from_dict({**meta["model"], **cfg.model})
         if mc.vocab_size != data.vocab_size:
             raise TrainError(
@@ -146,6 +148,14 @@ def mask_tokens(x: torch.Tensor, mask_id: int, vocab: int, prob: float, generato
     return inputs, targets
 
 
+def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the targets that count (not -100); 0 for a batch with none (a packed
+    row of prompts only), where the mean would be 0/0."""
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     if cfg.dtype == "bf16":
         return torch.bfloat16
@@ -193,17 +203,32 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = Transformer(self.model_config).to(self.d.device)
         if self.init is not None:
-            from safetensors.torch import load_file
+            from llmos.weights.store import ModelError, load_weights
 
-            state = load_file(str(Path(self.init["path"]) / "model.safetensors"))
+            try:
+                state = load_weights(Path(self.init["path"]), self.init["meta"])
+            except ModelError as e:
+                raise TrainError(str(e)) from None
             if self.model_config.tie_embeddings:
                 state["lm_head.weight"] = state["embed.weight"]
             self.model.load_state_dict(state)
+        self.lora = None
+        if cfg.lora:
+            from llmos.train.lora import AdapterError, LoRAConfig, apply_lora
+
+            try:
+                self.lora = LoRAConfig(cfg.lora, cfg.lora_alpha, cfg.lora_dropout, list(cfg.lora_targets))
+                apply_lora(self.model, self.lora)
+            except AdapterError as e:
+                raise TrainError(str(e)) from None
+            self.model.to(self.d.device)
         self.optimizer = configure_optimizer(self.model, cfg, self.d.device)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.best_val = float("inf")
+        self.best_checkpoint: str | None = None  # under early stopping
+        self.evals_without_gain = 0
         self.tensorboard = None
         if self.checkpoint is not None:
             self._restore()
@@ -230,27 +255,44 @@ class Trainer:
     def _restore(self):
         from safetensors.torch import load_file
 
-        state = load_file(str(self.checkpoint / "model.safetensors"))
-        if self.model_config.tie_embeddings:
-            state["lm_head.weight"] = state["embed.weight"]
-        self.model.load_state_dict(state)
+        if self.lora is not None:  # the base came from --init-from; the checkpoint holds the adapter
+            adapter = load_file(str(self.checkpoint / "adapter.safetensors"))
+            expected = {name for name, _ in self.model.named_parameters() if ".lora_" in name}
+            if set(adapter) != expected:
+                raise TrainError(f"{self.checkpoint} holds another adapter than this run's LoRA settings")
+            self.model.load_state_dict(adapter, strict=False)
+        else:
+            state = load_file(str(self.checkpoint / "model.safetensors"))
+            if self.model_config.tie_embeddings:
+                state["lm_head.weight"] = state["embed.weight"]
+            self.model.load_state_dict(state)
         ts = load_train_state(self.checkpoint)
         self.optimizer.load_state_dict(ts["optimizer"])
         self.step, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
         self.elapsed_before, self.best_val = float(ts["elapsed_s"]), float(ts["best_val"])
+        self.best_checkpoint = ts.get("best_checkpoint") or None
+        self.evals_without_gain = int(ts.get("evals_without_gain", 0))
         self.data_gen.set_state(ts["data_rng"])
         self.mask_gen.set_state(ts["mask_rng"])
         torch.set_rng_state(ts["torch_rng"])
 
     # -- pieces of a step --
 
-    def _loss(self, x, y):
+    def _batch(self, split: str, batch_size: int, generator: torch.Generator, rows: slice | None):
+        """(inputs, targets, segments or None): random windows, or packed examples for instruction data."""
+        if self.data.instruction:
+            return self.data.packed_batch(split, batch_size, self.block, generator, rows)
+        x, y = self.data.batch(split, batch_size, self.block, generator, rows)
+        return x, y, None
+
+    def _loss(self, x, y, segments=None):
         if self.cfg.objective == "mlm":
             x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, self.mask_gen)
         x, y = x.to(self.d.device), y.to(self.d.device)
+        kwargs = {"segments": segments.to(self.d.device)} if segments is not None else {}
         with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            logits = self.ddp(x)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+            logits = self.ddp(x, **kwargs)
+        return mean_loss(logits, y)
 
     def _rows(self) -> slice:
         B = self.cfg.batch_size
@@ -265,12 +307,12 @@ class Trainer:
         for split in ("train", "val"):
             losses = []
             for _ in range(self.cfg.eval_iters):
-                x, y = self.data.batch(split, self.cfg.batch_size * self.d.world, self.block, gen, self._rows())
+                x, y, segments = self._batch(split, self.cfg.batch_size * self.d.world, gen, self._rows())
                 if self.cfg.objective == "mlm":
                     x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, mask_gen)
-                logits = self.model(x.to(self.d.device))
-                losses.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(self.d.device).reshape(-1),
-                                              ignore_index=-100))
+                kwargs = {"segments": segments.to(self.d.device)} if segments is not None else {}
+                logits = self.model(x.to(self.d.device), **kwargs)
+                losses.append(mean_loss(logits, y.to(self.d.device)))
             out[f"{split}_loss"] = float(all_reduce_mean(torch.stack(losses).mean(), self.d))
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
         self.model.train()
@@ -304,11 +346,23 @@ class Trainer:
             "source": str(self.data.path),
             "tokenizer": {k: tok_meta.get(k) for k in ("bos_token", "eos_token", "add_bos_token", "stop_tokens", "mask_token")},
             "prompt_style": self.data.meta.get("prompt_style") or {"kind": "completion", "chat_template": None},
-            "generation": {"temperature": 0.8, "top_k": 50, "max_tokens": 256},
+            "generation": (self.init or {}).get("meta", {}).get("generation") or {"temperature": 0.8, "top_k": 50, "max_tokens": 256},
             "train": asdict(self.cfg),
             "data": {"path": str(self.data.path), "vocab_size": self.data.vocab_size},
             "step": self.step,
         }
+        weights, weights_file = self.model.state_dict(), "model.safetensors"
+        if self.lora is not None:  # only the adapter, and which base it adapts
+            from llmos.train.lora import adapter_state
+            from llmos.weights.store import weights_sha256
+
+            base = Path(self.init["path"])
+            config["adapter"] = {**self.lora.to_dict(), "base": {
+                "name": self.init["meta"].get("name", base.name), "path": str(base.resolve()),
+                "sha256": weights_sha256(base)}}
+            config["description"] = f"LoRA rank {self.lora.rank} on {config['adapter']['base']['name']}, " \
+                                    f"trained with llmos on {self.data.path}"
+            weights, weights_file = adapter_state(self.model), "adapter.safetensors"
         train_state = {
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
@@ -318,9 +372,11 @@ class Trainer:
             "data_rng": self.data_gen.get_state(),
             "mask_rng": self.mask_gen.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "best_checkpoint": self.best_checkpoint or "",
+            "evals_without_gain": self.evals_without_gain,
         }
-        return save_checkpoint(self.out, self.step, self.model.state_dict(), config,
-                               self.data.path / "tokenizer.json", train_state, self.cfg.keep_checkpoints)
+        return save_checkpoint(self.out, self.step, weights, config, self.data.path / "tokenizer.json", train_state,
+                               self.cfg.keep_checkpoints, weights_file, protect=self.best_checkpoint)
 
     def _log(self, record: dict):
         if not self.d.main:
@@ -365,15 +421,16 @@ class Trainer:
                 group["lr"] = lr
             total = torch.zeros((), device=self.d.device)
             for micro in range(cfg.grad_accum):
-                x, y = self.data.batch("train", cfg.batch_size * self.d.world, self.block, self.data_gen, self._rows())
+                x, y, segments = self._batch("train", cfg.batch_size * self.d.world, self.data_gen, self._rows())
                 sync = micro == cfg.grad_accum - 1 or not self.d.enabled
                 ctx = self.ddp.no_sync() if not sync else _null()
                 with ctx:
-                    loss = self._loss(x, y) / cfg.grad_accum
+                    loss = self._loss(x, y, segments) / cfg.grad_accum
                     loss.backward()
                 total += loss.detach()
             if cfg.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                trained = [p for p in self.model.parameters() if p.requires_grad]
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
             else:
                 grad_norm = float("nan")
             self.optimizer.step()
@@ -394,6 +451,11 @@ class Trainer:
                 self.on_log(record)
             if self.step % cfg.eval_interval == 0:
                 last = self._evaluate_and_save()
+                if cfg.early_stop and self.evals_without_gain >= cfg.early_stop:
+                    last["early_stopped"] = True
+                    self._log({"step": self.step, "early_stopped": True, "best_val_loss": self.best_val,
+                               "best_checkpoint": self.best_checkpoint})
+                    break
         if not last or last.get("step") != self.step:
             last = self._evaluate_and_save()
         last["replicas_identical"] = self._replicas_identical()
@@ -405,10 +467,17 @@ class Trainer:
 
     def _evaluate_and_save(self, first: bool = False) -> dict:
         metrics = {"step": self.step, **self.evaluate()}
+        improved = metrics["val_loss"] < self.best_val
         self.best_val = min(self.best_val, metrics["val_loss"])
+        if not first:
+            self.evals_without_gain = 0 if improved else self.evals_without_gain + 1
         if self.d.main and not first:
             metrics["sample"] = self.sample()
+            if improved and self.cfg.early_stop:
+                self.best_checkpoint = f"step-{self.step:07d}"
             path = self.save()
+            if improved and self.cfg.early_stop:
+                mark_best(self.out, path)
             metrics["checkpoint"] = str(path)
         self._log({k: v for k, v in metrics.items()})
         self.on_eval(metrics)

@@ -277,7 +277,33 @@ def model_for(named: str | None, *texts: str, language: str | None = None) -> st
 
 
 def is_checkpoint(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    """A folder with config.json and weights: model.safetensors, or an adapter's adapter.safetensors."""
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "adapter.safetensors").is_file())
+
+
+def weights_sha256(path: Path) -> str:
+    """The sha256 of a checkpoint's model.safetensors, cached beside it (keyed by size and mtime)."""
+    weights = path / "model.safetensors"
+    stat = weights.stat()
+    key = f"{stat.st_size} {stat.st_mtime_ns}"
+    cache = path / ".model.safetensors.sha256"
+    try:
+        cached_key, digest = cache.read_text().split("\n")[:2]
+        if cached_key == key:
+            return digest
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    with weights.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    digest = h.hexdigest()
+    try:
+        cache.write_text(f"{key}\n{digest}\n")
+    except OSError:
+        pass  # a read-only store: hash again next time
+    return digest
 
 
 def installed() -> list[Path]:
@@ -310,11 +336,14 @@ def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False)
     models are pulled and GGUF files converted on first use."""
     name = str(name_or_path or DEFAULT_MODEL)
     path = Path(name).expanduser()
-    if path.is_dir() and (path / "LATEST").is_file():  # a training run: its newest checkpoint
-        path = path / (path / "LATEST").read_text().strip()
+    for pointer in ("BEST", "LATEST"):  # a training run: its best checkpoint (early stopping), else its newest
+        if path.is_dir() and (path / pointer).is_file():
+            path = path / (path / pointer).read_text().strip()
+            break
     if path.is_dir():
         if not is_checkpoint(path):
-            raise ModelError(f"{path} is not a checkpoint folder: it needs config.json and model.safetensors")
+            raise ModelError(f"{path} is not a checkpoint folder: it needs config.json and model.safetensors "
+                             f"(or adapter.safetensors)")
         return path
     if path.is_file():
         if path.suffix != ".gguf":
@@ -395,12 +424,58 @@ class LoadedModel:
         return languages == "multilingual"
 
 
+def load_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as a state dict (tied head not repeated). An adapter checkpoint's
+    are its base model's with the adapter merged in; the base is found by name (or path) and
+    must have the hash the adapter was trained on."""
+    from safetensors.torch import load_file
+
+    adapter = meta.get("adapter")
+    if adapter is None:
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise ModelError(f"{path}/model.safetensors cannot be read ({type(e).__name__}: {e})") from None
+    from llmos.weights.adapters import AdapterError, adapter_deltas, merge_into
+
+    base_ref = adapter.get("base") or {}
+    base, mismatch = None, None
+    for candidate in (base_ref.get("path"), base_ref.get("name")):  # the folder it was trained on, else by name
+        if not candidate:
+            continue
+        try:
+            found = resolve(candidate, quiet=True)
+        except ModelError:
+            continue
+        if (found / "adapter.safetensors").is_file():
+            raise ModelError(f"{path}: its base {found} is an adapter itself; merge that one first (`llmos merge`)")
+        digest = weights_sha256(found)
+        if base_ref.get("sha256") and digest != base_ref["sha256"]:
+            mismatch = mismatch or (found, digest)
+            continue
+        base = found
+        break
+    if base is None and mismatch:
+        raise ModelError(f"{path} was trained on {base_ref.get('name')} with sha256 {base_ref['sha256'][:12]}..., "
+                         f"but {mismatch[0]} has {mismatch[1][:12]}...: it is another version of the model")
+    if base is None:
+        raise ModelError(f"{path} is an adapter of {base_ref.get('name')!r}, which is not here (nor at "
+                         f"{base_ref.get('path')}); pull or copy that model, or use `llmos merge` where it is")
+    state = load_weights(base, json.loads((base / "config.json").read_text()))
+    try:
+        tensors = load_file(str(path / "adapter.safetensors"))
+        merge_into(state, adapter_deltas(tensors, float(adapter["alpha"]) / int(adapter["rank"])))
+    except AdapterError as e:
+        raise ModelError(f"{path}: {e}") from None
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelError(f"{path}: its adapter cannot be read ({type(e).__name__}: {e})") from None
+    return state
+
+
 def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
     """Build the Transformer from a checkpoint folder. precision: "fp16" (default; weights
     packed as float16 for FBGEMM, activations float32), "fp32" (exact), "bf16"."""
     from concurrent.futures import ThreadPoolExecutor
-
-    from safetensors.torch import load_file
 
     from llmos.weights.packing import pack_linears
 
@@ -416,10 +491,7 @@ def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
         # Large vocabularies take seconds to parse; that overlaps with the weights (the
         # tokenizers library releases the GIL while it loads).
         tokenizer = pool.submit(Tokenizer.from_dir, path, meta)
-        try:
-            state = load_file(str(path / "model.safetensors"))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ModelError(f"{path}/model.safetensors cannot be read ({type(e).__name__}: {e})") from None
+        state = load_weights(path, meta)
         with torch.device("meta"):
             model = Transformer(config)
         if config.tie_embeddings:
@@ -444,3 +516,34 @@ def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
 
 def load(name_or_path: str | Path | None = None, precision: str = "fp16", progress=None) -> LoadedModel:
     return load_checkpoint(resolve(name_or_path, progress), precision)
+
+
+def merge_adapter(src: Path, out: Path) -> Path:
+    """Write an adapter checkpoint's merged weights as a standalone checkpoint folder."""
+    from safetensors.torch import save_file
+
+    meta = json.loads((src / "config.json").read_text())
+    if "adapter" not in meta:
+        raise ModelError(f"{src} is not an adapter (it has its own weights already); it loads as it is")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ModelError(f"{out} exists and is not empty; choose a new folder")
+    state = load_weights(src, meta)
+    adapter = meta.pop("adapter")
+    meta.update(name=out.name, description=f"{meta.get('description', '')} (merged: LoRA rank {adapter['rank']} "
+                                           f"into {adapter['base']['name']})".strip())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.merging")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
