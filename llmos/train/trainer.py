@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -154,6 +155,48 @@ def mean_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100,
                             reduction="sum")
     return total / (targets != -100).sum().clamp(min=1)
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, data: TokenData, split: str = "val", block: int = 256, batch: int = 4,
+                 max_tokens: int | None = None) -> dict:
+    """The loss over a whole split (or its first max_tokens), in consecutive windows: every token
+    predicted once, from the window it falls in; instruction data counts the assistant's tokens
+    only. Unlike the trainer's sampled estimate, the same number for every model on the data."""
+    model.eval()
+    total, count = 0.0, 0
+    if data.instruction:
+        ids, mask, starts = data.examples[split]
+        ends = list(starts[1:]) + [len(ids)]
+        rows = [(int(s), int(e)) for s, e in zip(starts, ends) if e - s >= 2]
+        for s, e in rows:
+            window = torch.from_numpy(np.asarray(ids[s : min(e, s + block + 1)], dtype=np.int64))[None]
+            y = torch.where(torch.from_numpy(np.asarray(mask[s + 1 : s + window.shape[1]], dtype=np.int64))[None] > 0,
+                            window[:, 1:], torch.full_like(window[:, 1:], -100))
+            logits = model(window[:, :-1])
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                                           reduction="sum"))
+            count += int((y != -100).sum())
+    else:
+        for array in data.shards[split]:
+            n = len(array) if max_tokens is None else min(len(array), max_tokens - count)
+            windows = [(o, min(o + block, n - 1)) for o in range(0, n - 1, block)]
+            for k in range(0, len(windows), batch):
+                chunk = windows[k : k + batch]
+                width = max(e - o for o, e in chunk)
+                x = torch.zeros(len(chunk), width, dtype=torch.long)
+                y = torch.full((len(chunk), width), -100, dtype=torch.long)
+                for r, (o, e) in enumerate(chunk):
+                    w = torch.from_numpy(np.asarray(array[o : e + 1], dtype=np.int64))
+                    x[r, : e - o], y[r, : e - o] = w[:-1], w[1:]
+                logits = model(x)
+                total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-100,
+                                               reduction="sum"))
+                count += int((y != -100).sum())
+            if max_tokens is not None and count >= max_tokens:
+                break
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": count}
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
