@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, cpu_name, print_table, revision, write_json
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"
 SHOP = ROOT / "benchmarks" / "data" / "shop" / "questions.jsonl"
 WORK = Path(os.environ.get("LLMOS_BENCH_DIR", ROOT / ".bench-finetune"))
 

@@ -27,7 +27,7 @@ PROMPT_TOKENS, NEW_TOKENS = 128, 256
 
 
 def prompt_ids(tokenizer_encode) -> list[int]:
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt")
+    text = (ROOT / "benchmarks" / "data" / "tinyshakespeare.txt")
     text = text.read_text()[:4000] if text.exists() else "Once upon a time there was a story. " * 80
     return tokenizer_encode(text)[:PROMPT_TOKENS]
 

@@ -60,7 +60,7 @@ def recall(ranked: list[list[str]], golds: list[str], k: int) -> float:
 def shakespeare_files(folder: Path, passages: int) -> int:
     """Write `passages` paragraphs of 70 words from Tiny Shakespeare, 100 per file (two of them
     exceed a passage's 120 words, so each paragraph becomes one passage)."""
-    text = (ROOT.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()
+    text = (ROOT / "benchmarks" / "data" / "tinyshakespeare.txt").read_text()
     words = text.split()
     chunks = [" ".join(words[i : i + 70]) for i in range(0, len(words) - 70, 70)]
     while len(chunks) < passages:  # the corpus holds ~2.8k such paragraphs: vary the repeats

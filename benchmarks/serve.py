@@ -53,7 +53,7 @@ def make_prompts(model: str, n: int, input_len: int) -> list[str]:
     from llmos.weights.store import resolve
 
     tok = Tokenizer.from_file(str(resolve(model) / "tokenizer.json"))
-    text_file = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    text_file = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"
     text = text_file.read_text() if text_file.exists() else " ".join(f"line {i} of a long story." for i in range(50000))
     ids = tok.encode(text, add_special_tokens=False).ids
     rng = random.Random(0)

@@ -6,7 +6,7 @@ a plain PyTorch loop, bf16 against fp32, and the best validation loss in 10 minu
     python benchmarks/train_shakespeare.py --only headline --minutes 10
     python benchmarks/train_shakespeare.py --only peer,headline --minutes 10   # against nanoGPT's recipe, same budget
 
-Data: ../shared/data/tinyshakespeare.txt, prepared with `--tokenizer char` (the validation set
+Data: benchmarks/data/tinyshakespeare.txt, prepared with `--tokenizer char` (the validation set
 is the last 10% of the text, cut at a line break, as in nanoGPT). Validation losses are in nats
 per character, measured at the end on 200 batches (nanoGPT's periodic estimate uses 20).
 Results: a table on stdout and JSON in benchmarks/results/train_shakespeare.json.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from common import RESULTS, ROOT, cpu_name, print_table, write_json
 
-CORPUS = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+CORPUS = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"
 
 # nanoGPT's config/train_shakespeare_char.py with its README's CPU overrides.
 BABY = dict(preset="baby-gpt", batch_size=12, block_size=64, max_steps=2000, lr=1e-3, min_lr=1e-4,

@@ -16,7 +16,7 @@ from llmos.train.checkpoint import latest_checkpoint
 from llmos.train.config import build_train_config
 from llmos.train.trainer import TrainConfig, TrainError, Trainer
 
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "benchmarks" / "data" / "tinyshakespeare.txt"
 TINY = dict(n_layer=2, n_head=2, d_model=32, max_seq_len=64)
 
 
