@@ -252,7 +252,7 @@ def main():
     ap.add_argument("--models", default="smollm2-135m-instruct")
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--full-lr", type=float, default=5e-5)
+    ap.add_argument("--full-lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)

@@ -253,9 +253,41 @@ class LLM:
             pass
         return result
 
+    @property
+    def heads(self):
+        """The multi-task heads saved with a model trained with --objective multitask, else None."""
+        if not hasattr(self, "_heads"):
+            self._heads = None
+            info = self.loaded.meta.get("heads")
+            if info:
+                from safetensors.torch import load_file
+
+                from llmos.train.multitask import Heads
+
+                state = load_file(str(self.loaded.path / info.get("file", "heads.safetensors")))
+                self._heads = Heads.from_state(self.model.config.d_model, info, state)
+        return self._heads
+
     def embed(self, texts: list[str]):
         """One L2-normalised vector per text: the mean of the final hidden states over its tokens
-        (for models trained with --objective mlm, their sentence embedding)."""
+        (for models trained with --objective mlm, their sentence embedding); a model trained with
+        --objective multitask gives its style embedding (the pooled state through its projection head)."""
+        import torch
+
+        heads = self.heads
+        if heads is not None:
+            with torch.inference_mode():
+                return heads.embed(self._pooled(texts))
+        return torch.nn.functional.normalize(self._pooled(texts), dim=-1)
+
+    def style_similarity(self, texts: list[str]) -> list[float]:
+        """Each text's cosine similarity to the centroid of the corpus a multi-task model was
+        trained on (its style), in [-1, 1]."""
+        if self.heads is None:
+            raise ValueError(f"{self.name} has no style embedding: train it with `llmos finetune --objective multitask`")
+        return (self.embed(texts) @ self.heads.centroid).tolist()
+
+    def _pooled(self, texts: list[str]):
         import torch
 
         ids = [self.tokenizer.encode(t, add_bos=False)[: self.context_window] or [0] for t in texts]
@@ -269,7 +301,7 @@ class LLM:
                 out = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
             else:  # a bidirectional model would attend to padding, so texts go one by one
                 out = torch.stack([self.model(torch.tensor([i]), return_hidden=True).float().mean(1)[0] for i in ids])
-        return torch.nn.functional.normalize(out, dim=-1)
+        return out
 
     def beam_search(self, prompt: str | list[dict], beams: int, max_tokens: int = 256, n: int = 1,
                     length_penalty: float = 1.0, chat: bool | None = None, truncate: str = "error") -> Result:

@@ -48,7 +48,17 @@ app.add_typer(chat.personas_app, name="personas")
 app.add_typer(chat.kb_app, name="kb")
 
 
+def style_rank_argv(argv: list[str]) -> list[str]:
+    """`--rank style:RUN` reads as `--rank-style RUN` (typer options cannot take an optional value)."""
+    out = list(argv)
+    for i in range(len(out) - 1):
+        if out[i] == "--rank" and out[i + 1].startswith("style:"):
+            out[i], out[i + 1] = "--rank-style", out[i + 1][6:]
+    return out
+
+
 def main():
+    sys.argv[1:] = style_rank_argv(sys.argv[1:])
     try:
         app()
     except KeyboardInterrupt:

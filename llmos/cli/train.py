@@ -23,7 +23,12 @@ def prepare(
     near_dup_threshold: Annotated[float, typer.Option(help="Estimated Jaccard similarity above which a document is a near duplicate.")] = 0.8,
     lowercase: Annotated[bool, typer.Option(help="Lowercase everything (off: it costs a generative model its capitals).")] = False,
     remove_stopwords: Annotated[bool, typer.Option(help="Drop English stopwords (off: the model would learn to write without them).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 1337,
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split (and of --augment).")] = 1337,
+    group_by: GroupByOpt = "document",
+    label_field: LabelFieldOpt = "label",
+    augment: AugmentOpt = [],
+    augment_copies: AugmentCopiesOpt = 1,
+    augment_model: AugmentModelOpt = None,
 ):
     """Clean, deduplicate, split and tokenize a corpus into memory-mapped token shards.
 
@@ -34,11 +39,15 @@ def prepare(
       llmos prepare my_poems/ notes.jsonl -o data/mine --tokenizer bpe --vocab-size 4096
 
       llmos prepare letters/ -o data/ft --tokenizer smollm2-135m-instruct
+
+      llmos prepare stories.jsonl -o data/mt --tokenizer smollm2-135m-instruct --group-by author --augment crop,shuffle
     """
     from llmos.data.prepare import PrepareConfig, PrepareError, prepare as run
 
     cfg = PrepareConfig([str(i) for i in inputs], str(output), tokenizer, vocab_size, val_fraction, seed, separator,
-                        not no_dedup, near_dup_threshold, lowercase, remove_stopwords)
+                        not no_dedup, near_dup_threshold, lowercase, remove_stopwords, group_by=group_by,
+                        label_field=label_field, augment=list(augment), augment_copies=augment_copies,
+                        augment_model=augment_model)
     progress = PullProgress()
     try:
         report = run(cfg, progress)
@@ -53,8 +62,18 @@ def prepare(
                 "train_documents", "val_documents", "train_tokens", "val_tokens", "vocab_size"):
         table.add_row(key.replace("_", " "), f"{report[key]:,}")
     out.print(table)
+    _report_extras(report)
+
+
+def _report_extras(report: dict):
     for s in report["skipped"]:
         err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
+    aug = report.get("augmentation")
+    if aug:
+        err.print(f"augmented: {aug['views_added']:,} new views ({'+'.join(aug['transforms'])}, {aug['copies']} per "
+                  f"document, seed {aug['seed']}), {aug['chars_before']:,} -> {aug['chars_after']:,} characters, "
+                  f"{100 * aug['mean_changed']:.0f}% of lines changed on average; {aug['views_unchanged']} unchanged "
+                  f"views dropped (each view in report.json)", highlight=False)
 
 
 def ngram(
@@ -99,6 +118,20 @@ LoraAlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA scale numerato
 LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the adapter's input (default 0: a mask per linear costs ~10% of a CPU step).")]
 LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Linears to adapt, comma-separated: wqkv, wo (attention), w13, w2 (MLP); default all four.")]
 EarlyStopOpt = Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without a better validation loss; the run folder then loads its best checkpoint.")]
+LambdaLmOpt = Annotated[Optional[float], typer.Option(help="multitask: weight of the next-token loss.")]
+LambdaClOpt = Annotated[Optional[float], typer.Option(help="multitask: weight of the contrastive loss (InfoNCE between two passages of one source).")]
+LambdaTaskOpt = Annotated[Optional[float], typer.Option(help="multitask: weight of the label classification loss (JSONL 'label').")]
+TauOpt = Annotated[Optional[float], typer.Option(help="multitask: InfoNCE temperature.")]
+ProjectionOpt = Annotated[Optional[int], typer.Option(help="multitask: size of the style embedding.")]
+GroupByOpt = Annotated[str, typer.Option(help="Contrastive positives: passages of one 'document', or of one value of this JSONL field (e.g. author).")]
+LabelFieldOpt = Annotated[str, typer.Option(help="The JSONL field holding each document's class, for the multitask label head.")]
+AugmentOpt = Annotated[list[str], typer.Option("--augment", help="New views of each training document: crop, shuffle (sentences within a paragraph), backtranslate (repeatable or comma-separated; applied in order).")]
+AugmentCopiesOpt = Annotated[int, typer.Option(help="Views made of each training document with --augment.")]
+AugmentModelOpt = Annotated[Optional[str], typer.Option(help="The model that translates for --augment backtranslate.")]
+
+
+def _multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim) -> dict:
+    return dict(lambda_lm=lambda_lm, lambda_cl=lambda_cl, lambda_task=lambda_task, tau=tau, projection_dim=projection_dim)
 
 
 def train(
@@ -108,7 +141,7 @@ def train(
     config: ConfigOpt = None,
     set_: SetOpt = [],
     init_from: Annotated[Optional[str], typer.Option(help="Start from this model's weights (fine-tuning).")] = None,
-    objective: Annotated[Optional[str], typer.Option(help="clm (next token) or mlm (masked tokens, an encoder).")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="clm (next token), mlm (masked tokens, an encoder) or multitask (next token + contrastive style embedding + labels).")] = None,
     batch_size: BatchOpt = None,
     block_size: BlockOpt = None,
     grad_accum: AccumOpt = None,
@@ -130,6 +163,11 @@ def train(
     lora_dropout: LoraDropoutOpt = None,
     lora_targets: LoraTargetsOpt = None,
     early_stop: EarlyStopOpt = None,
+    lambda_lm: LambdaLmOpt = None,
+    lambda_cl: LambdaClOpt = None,
+    lambda_task: LambdaTaskOpt = None,
+    tau: TauOpt = None,
+    projection_dim: ProjectionOpt = None,
     resume: ResumeOpt = False,
 ):
     """Train a Transformer on a prepared dataset, from scratch or from a pretrained model.
@@ -150,7 +188,7 @@ def train(
                  min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, optimizer=optimizer,
                  grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval, eval_iters=eval_iters,
                  log_interval=log_interval, seed=seed, **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets),
-                 early_stop=early_stop)
+                 early_stop=early_stop, **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim))
     try:
         cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume)
         trainer = Trainer(data, output, cfg, resume=resume)
@@ -174,6 +212,16 @@ def finetune(
     lora_dropout: LoraDropoutOpt = None,
     lora_targets: LoraTargetsOpt = None,
     early_stop: EarlyStopOpt = None,
+    objective: Annotated[Optional[str], typer.Option(help="clm (next token), or multitask: next token + a contrastive style embedding + labels (--lambda-*, --tau).")] = None,
+    lambda_lm: LambdaLmOpt = None,
+    lambda_cl: LambdaClOpt = None,
+    lambda_task: LambdaTaskOpt = None,
+    tau: TauOpt = None,
+    projection_dim: ProjectionOpt = None,
+    group_by: GroupByOpt = "document",
+    augment: AugmentOpt = [],
+    augment_copies: AugmentCopiesOpt = 1,
+    augment_model: AugmentModelOpt = None,
     val_fraction: Annotated[float, typer.Option(help="Share of the data held out for validation.")] = 0.1,
     config: ConfigOpt = None,
     set_: SetOpt = [],
@@ -208,17 +256,23 @@ def finetune(
 
       llmos write story "a storm at sea" -m runs/style
 
+      llmos finetune authors.jsonl -m smollm2-135m-instruct -o runs/mt --lora 8 --objective multitask --group-by author
+
+      llmos write story "a storm at sea" -n 4 --rank style:runs/mt
+
       llmos merge runs/style -o models/style      # a standalone checkpoint
     """
     from llmos.train.config import FINETUNE_DEFAULTS, build_train_config
     from llmos.train.trainer import TrainError, Trainer
 
-    dataset = _finetune_data(data, model, output, val_fraction, seed, resume)
-    flags = dict(init_from=model, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
+    extra = dict(group_by=group_by, augment=list(augment), augment_copies=augment_copies, augment_model=augment_model)
+    dataset = _finetune_data(data, model, output, val_fraction, seed, resume, extra)
+    flags = dict(init_from=model, objective=objective, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
                  max_steps=max_steps, time_limit=time_limit, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                  weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval,
                  eval_iters=eval_iters, log_interval=log_interval, seed=seed,
-                 **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets), early_stop=early_stop)
+                 **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets), early_stop=early_stop,
+                 **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim))
     try:
         cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume,
                                  defaults=FINETUNE_DEFAULTS["lora" if lora else "full"])
@@ -229,7 +283,7 @@ def finetune(
 
 
 def _finetune_data(data: list[str], model: str, output: Path, val_fraction: float, seed: int | None,
-                   resume: bool) -> Path:
+                   resume: bool, extra: dict | None = None) -> Path:
     """A prepared dataset folder as given, or the data prepared with the model's tokenizer in RUN/data."""
     if len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
         return Path(data[0])
@@ -240,13 +294,13 @@ def _finetune_data(data: list[str], model: str, output: Path, val_fraction: floa
 
     progress = PullProgress()
     try:
-        report = run(PrepareConfig(list(data), str(folder), model, val_fraction=val_fraction, seed=seed or 1337), progress)
+        report = run(PrepareConfig(list(data), str(folder), model, val_fraction=val_fraction, seed=seed or 1337,
+                                   **(extra or {})), progress)
     except (PrepareError, ValueError) as e:
         progress.close()
         fail(str(e))
     progress.close()
-    for s in report["skipped"]:
-        err.print(f"[yellow]skipped[/] {s['file']}: {s['reason']}", highlight=False)
+    _report_extras(report)
     loss = report.get("loss_tokens")
     err.print(f"data: {report['train_documents']:,} training and {report['val_documents']:,} held-out "
               f"{'examples' if loss else 'documents'}, {report['train_tokens']:,} + {report['val_tokens']:,} tokens"
@@ -291,8 +345,10 @@ def _run_with_progress(trainer):
 
     def on_eval(m):
         if main:
+            terms = "".join(f", {k[4:].replace('_', ' ')} {m[k]:.3f}" for k in
+                            ("val_cl_loss", "val_cl_acc", "val_task_loss", "val_task_acc") if k in m)
             progress.console.print(f"step {m['step']}: val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f}), "
-                                   f"train loss {m['train_loss']:.4f}", highlight=False)
+                                   f"train loss {m['train_loss']:.4f}{terms}", highlight=False)
             if m.get("sample"):
                 progress.console.print(f"[dim]{m['sample'][:400]}[/]", highlight=False, markup=True)
 
@@ -332,7 +388,9 @@ def embed(
     texts: Annotated[list[str], typer.Argument(help="Texts to embed.")],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model (an --objective mlm run embeds best).")] = None,
 ):
-    """Print one L2-normalised vector per text (mean of the final hidden states), as JSON."""
+    """Print one L2-normalised vector per text, as JSON: the mean of the final hidden states, or,
+    for a model trained with --objective multitask, its style embedding (that mean through its
+    projection head)."""
     llm = load_llm(model, "fp32")
     vectors = llm.embed(texts)
     print(json.dumps({"model": llm.name, "dim": vectors.shape[1], "embeddings": [[round(x, 6) for x in v.tolist()] for v in vectors]}))

@@ -20,7 +20,10 @@ def write(
     form: Annotated[Optional[str], typer.Option(help="A form kept by constrained decoding (see `llmos forms`), e.g. sonnet, haiku, 五言绝句.")] = None,
     var: Annotated[list[str], typer.Option("--var", help="A template variable KEY=VALUE (repeatable): acrostic=春夏秋冬, rhyme=true, n=5, to=zh ...")] = [],
     n: Annotated[int, typer.Option("-n", help="Number of candidates, generated in one batch.")] = 1,
-    rank: Annotated[bool, typer.Option(help="Order candidates by likelihood, form, repetition and distinctness (see docs/writing.md).")] = False,
+    rank: Annotated[bool, typer.Option(help="Order candidates by likelihood, form, repetition and distinctness (see docs/writing.md). "
+                                            "`--rank style:RUN` adds closeness to the style a multi-task RUN learned.")] = False,
+    style: Annotated[Optional[str], typer.Option("--rank-style", help="Rank by closeness to the style of this model "
+                                                 "(trained with --objective multitask); the same as --rank style:RUN.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
     top_p: Annotated[Optional[float], typer.Option()] = None,
@@ -39,6 +42,8 @@ def write(
       llmos write poem "the sea at night"
 
       llmos write poem "autumn rain" --form haiku -n 4 --rank --seed 1
+
+      llmos write story "a lighthouse keeper" -n 4 --rank style:runs/mystyle
 
       llmos write poem 春天 --form 藏头诗 --var acrostic=春夏秋冬
 
@@ -64,6 +69,15 @@ def write(
         return _novel(brief, chapters, output, model, language, seed, precision)
     if n < 1:
         fail("-n must be at least 1")
+    if style:
+        rank = f"style:{style}"
+        try:
+            from llmos.weights.store import ModelError, resolve
+
+            if not json.loads((resolve(style, quiet=True) / "config.json").read_text()).get("heads"):
+                fail(f"{style} has no style embedding: train it with `llmos finetune --objective multitask`")
+        except ModelError as e:
+            fail(str(e))
     req = WriteRequest(task, brief, variables, language, form, n,
                        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             dry_multiplier=dry, logprobs=0 if rank else None),

@@ -12,6 +12,12 @@ Instruction data (JSONL chats or prompt/completion pairs, rendered with the mode
 --tokenizer) adds, per shard, `.mask.bin` (1 where a token carries the loss: what the
 assistant writes) and `.starts.bin` (where each example begins), so that training packs whole
 examples into its rows without attention across them.
+
+Plain text adds `train_docs.bin` and `val_docs.bin`: one row per document (shard, start, end,
+group, label; int64), for the multi-task objective's contrastive pairs (two passages of one
+group) and labels. A document's group is itself, or the value of a JSONL field (--group-by
+author); its label is the JSONL field --label-field ("label"), -1 where it has none. With
+--augment, each training document gets new views (llmos.data.augment) in its own group.
 """
 
 from __future__ import annotations
@@ -47,6 +53,11 @@ class PrepareConfig:
     lowercase: bool = False
     remove_stopwords: bool = False
     shard_tokens: int = 50_000_000
+    group_by: str = "document"  # contrastive positives: the same document, or the same value of this JSONL field
+    label_field: str = "label"  # the JSONL field holding a document's class, for the task head
+    augment: list[str] = field(default_factory=list)  # llmos.data.augment transforms
+    augment_copies: int = 1
+    augment_model: str | None = None  # backtranslate's translator
     report: dict = field(default_factory=dict, repr=False)
 
     def validate(self):
@@ -58,9 +69,10 @@ class PrepareConfig:
             raise PrepareError(f"--near-dup-threshold must be in (0, 1], got {self.near_dup_threshold}")
 
 
-def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Split by document, seeded. A corpus of fewer than 10 documents (one long text, say) is
-    split inside each document instead: its last `fraction` of lines goes to validation."""
+def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Split by document, seeded: (text, document number) pairs. A corpus of fewer than 10
+    documents (one long text, say) is split inside each document instead: its last `fraction`
+    of lines goes to validation."""
     if len(docs) >= 10:
         order = list(range(len(docs)))
         random.Random(seed).shuffle(order)
@@ -72,15 +84,45 @@ def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[l
             val.add(i)
             size += len(docs[i].text)
         if len(val) < len(docs):
-            return [d.text for i, d in enumerate(docs) if i not in val], [docs[i].text for i in sorted(val)]
+            return [(d.text, i) for i, d in enumerate(docs) if i not in val], [(docs[i].text, i) for i in sorted(val)]
     train, val = [], []
-    for d in docs:
+    for i, d in enumerate(docs):
         cut = d.text.rfind("\n", 0, int(len(d.text) * (1 - fraction)))
         cut = cut + 1 if cut > 0 else int(len(d.text) * (1 - fraction))
-        train.append(d.text[:cut])
+        train.append((d.text[:cut], i))
         if d.text[cut:].strip():
-            val.append(d.text[cut:])
+            val.append((d.text[cut:], i))
     return train, val
+
+
+def document_classes(docs: list[Document], group_by: str, label_field: str) -> tuple[list[int], list[int], list[str]]:
+    """Per document: its contrastive group and its label number (-1: none), and the label names."""
+    groups, labels, keys = [], [], {}
+    for i, d in enumerate(docs):
+        value = d.meta.get(group_by) if group_by != "document" else None
+        key = ("field", str(value)) if value not in (None, "") else ("document", i)
+        groups.append(keys.setdefault(key, len(keys)))
+    names = sorted({str(d.meta[label_field]) for d in docs if d.meta.get(label_field) not in (None, "")})
+    index = {n: k for k, n in enumerate(names)}
+    for d in docs:
+        value = d.meta.get(label_field)
+        labels.append(index[str(value)] if value not in (None, "") else -1)
+    return groups, labels, names
+
+
+def write_documents(out: Path, split: str, lengths: list[int], groups: list[int], labels: list[int],
+                    shard_tokens: int) -> str:
+    """The document index of a split: (shard, start, end, group, label) per document, offsets
+    within the shard; a document that crosses a shard boundary keeps its first part."""
+    rows, offset = [], 0
+    for n, g, lab in zip(lengths, groups, labels):
+        shard, start = divmod(offset, shard_tokens)
+        end = min(start + n, shard_tokens)
+        rows.append((shard, start, end, g, lab))
+        offset += n
+    name = f"{split}_docs.bin"
+    np.asarray(rows, dtype=np.int64).reshape(-1, 5).tofile(out / name)
+    return name
 
 
 def build_tokenizer(cfg: PrepareConfig, train: list[str], val: list[str]):
@@ -159,15 +201,16 @@ def write_examples(out: Path, split: str, ids: np.ndarray, mask: np.ndarray, sta
              "starts": f"{name}.starts.bin", "examples": int(len(starts))}]
 
 
-def encode(tok, texts: list[str], eos_id: int | None, dtype) -> np.ndarray:
+def encode(tok, texts: list[str], eos_id: int | None, dtype) -> tuple[np.ndarray, list[int]]:
+    """The texts' ids joined by the end-of-text token, and each text's length in tokens (its own
+    end-of-text included)."""
     if not texts:
-        return np.zeros(0, dtype=dtype)
-    pieces = []
+        return np.zeros(0, dtype=dtype), []
+    pieces, lengths = [], []
     for enc in tok.encode_batch(texts, add_special_tokens=False):
-        pieces.append(np.asarray(enc.ids, dtype=dtype))
-        if eos_id is not None:
-            pieces.append(np.asarray([eos_id], dtype=dtype))
-    return np.concatenate(pieces)
+        pieces.append(np.asarray(enc.ids + ([eos_id] if eos_id is not None else []), dtype=dtype))
+        lengths.append(len(pieces[-1]))
+    return np.concatenate(pieces), lengths
 
 
 def prepare(cfg: PrepareConfig, progress=None) -> dict:
@@ -217,7 +260,23 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
         train_docs, val_docs = split_examples(docs, cfg.val_fraction, cfg.seed)
         train_texts, val_texts = [d.text for d in train_docs], [d.text for d in val_docs]
     else:
-        train_texts, val_texts = split_documents(docs, cfg.val_fraction, cfg.seed)
+        groups, labels, label_names = document_classes(docs, cfg.group_by, cfg.label_field)
+        train_pairs, val_pairs = split_documents(docs, cfg.val_fraction, cfg.seed)
+        augmentation = None
+        if cfg.augment:
+            from llmos.data.augment import AugmentError, Augmenter
+
+            try:
+                augmenter = Augmenter(cfg.augment, cfg.augment_copies, cfg.seed, cfg.augment_model)
+            except AugmentError as e:
+                raise PrepareError(str(e)) from None
+            added = []
+            for k, (text, i) in enumerate(train_pairs):
+                added += [(view, i) for _, view in augmenter.views(i, text)]
+                report_progress("Augmenting", k + 1, len(train_pairs))
+            train_pairs += added
+            augmentation = {**augmenter.summary(), "views": augmenter.log}
+        train_texts, val_texts = [t for t, _ in train_pairs], [t for t, _ in val_pairs]
     report_progress("Tokenizer", 0, 1)
     tok, tok_info, source_meta, model_tok = build_tokenizer(cfg, train_texts, val_texts)
     report_progress("Tokenizer", 1, 1)
@@ -234,9 +293,9 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
         report_progress("Tokenizing", 1, 2)
         val_ids, val_mask, val_starts = encode_examples(model_tok, val_docs, dtype)
     else:
-        train_ids = encode(tok, train_texts, eos_id, dtype)
+        train_ids, train_lengths = encode(tok, train_texts, eos_id, dtype)
         report_progress("Tokenizing", 1, 2)
-        val_ids = encode(tok, val_texts, eos_id, dtype)
+        val_ids, val_lengths = encode(tok, val_texts, eos_id, dtype)
     report_progress("Tokenizing", 2, 2)
 
     tmp = out.with_name(out.name + ".partial")
@@ -255,6 +314,12 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
                 else write_shards(tmp, "val", val_ids, cfg.shard_tokens)),
         "prepare": {k: v for k, v in asdict(cfg).items() if k != "report"},
     }
+    if not instruction:
+        for split, pairs, lengths in (("train", train_pairs, train_lengths), ("val", val_pairs, val_lengths)):
+            meta[f"{split}_documents"] = write_documents(tmp, split, lengths, [groups[i] for _, i in pairs],
+                                                         [labels[i] for _, i in pairs], cfg.shard_tokens)
+        meta["labels"] = label_names
+        meta["group_by"] = cfg.group_by
     if source_meta is not None:  # keep the source model's prompt style for fine-tuning
         meta["prompt_style"] = source_meta.get("prompt_style")
     tok.save(str(tmp / "tokenizer.json"))
@@ -271,6 +336,11 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
         "vocab_size": vocab_size,
         "skipped": [{"file": f, "reason": r} for f, r in skipped],
     }
+    if not instruction:
+        report["groups"] = len(set(groups))
+        report["labels"] = label_names
+        if augmentation is not None:
+            report["augmentation"] = augmentation
     if instruction:
         report["loss_tokens"] = {"train": int(train_mask.sum()), "val": int(val_mask.sum())}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))

@@ -128,7 +128,9 @@ class WriteRequestBody(BaseModel):
     form: str | None = None
     variables: dict[str, str] = {}
     n: int = Field(1, ge=1, le=16)
-    rank: bool = Field(False, description="Order candidates by likelihood, form, repetition and distinctness.")
+    rank: bool | str = Field(False, description="Order candidates by likelihood, form, repetition and distinctness; "
+                                                 "'style:MODEL' adds closeness to the style MODEL learned "
+                                                 "(--objective multitask).")
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -140,6 +142,14 @@ class WriteRequestBody(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     chapters: int = Field(5, ge=1, le=50, description="novel: number of chapters.")
     book: str | None = Field(None, description="novel: the book's name; its stages are kept under $LLMOS_HOME/books/NAME.")
+
+    @field_validator("rank")
+    @classmethod
+    def _rank(cls, value):
+        from llmos.writing.rank import style_model
+
+        style_model(value)  # a ValueError here is a 422 naming the field
+        return value
 
 
 def new_id(prefix: str) -> str:

@@ -46,9 +46,10 @@ def _fsync_dir(path: Path):
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, tokenizer_file: Path,
                     train_state: dict, keep: int = 1, weights_file: str = "model.safetensors",
-                    protect: str | None = None) -> Path:
+                    protect: str | None = None, extra: dict[str, dict] | None = None) -> Path:
     """weights_file: "adapter.safetensors" for a LoRA run (model_state then holds only the
-    adapter). protect: a checkpoint kept whatever `keep` says (the best one, under early stopping)."""
+    adapter). protect: a checkpoint kept whatever `keep` says (the best one, under early stopping).
+    extra: more safetensors files, name -> tensors (the multi-task heads)."""
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, t
         state = {k: v.detach().contiguous() for k, v in model_state.items()
                  if not (k == "lm_head.weight" and config["model"].get("tie_embeddings"))}
         save_file(state, str(tmp / weights_file), metadata={"format": "pt"})
+        for file, tensors in (extra or {}).items():
+            save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / file), metadata={"format": "pt"})
         torch.save(train_state, tmp / "train_state.pt")
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))

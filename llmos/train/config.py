@@ -22,7 +22,7 @@ class TrainConfig:
     preset: str = "tiny"
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 6}
     init_from: str | None = None  # start from a model's weights (fine-tuning)
-    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional
+    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional; "multitask" (below)
     batch_size: int = 12
     block_size: int | None = None  # context length in training; default: the model's
     grad_accum: int = 1
@@ -50,13 +50,29 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w13", "w2"])
     early_stop: int = 0  # stop after this many evaluations without a better validation loss (0: off)
+    # the multi-task objective: lambda_lm * next token + lambda_cl * InfoNCE + lambda_task * labels
+    lambda_lm: float = 1.0
+    lambda_cl: float = 0.5
+    lambda_task: float = 0.5
+    tau: float = 0.1  # InfoNCE temperature
+    projection_dim: int = 128  # the style embedding's size (the projection head's output)
 
     def validate(self):
         def check(ok, message):
             if not ok:
                 raise TrainError(message)
 
-        check(self.objective in ("clm", "mlm"), f"objective must be 'clm' or 'mlm', got {self.objective!r}")
+        check(self.objective in ("clm", "mlm", "multitask"),
+              f"objective must be 'clm', 'mlm' or 'multitask', got {self.objective!r}")
+        if self.objective == "multitask":
+            for name in ("lambda_lm", "lambda_cl", "lambda_task"):
+                check(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
+            check(self.lambda_lm + self.lambda_cl + self.lambda_task > 0, "the lambdas cannot all be 0")
+            check(0 < self.tau <= 10, f"tau must be in (0, 10], got {self.tau}")
+            check(self.projection_dim >= 1, f"projection_dim must be at least 1, got {self.projection_dim}")
+            check(self.batch_size >= 4 and self.batch_size % 2 == 0,
+                  f"--objective multitask takes rows in pairs (two passages of one source): batch_size must be "
+                  f"even and at least 4, got {self.batch_size}")
         check(self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         check(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
@@ -128,7 +144,7 @@ def saved_train_config(run_dir: Path) -> dict:
 # adapter, whose update starts at zero), a short warmup, frequent evaluation, the held-out loss
 # deciding when to stop. Under everything a user gives (YAML, flags, --set).
 FINETUNE_DEFAULTS = {
-    "full": {"lr": 5e-5, "min_lr": 5e-6, "warmup_steps": 10, "batch_size": 4, "block_size": 256, "max_steps": 500,
+    "full": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 10, "batch_size": 4, "block_size": 256, "max_steps": 500,
              "eval_interval": 25, "eval_iters": 10, "weight_decay": 0.0, "log_interval": 1},
     "lora": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "batch_size": 4, "block_size": 256, "max_steps": 500,
              "eval_interval": 25, "eval_iters": 10, "weight_decay": 0.0, "log_interval": 1},

@@ -2,7 +2,8 @@
 
 Batches are random windows (nanoGPT's sampling), or, for instruction data, whole examples
 packed into rows (`packed_batch`: each example keeps to itself in attention, and only its
-assistant tokens are targets). All ranks of a distributed run draw the same global batch from
+assistant tokens are targets), or, for the multi-task objective, pairs of passages of one group
+(`pair_batch`: two documents of one author, or two parts of one document). All ranks of a distributed run draw the same global batch from
 the same seeded generator and each takes its own slice, so a run's data order depends only on
 the seed and the global batch size, and resuming restores it exactly.
 """
@@ -51,6 +52,13 @@ class TokenData:
                         raise DataError(f"{self.path}: {shard['file']} and its mask or starts disagree; run `llmos prepare` again")
                     self.examples[split] = (arrays[-1], mask, starts)
             self.shards[split] = arrays
+        # the document index of plain text (llmos prepare): shard, start, end, group, label
+        self.documents = {}
+        for split in ("train", "val"):
+            name = self.meta.get(f"{split}_documents")
+            if name and (self.path / name).is_file():
+                self.documents[split] = np.fromfile(self.path / name, dtype=np.int64).reshape(-1, 5)
+        self.labels: list[str] = list(self.meta.get("labels") or [])
 
     def tokens(self, split: str) -> int:
         return sum(len(a) for a in self.shards[split])
@@ -119,3 +127,62 @@ class TokenData:
         if rows is not None:
             x, y, seg = x[rows], y[rows], seg[rows]
         return torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(seg)
+
+    def check_pairs(self, split: str):
+        """The multi-task objective needs a document index and two groups or more."""
+        if split not in self.documents:
+            raise DataError(f"{self.path} has no document index (instruction data, or prepared by an older "
+                            f"version): prepare plain text again with `llmos prepare` for --objective multitask")
+        docs = self.documents[split]
+        groups = np.unique(docs[docs[:, 2] - docs[:, 1] >= 2][:, 3])
+        if len(groups) < 2:
+            raise DataError(
+                f"the {split} split has {len(groups)} source(s) to tell apart; the contrastive objective needs 2 "
+                f"or more: give several documents (files, JSONL records, --separator), or --group-by a JSONL field")
+
+    def pair_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
+                   rows: slice | None = None):
+        """Rows in pairs, [a0, b0, a1, b1, ...]: batch_size // 2 distinct groups, two passages of
+        each (from two halves of one long document, or any two of the group's documents).
+        Returns (inputs, targets, lengths, groups, labels): targets -100 on padding after a
+        passage shorter than the block; labels -1 where a document has none."""
+        docs = self.documents[split]
+        docs = docs[docs[:, 2] - docs[:, 1] >= 2]
+        by_group: dict[int, np.ndarray] = {}
+        for g in np.unique(docs[:, 3]):
+            by_group[int(g)] = np.nonzero(docs[:, 3] == g)[0]
+        names = sorted(by_group)
+        pairs = batch_size // 2
+        order = torch.randperm(len(names), generator=generator).tolist()
+        chosen = [names[order[k % len(names)]] for k in range(pairs)]  # repeats only when groups run short
+        x = np.zeros((batch_size, block_size), dtype=np.int64)
+        y = np.full((batch_size, block_size), -100, dtype=np.int64)
+        lengths = np.zeros(batch_size, dtype=np.int64)
+        groups = np.zeros(batch_size, dtype=np.int64)
+        labels = np.full(batch_size, -1, dtype=np.int64)
+
+        def rand(n: int) -> int:
+            return int(torch.randint(max(n, 1), (1,), generator=generator))
+
+        for k, g in enumerate(chosen):
+            members = by_group[g]
+            first = members[rand(len(members))]
+            second = members[rand(len(members))]
+            spans = []
+            for view, d in enumerate((first, second)):
+                shard, start, end = (int(v) for v in docs[d, :3])
+                if first == second and end - start >= 2 * (block_size + 1):
+                    half = (end - start) // 2  # two passages of one document: one from each half
+                    start, end = (start, start + half) if view == 0 else (start + half, end)
+                spans.append((shard, start, end))
+            for view, (shard, start, end) in enumerate(spans):
+                r = 2 * k + view
+                n = min(end - start, block_size + 1)
+                o = start + rand(end - start - n + 1)
+                w = np.asarray(self.shards[split][shard][o : o + n], dtype=np.int64)
+                x[r, : n - 1], y[r, : n - 1] = w[:-1], w[1:]
+                lengths[r], groups[r] = n - 1, g
+                labels[r] = docs[first if view == 0 else second, 4]
+        if rows is not None:
+            x, y, lengths, groups, labels = x[rows], y[rows], lengths[rows], groups[rows], labels[rows]
+        return tuple(torch.from_numpy(a) for a in (x, y, lengths, groups, labels))

@@ -111,7 +111,8 @@ def configure_optimizer(model: Transformer, cfg: TrainConfig, device) -> torch.o
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     hidden = {}
     if cfg.optimizer == "muon":
-        hidden = {name: p for name, p in params.items() if p.dim() == 2 and name.startswith("blocks.")}
+        hidden = {name: p for name, p in params.items()
+                  if p.dim() == 2 and name.removeprefix("model.").startswith("blocks.")}
     rest = [p for name, p in params.items() if name not in hidden]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
@@ -119,7 +120,7 @@ def configure_optimizer(model: Transformer, cfg: TrainConfig, device) -> torch.o
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     if not hidden:
         return adamw
-    c = model.config
+    c = model.config if hasattr(model, "config") else model.model.config  # a Transformer, or with heads
     q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     # Fused projections are orthogonalized matrix by matrix: q, k, v; gate and up.
     splits = {p: [q, kv, kv] if name.endswith("wqkv.weight") else [c.d_ff, c.d_ff]
@@ -265,7 +266,19 @@ class Trainer:
             except AdapterError as e:
                 raise TrainError(str(e)) from None
             self.model.to(self.d.device)
-        self.optimizer = configure_optimizer(self.model, cfg, self.d.device)
+        self.heads, self.net = None, self.model
+        if cfg.objective == "multitask":
+            from llmos.train.multitask import Heads, MultitaskNet
+
+            for split in ("train", "val"):
+                try:
+                    self.data.check_pairs(split)
+                except Exception as e:
+                    raise TrainError(str(e)) from None
+            torch.manual_seed(cfg.seed + 4)
+            self.heads = Heads(self.model_config.d_model, cfg.projection_dim, self.data.labels).to(self.d.device)
+            self.net = MultitaskNet(self.model, self.heads)
+        self.optimizer = configure_optimizer(self.net, cfg, self.d.device)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
@@ -275,18 +288,18 @@ class Trainer:
         self.tensorboard = None
         if self.checkpoint is not None:
             self._restore()
-        self.ddp = self.model
+        self.ddp = self.net
         if self.d.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.model, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None)
+            self.ddp = DistributedDataParallel(self.net, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None)
         self.amp = autocast_dtype(cfg, self.d.device)
 
     def _check_same_run(self, saved: dict):
         train = saved.get("train", {})
         mine = asdict(self.cfg)
         for key in ("preset", "model", "objective", "init_from", "block_size", "seed", "batch_size", "grad_accum",
-                    "optimizer"):
+                    "optimizer", "lora", "projection_dim"):
             if key in train and train[key] != mine[key]:
                 raise TrainError(
                     f"{self.out} holds a run with {key}={train[key]!r}, not {mine[key]!r}; resume it with its "
@@ -309,6 +322,13 @@ class Trainer:
             if self.model_config.tie_embeddings:
                 state["lm_head.weight"] = state["embed.weight"]
             self.model.load_state_dict(state)
+        if self.heads is not None:
+            from llmos.train.multitask import HEADS_FILE
+
+            try:
+                self.heads.load_state_dict(load_file(str(self.checkpoint / HEADS_FILE)))
+            except Exception as e:
+                raise TrainError(f"{self.checkpoint}: its heads do not fit this run ({type(e).__name__}: {e})") from None
         ts = load_train_state(self.checkpoint)
         self.optimizer.load_state_dict(ts["optimizer"])
         self.step, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
@@ -322,13 +342,33 @@ class Trainer:
     # -- pieces of a step --
 
     def _batch(self, split: str, batch_size: int, generator: torch.Generator, rows: slice | None):
-        """(inputs, targets, segments or None): random windows, or packed examples for instruction data."""
+        """(inputs, targets, extra): random windows (extra None), packed examples for instruction
+        data (extra: segments), or pairs of passages for the multi-task objective (extra:
+        lengths and labels)."""
+        if self.heads is not None:
+            x, y, lengths, _, labels = self.data.pair_batch(split, batch_size, self.block, generator, rows)
+            return x, y, (lengths, labels)
         if self.data.instruction:
             return self.data.packed_batch(split, batch_size, self.block, generator, rows)
         x, y = self.data.batch(split, batch_size, self.block, generator, rows)
         return x, y, None
 
+    def _multitask(self, net, x, y, extra) -> dict[str, torch.Tensor]:
+        from llmos.train.multitask import multitask_losses
+
+        lengths, labels = (t.to(self.d.device) for t in extra)
+        c = self.cfg
+        with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            return multitask_losses(net, self.heads, x.to(self.d.device), y.to(self.d.device), lengths, labels,
+                                    (c.lambda_lm, c.lambda_cl, c.lambda_task), c.tau, mean_loss)
+
     def _loss(self, x, y, segments=None):
+        if self.heads is not None:
+            terms = self._multitask(self.ddp, x, y, segments)
+            for key, value in terms.items():
+                if key != "loss":
+                    self.term_sums[key] = self.term_sums.get(key, 0.0) + float(value.detach()) / self.cfg.grad_accum
+            return terms["loss"]
         if self.cfg.objective == "mlm":
             x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, self.mask_gen)
         x, y = x.to(self.d.device), y.to(self.d.device)
@@ -348,21 +388,30 @@ class Trainer:
         mask_gen = torch.Generator().manual_seed(self.cfg.seed + 3)
         out = {}
         for split in ("train", "val"):
-            losses = []
+            losses, terms = [], {}
             for _ in range(self.cfg.eval_iters):
                 x, y, segments = self._batch(split, self.cfg.batch_size * self.d.world, gen, self._rows())
+                if self.heads is not None:  # the LM term is the loss that early stopping and perplexity watch
+                    t = self._multitask(self.net, x, y, segments)
+                    losses.append(t["lm_loss"])
+                    for key in ("cl_loss", "cl_acc", "task_loss", "task_acc"):
+                        if key in t:
+                            terms.setdefault(key, []).append(t[key])
+                    continue
                 if self.cfg.objective == "mlm":
                     x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, mask_gen)
                 kwargs = {"segments": segments.to(self.d.device)} if segments is not None else {}
                 logits = self.model(x.to(self.d.device), **kwargs)
                 losses.append(mean_loss(logits, y.to(self.d.device)))
             out[f"{split}_loss"] = float(all_reduce_mean(torch.stack(losses).mean(), self.d))
+            for key, values in terms.items():
+                out[f"{split}_{key}"] = float(all_reduce_mean(torch.stack(values).mean(), self.d))
         out["val_ppl"] = math.exp(min(out["val_loss"], 50))
         self.model.train()
         return out
 
     def sample(self) -> str | None:
-        if self.cfg.objective != "clm":
+        if self.cfg.objective == "mlm":
             return None
         from llmos.engine.generate import generate
         from llmos.engine.sampling import SamplingParams
@@ -418,8 +467,17 @@ class Trainer:
             "best_checkpoint": self.best_checkpoint or "",
             "evals_without_gain": self.evals_without_gain,
         }
+        extra = {}
+        if self.heads is not None:  # the style embedding's heads, and the corpus's place in it
+            from llmos.train.multitask import HEADS_FILE, corpus_centroid
+
+            self.heads.centroid.copy_(corpus_centroid(self.net, self.data, self.block, seed=self.cfg.seed))
+            c = self.cfg
+            config["heads"] = {**self.heads.describe(), "lambda_lm": c.lambda_lm, "lambda_cl": c.lambda_cl,
+                               "lambda_task": c.lambda_task, "tau": c.tau}
+            extra[HEADS_FILE] = self.heads.state_dict()
         return save_checkpoint(self.out, self.step, weights, config, self.data.path / "tokenizer.json", train_state,
-                               self.cfg.keep_checkpoints, weights_file, protect=self.best_checkpoint)
+                               self.cfg.keep_checkpoints, weights_file, protect=self.best_checkpoint, extra=extra)
 
     def _log(self, record: dict):
         if not self.d.main:
@@ -463,6 +521,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             total = torch.zeros((), device=self.d.device)
+            self.term_sums = {}
             for micro in range(cfg.grad_accum):
                 x, y, segments = self._batch("train", cfg.batch_size * self.d.world, self.data_gen, self._rows())
                 sync = micro == cfg.grad_accum - 1 or not self.d.enabled
@@ -488,7 +547,7 @@ class Trainer:
                 now = time.perf_counter()
                 record = {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
                           "tokens": self.tokens_seen, "tokens_per_s": window_tokens / max(now - window_t, 1e-9),
-                          "elapsed_s": self.elapsed_before + now - self.t0}
+                          "elapsed_s": self.elapsed_before + now - self.t0, **self.term_sums}
                 window_t, window_tokens = now, 0
                 self._log(record)
                 self.on_log(record)

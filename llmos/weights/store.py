@@ -539,6 +539,9 @@ def merge_adapter(src: Path, out: Path) -> Path:
     try:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         shutil.copyfile(src / "tokenizer.json", tmp / "tokenizer.json")
+        if meta.get("heads"):  # a multi-task run's heads go with it
+            heads_file = meta["heads"].get("file", "heads.safetensors")
+            shutil.copyfile(src / heads_file, tmp / heads_file)
         (tmp / "config.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
         if out.exists():
             out.rmdir()

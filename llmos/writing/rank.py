@@ -7,6 +7,9 @@ Each candidate gets
           - 2 * repetition                          (share of its word 3-grams that repeat)
           + 1 * distinctness                        (1 - its highest word-trigram Jaccard
                                                      similarity to another candidate)
+          + 2 * style                               (with --rank style:RUN: cosine similarity of
+                                                     its style embedding to the centroid of the
+                                                     corpus RUN was trained on, -1..1)
 
 and candidates are shown best first. Mean log-probability is in nats (typically -1 to -3), so
 a broken form or heavy repetition outweighs small likelihood differences, while distinctness
@@ -18,7 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-WEIGHTS = {"likelihood": 1.0, "form": 2.0, "repetition": -2.0, "distinctness": 1.0}
+WEIGHTS = {"likelihood": 1.0, "form": 2.0, "repetition": -2.0, "distinctness": 1.0, "style": 2.0}
 
 
 @dataclass
@@ -41,9 +44,10 @@ def repetition(text: str) -> float:
     return 0.0 if not grams else 1 - len(set(grams)) / len(grams)
 
 
-def rank(completions, form_check=None) -> list[Ranked]:
+def rank(completions, form_check=None, style: list[float] | None = None) -> list[Ranked]:
     """completions: objects with .index, .text and .logprobs (token log-probabilities, or None);
-    form_check: text -> list of problems, when a form was asked for."""
+    form_check: text -> list of problems, when a form was asked for; style: each candidate's
+    closeness to a writer's style (LLM.style_similarity), when asked for."""
     grams = [set(_trigrams(c.text)) for c in completions]
     out = []
     for i, c in enumerate(completions):
@@ -55,6 +59,33 @@ def rank(completions, form_check=None) -> list[Ranked]:
             "repetition": repetition(c.text),
             "distinctness": 1 - max(sims) if sims else 1.0,
         }
+        if style is not None:
+            parts["style"] = style[i]
         score = sum(WEIGHTS[k] * v for k, v in parts.items())
         out.append(Ranked(c.index, c.text, score, parts))
     return sorted(out, key=lambda r: r.score, reverse=True)
+
+
+def style_model(rank) -> str | None:
+    """The model named by a rank setting "style:RUN", None for a plain ranking (True/False)."""
+    if isinstance(rank, str):
+        if not rank.startswith("style:") or not rank[6:].strip():
+            raise ValueError(f"rank takes true, false or style:MODEL (a model trained with --objective multitask), "
+                             f"got {rank!r}")
+        return rank[6:].strip()
+    return None
+
+
+_STYLE_MODELS: dict = {}
+
+
+def style_scores(model: str, texts: list[str]) -> list[float]:
+    """Each text's closeness to the style `model` learned (its corpus centroid); the model
+    stays loaded for the next call."""
+    from llmos.llm import LLM
+
+    if model not in _STYLE_MODELS:
+        if len(_STYLE_MODELS) >= 2:
+            _STYLE_MODELS.pop(next(iter(_STYLE_MODELS)))
+        _STYLE_MODELS[model] = LLM.load(model, precision="fp32")
+    return _STYLE_MODELS[model].style_similarity(texts)

@@ -11,7 +11,7 @@ from functools import partial
 
 from llmos.writing import forms
 from llmos.writing.edit import distinct_ideas, parse_revision, word_diff
-from llmos.writing.rank import rank as rank_candidates
+from llmos.writing.rank import rank as rank_candidates, style_model, style_scores
 from llmos.writing.tasks import truthy
 
 
@@ -21,11 +21,12 @@ def idea_limit(variables: dict) -> int:
 
 
 def after_generation(task: str, brief: str, variables: dict, completions: list, form: forms.Form | None = None,
-                     rank: bool = False) -> dict:
+                     rank: bool | str = False) -> dict:
     """completions: objects with .index, .text and .logprobs (llm.Completion); form: the form the
     text was kept to, if any. Returns only the keys that apply:
       form: {"name", "problems": one list of problems per candidate, empty when it keeps the form}
-      ranking: [{"index", "score", and the score's parts}], best first (rank=True)
+      ranking: [{"index", "score", and the score's parts}], best first (rank=True, or "style:MODEL"
+               to add each candidate's closeness to the style MODEL learned)
       revision: {"revised", "suggestions", "diff": [(op, words)] with op "-", "+" or " "} (task rewrite)
       ideas: distinct ideas, at most idea_limit(variables) (task brainstorm)"""
     extra: dict = {}
@@ -35,8 +36,10 @@ def after_generation(task: str, brief: str, variables: dict, completions: list, 
                         chars=int(variables["chars"]) if variables.get("chars") else None)
         extra["form"] = {"name": form.name, "problems": [check(c.text) for c in completions]}
     if rank:
+        style_of = style_model(rank)
+        style = style_scores(style_of, [c.text for c in completions]) if style_of else None
         extra["ranking"] = [{"index": r.index, "score": round(r.score, 4), **{k: round(v, 4) for k, v in r.parts.items()}}
-                            for r in rank_candidates(completions, check)]
+                            for r in rank_candidates(completions, check, style)]
     if task == "rewrite":
         revised, suggestions = parse_revision(completions[0].text)
         extra["revision"] = {"revised": revised, "suggestions": suggestions, "diff": word_diff(brief.strip(), revised)}

@@ -30,6 +30,24 @@ def _write_request(body: P.WriteRequestBody, language: str):
                         [] if body.allow_phrases else body.banned_phrases)
 
 
+def _check_style(rank):
+    """A style ranking's model must be here and trained with the multi-task objective."""
+    import json
+
+    from llmos.weights.store import ModelError, resolve
+    from llmos.writing.rank import style_model
+
+    name = style_model(rank)
+    if name is None:
+        return
+    try:
+        path = resolve(name, quiet=True)
+    except ModelError as e:
+        raise APIError(400, str(e), "rank") from None
+    if not json.loads((path / "config.json").read_text()).get("heads"):
+        raise APIError(400, f"{name} has no style embedding: train it with `llmos finetune --objective multitask`", "rank")
+
+
 @router.post("/api/write", response_model=P.WriteResponse | P.NovelResponse, response_model_exclude_none=True, responses=SSE)
 async def write(body: P.WriteRequestBody, http: HTTPRequest):
     """A writing task (GET /api/tasks lists them). Non-streamed, the answer carries what `llmos
@@ -51,6 +69,7 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
     if body.task == "novel":
         return await _novel(served, body, language, http)
     llm = served.llm
+    _check_style(body.rank)
     try:
         prompt, params, stops, form = prepare_write(llm, _write_request(body, language))
         req = llm.request(prompt, params, body.n, stops)

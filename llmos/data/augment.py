@@ -1,0 +1,153 @@
+"""Named, seeded transforms that make new views of a document (`llmos prepare --augment`).
+
+Each copy of a training document gets its own generator, seeded from the run's seed, the
+document's number and the copy's number, so a corpus augments the same way every time and one
+changed document leaves the others' views alone. A view keeps its source's group and label: it
+is a positive for the contrastive objective, and more text for a small corpus. Validation
+documents are never augmented.
+
+- crop: a contiguous span of whole lines, 50 to 90% of the document (the first line starts
+  anywhere); a document of one line is cut at word boundaries instead.
+- shuffle: the sentences of each paragraph (blank-line separated) in a new order; a paragraph
+  of one sentence stays as it is.
+- backtranslate: each paragraph translated into a pivot language and back by a model (the
+  `translate` task's own prompts), at temperature 0.7: a paraphrase. Slow; asked for by name.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+TRANSFORMS = ("crop", "shuffle", "backtranslate")
+SENTENCE_END = re.compile(r"(?<=[.!?。！？…])[\"'”’)\]]*\s+")
+
+
+class AugmentError(ValueError):
+    """An unknown transform or a setting that cannot work; the message says which."""
+
+
+def crop(text: str, rng: random.Random) -> str:
+    lines = text.split("\n")
+    unit, joiner = (lines, "\n") if len(lines) >= 4 else (text.split(" "), " ")
+    if len(unit) < 2:
+        return text
+    keep = max(1, round(len(unit) * rng.uniform(0.5, 0.9)))
+    start = rng.randrange(0, len(unit) - keep + 1)
+    return joiner.join(unit[start : start + keep]).strip() or text
+
+
+def sentences(paragraph: str) -> list[str]:
+    return [s for s in SENTENCE_END.split(paragraph.strip()) if s]
+
+
+def shuffle(text: str, rng: random.Random) -> str:
+    paragraphs = re.split(r"\n\s*\n", text)
+    out = []
+    for p in paragraphs:
+        parts = sentences(p)
+        if len(parts) > 1:
+            rng.shuffle(parts)
+            p = " ".join(s.strip() for s in parts)
+        out.append(p)
+    return "\n\n".join(out)
+
+
+@dataclass
+class BackTranslator:
+    """Paraphrase by translating into `pivot` and back with `model` (an LLM)."""
+
+    model: str
+    pivot: str = "fr"
+    llm: object = field(default=None, repr=False)
+
+    def __call__(self, text: str, rng: random.Random) -> str:
+        from llmos.llm import LLM
+        from llmos.writing.tasks import WriteRequest, prepare_write
+
+        if self.llm is None:
+            self.llm = LLM.load(self.model, precision="fp32")
+        out = []
+        for paragraph in re.split(r"\n\s*\n", text):
+            if not paragraph.strip():
+                continue
+            piece = paragraph
+            for target in (self.pivot, "en"):
+                seed = rng.randrange(2**31)
+                req = WriteRequest("translate", piece, {"to": target}, "en", None, 1,
+                                   {"temperature": 0.7, "seed": seed, "max_tokens": min(512, 2 * len(piece) // 3 + 32)})
+                prompt, params, stops, _ = prepare_write(self.llm, req)
+                piece = self.llm.generate(prompt, params, stop=stops).completions[0].text.strip() or piece
+            out.append(piece)
+        return "\n\n".join(out) or text
+
+
+def parse(names: list[str] | str) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    chosen = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    for n in chosen:
+        if n not in TRANSFORMS:
+            raise AugmentError(f"unknown --augment transform {n!r}: choose from {', '.join(TRANSFORMS)}")
+    return chosen
+
+
+@dataclass
+class Augmenter:
+    names: list[str]
+    copies: int = 1
+    seed: int = 1337
+    model: str | None = None  # for backtranslate
+    pivot: str = "fr"
+    log: list[dict] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.names = parse(self.names)
+        if self.copies < 1:
+            raise AugmentError(f"--augment-copies must be at least 1, got {self.copies}")
+        if "backtranslate" in self.names and not self.model:
+            raise AugmentError("--augment backtranslate needs a model to translate with: --augment-model MODEL")
+        self.fns = {"crop": crop, "shuffle": shuffle}
+        if "backtranslate" in self.names:
+            self.fns["backtranslate"] = BackTranslator(self.model, self.pivot)
+
+    def views(self, index: int, text: str) -> list[tuple[str, str]]:
+        """(transform, new text) for each copy of document `index`: the transforms applied in
+        the order given. Copies identical to the source are dropped."""
+        out = []
+        for copy in range(self.copies):
+            rng = random.Random(f"{self.seed}:{index}:{copy}")
+            new = text
+            for name in self.names:
+                new = self.fns[name](new, rng)
+            changed = changed_share(text, new)
+            self.log.append({"document": index, "copy": copy, "transforms": "+".join(self.names),
+                             "chars_before": len(text), "chars_after": len(new), "changed": round(changed, 3),
+                             **({"kept": False} if new == text else {})})
+            if new != text:
+                out.append(("+".join(self.names), new))
+        return out
+
+    def summary(self) -> dict:
+        kept = [r for r in self.log if r.get("kept", True)]
+        return {
+            "transforms": self.names, "copies": self.copies, "seed": self.seed,
+            "views_added": len(kept), "views_unchanged": len(self.log) - len(kept),
+            "chars_before": sum(r["chars_before"] for r in kept), "chars_after": sum(r["chars_after"] for r in kept),
+            "mean_changed": round(sum(r["changed"] for r in kept) / max(len(kept), 1), 3),
+        }
+
+
+def changed_share(before: str, after: str) -> float:
+    """The share of the source's lines (or words, for one-line texts) not found in the view in
+    the same order: 0 for an identical copy, near 1 for a paraphrase."""
+    import difflib
+
+    a, b = before.split("\n"), after.split("\n")
+    if len(a) < 4:
+        a, b = before.split(), after.split()
+    if not a:
+        return 0.0
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return 1 - sum(m.size for m in matcher.get_matching_blocks()) / len(a)
