@@ -194,3 +194,36 @@ def test_embed_and_rank_by_style_commands(authors_data, tiny_dir, session_home, 
     r = llmos("finetune", str(authors_data.parent / "authors.jsonl"), "-m", str(tiny_dir), "-o", str(tmp_path / "x"),
               "--objective", "multitask", "--batch-size", "5", home=session_home)
     assert_clean_error(r, "batch_size must be even")
+
+
+def test_lora_multitask_under_fsdp_matches_one_process(authors_data, tiny_dir, session_home, tmp_path):
+    """Adapter and heads trained with the model sharded over 2 processes: the same losses as one
+    process, and a run that loads like any other."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["finetune", str(authors_data), "-m", str(tiny_dir), "--lora", "4", "--objective", "multitask",
+            "--block-size", "48", "--max-steps", "4", "--eval-interval", "2", "--eval-iters", "2",
+            "--projection-dim", "16", "--log-interval", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LLMOS_HOME": str(session_home)}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29535",
+                          "-m", "llmos", *args, "-o", str(tmp_path / "fsdp"), "--batch-size", "4", "--sharding", "fsdp"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = llmos(*args, "-o", str(tmp_path / "one"), "--batch-size", "8", home=session_home)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    def logged(run):
+        return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = logged(tmp_path / "fsdp"), logged(tmp_path / "one")
+    for key in ("loss", "cl_loss"):  # the total, and InfoNCE over the gathered global batch
+        assert [r[key] for r in a if "tokens_per_s" in r] == pytest.approx([r[key] for r in b if "tokens_per_s" in r], abs=1e-4)
+    assert a[-1]["val_loss"] == pytest.approx(b[-1]["val_loss"], abs=1e-4)
+    assert a[-1]["val_cl_loss"] == pytest.approx(b[-1]["val_cl_loss"], abs=1e-4)
+    from llmos.llm import LLM
+
+    v1 = LLM.load(str(tmp_path / "fsdp"), precision="fp32").embed(["salt and tide"])
+    v2 = LLM.load(str(tmp_path / "one"), precision="fp32").embed(["salt and tide"])
+    assert torch.allclose(v1, v2, atol=1e-4)

@@ -118,6 +118,7 @@ LoraAlphaOpt = Annotated[Optional[float], typer.Option(help="LoRA scale numerato
 LoraDropoutOpt = Annotated[Optional[float], typer.Option(help="Dropout on the adapter's input (default 0: a mask per linear costs ~10% of a CPU step).")]
 LoraTargetsOpt = Annotated[Optional[str], typer.Option(help="Linears to adapt, comma-separated: wqkv, wo (attention), w13, w2 (MLP); default all four.")]
 EarlyStopOpt = Annotated[Optional[int], typer.Option(help="Stop after this many evaluations without a better validation loss; the run folder then loads its best checkpoint.")]
+ShardingOpt = Annotated[Optional[str], typer.Option(help="Under torchrun: ddp (each process holds the whole model) or fsdp (weights, gradients and optimizer state sharded across the processes, for models that do not fit one device).")]
 LambdaLmOpt = Annotated[Optional[float], typer.Option(help="multitask: weight of the next-token loss.")]
 LambdaClOpt = Annotated[Optional[float], typer.Option(help="multitask: weight of the contrastive loss (InfoNCE between two passages of one source).")]
 LambdaTaskOpt = Annotated[Optional[float], typer.Option(help="multitask: weight of the label classification loss (JSONL 'label').")]
@@ -168,6 +169,7 @@ def train(
     lambda_task: LambdaTaskOpt = None,
     tau: TauOpt = None,
     projection_dim: ProjectionOpt = None,
+    sharding: ShardingOpt = None,
     resume: ResumeOpt = False,
 ):
     """Train a Transformer on a prepared dataset, from scratch or from a pretrained model.
@@ -179,6 +181,8 @@ def train(
       llmos train data/shake -o runs/shake --resume
 
       torchrun --nproc_per_node=2 -m llmos train data/shake -o runs/ddp --preset tiny
+
+      torchrun --nproc_per_node=2 -m llmos train data/ft -o runs/big --init-from gemma3-270m --sharding fsdp
     """
     from llmos.train.config import build_train_config
     from llmos.train.trainer import TrainError, Trainer
@@ -188,7 +192,8 @@ def train(
                  min_lr=min_lr, warmup_steps=warmup_steps, weight_decay=weight_decay, optimizer=optimizer,
                  grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval, eval_iters=eval_iters,
                  log_interval=log_interval, seed=seed, **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets),
-                 early_stop=early_stop, **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim))
+                 early_stop=early_stop, sharding=sharding,
+                 **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim))
     try:
         cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume)
         trainer = Trainer(data, output, cfg, resume=resume)
@@ -240,6 +245,7 @@ def finetune(
     eval_iters: EvalItersOpt = None,
     log_interval: LogIntervalOpt = None,
     seed: SeedOpt = None,
+    sharding: ShardingOpt = None,
     resume: ResumeOpt = False,
 ):
     """Adapt a model to your writing (plain text) or teach it an instruction format (chats,
@@ -271,7 +277,7 @@ def finetune(
                  max_steps=max_steps, time_limit=time_limit, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                  weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval,
                  eval_iters=eval_iters, log_interval=log_interval, seed=seed,
-                 **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets), early_stop=early_stop,
+                 **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets), early_stop=early_stop, sharding=sharding,
                  **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim))
     try:
         cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume,

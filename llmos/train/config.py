@@ -50,6 +50,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["wqkv", "wo", "w13", "w2"])
     early_stop: int = 0  # stop after this many evaluations without a better validation loss (0: off)
+    sharding: str = "ddp"  # under torchrun: "ddp" (a whole copy per process) or "fsdp" (weights and optimizer sharded)
     # the multi-task objective: lambda_lm * next token + lambda_cl * InfoNCE + lambda_task * labels
     lambda_lm: float = 1.0
     lambda_cl: float = 0.5
@@ -74,6 +75,9 @@ class TrainConfig:
                   f"--objective multitask takes rows in pairs (two passages of one source): batch_size must be "
                   f"even and at least 4, got {self.batch_size}")
         check(self.optimizer in ("adamw", "muon"), f"optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
+        check(self.sharding in ("ddp", "fsdp"), f"sharding must be 'ddp' or 'fsdp', got {self.sharding!r}")
+        check(not (self.sharding == "fsdp" and self.optimizer == "muon"),
+              "--sharding fsdp shards each matrix, which Muon orthogonalizes whole: use --optimizer adamw")
         check(self.dtype in ("auto", "fp32", "bf16"), f"dtype must be auto, fp32 or bf16, got {self.dtype!r}")
         for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval", "keep_checkpoints"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")

@@ -84,6 +84,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return wrapped
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter's tensors: what an adapter checkpoint stores."""
-    return {name: p.detach() for name, p in model.named_parameters() if ".lora_" in name}
+def adapter_state(state: dict[str, torch.Tensor] | nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter's tensors (of a model, or of its state dict): what an adapter checkpoint stores."""
+    items = state.named_parameters() if isinstance(state, nn.Module) else state.items()
+    return {name: p.detach() for name, p in items if ".lora_" in name}

@@ -50,15 +50,19 @@ class Heads(nn.Module):
 
 
 class MultitaskNet(nn.Module):
-    """The model and its heads as one module, so one optimizer and one DDP wrapper hold both.
-    forward returns the final hidden states; the losses take it from there."""
+    """The model and its heads as one module, so one optimizer and one DDP or FSDP wrapper hold
+    both, and every parameter is used inside forward."""
 
     def __init__(self, model: nn.Module, heads: Heads):
         super().__init__()
         self.model, self.heads = model, heads
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x, return_hidden=True)
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        """(next-token logits, style embeddings, label logits or None) of rows x with real lengths."""
+        hidden = self.model(x, return_hidden=True)
+        pooled = mean_pool(hidden.float(), lengths)
+        labels = self.heads.classify(pooled) if self.heads.classify is not None else None
+        return self.model.lm_head(hidden).float(), self.heads.embed(pooled), labels
 
 
 def mean_pool(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -77,30 +81,32 @@ def info_nce(z: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     return F.cross_entropy(sim, partner), (sim.argmax(1) == partner).float().mean()
 
 
-def multitask_losses(net: nn.Module, heads: Heads, x, y, lengths, labels, lambdas: tuple[float, float, float],
-                     tau: float, lm_loss) -> dict[str, torch.Tensor]:
-    """The weighted total and each term. `net` maps ids to hidden states (the DDP-wrapped
-    MultitaskNet in training); `lm_loss(logits, targets)` is the trainer's token loss."""
-    hidden = net(x)
-    model = heads_owner(net).model
+def multitask_losses(net: nn.Module, x, y, lengths, labels, lambdas: tuple[float, float, float],
+                     tau: float, lm_loss, distributed: bool = False) -> dict[str, torch.Tensor]:
+    """The weighted total and each term. `net`: the MultitaskNet (DDP- or FSDP-wrapped in
+    training); `lm_loss(logits, targets)` is the trainer's token loss. distributed: every
+    process's embeddings are gathered (with their gradients), so each row's negatives are the
+    whole global batch, as in one process; the gradient averaging across processes then gives
+    exactly one process's gradient."""
+    logits, z, label_logits = net(x, lengths)
     out = {}
     lam_lm, lam_cl, lam_task = lambdas
-    out["lm_loss"] = lm_loss(model.lm_head(hidden).float(), y)
-    pooled = mean_pool(hidden.float(), lengths)
-    out["cl_loss"], out["cl_acc"] = info_nce(heads.embed(pooled), tau)
+    out["lm_loss"] = lm_loss(logits, y)
+    if distributed:
+        from torch.distributed.nn.functional import all_gather
+
+        z = torch.cat(all_gather(z), 0)
+    out["cl_loss"], out["cl_acc"] = info_nce(z, tau)
     total = lam_lm * out["lm_loss"] + lam_cl * out["cl_loss"]
-    if heads.classify is not None and bool((labels >= 0).any()):
-        logits = heads.classify(pooled)
-        out["task_loss"] = F.cross_entropy(logits, labels, ignore_index=-1)
+    if label_logits is not None and bool((labels >= 0).any()):
+        out["task_loss"] = F.cross_entropy(label_logits, labels, ignore_index=-1)
         known = labels >= 0
-        out["task_acc"] = (logits.argmax(1)[known] == labels[known]).float().mean()
+        out["task_acc"] = (label_logits.argmax(1)[known] == labels[known]).float().mean()
         total = total + lam_task * out["task_loss"]
+    elif label_logits is not None:
+        total = total + 0.0 * label_logits.sum()  # no labels in this batch: the head still takes part
     out["loss"] = total
     return out
-
-
-def heads_owner(net: nn.Module) -> MultitaskNet:
-    return net.module if hasattr(net, "module") else net
 
 
 @torch.no_grad()
@@ -111,7 +117,7 @@ def corpus_centroid(net: MultitaskNet, data, block: int, rows: int = 16, seed: i
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    z = net.heads.embed(mean_pool(net(x.to(device)).float(), lengths.to(device)))
+    z = net(x.to(device), lengths.to(device))[1]
     net.train(was_training)
     return F.normalize(z.mean(0), dim=-1)
 

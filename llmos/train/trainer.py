@@ -278,6 +278,17 @@ class Trainer:
             torch.manual_seed(cfg.seed + 4)
             self.heads = Heads(self.model_config.d_model, cfg.projection_dim, self.data.labels).to(self.d.device)
             self.net = MultitaskNet(self.model, self.heads)
+        if self.checkpoint is not None:
+            self._restore_weights()
+        # FSDP: each block's parameters (and the rest, at the root) sharded across the processes,
+        # gathered for a block's forward and backward; the optimizer then holds only its shard.
+        self.fsdp = cfg.sharding == "fsdp" and self.d.enabled
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.net)
         self.optimizer = configure_optimizer(self.net, cfg, self.d.device)
         self.data_gen = torch.Generator().manual_seed(cfg.seed)
         self.mask_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -287,9 +298,9 @@ class Trainer:
         self.evals_without_gain = 0
         self.tensorboard = None
         if self.checkpoint is not None:
-            self._restore()
+            self._restore_state()
         self.ddp = self.net
-        if self.d.enabled:
+        if self.d.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.net, device_ids=[self.d.local_rank] if self.d.device.type == "cuda" else None)
@@ -299,7 +310,7 @@ class Trainer:
         train = saved.get("train", {})
         mine = asdict(self.cfg)
         for key in ("preset", "model", "objective", "init_from", "block_size", "seed", "batch_size", "grad_accum",
-                    "optimizer", "lora", "projection_dim"):
+                    "optimizer", "lora", "projection_dim", "sharding"):
             if key in train and train[key] != mine[key]:
                 raise TrainError(
                     f"{self.out} holds a run with {key}={train[key]!r}, not {mine[key]!r}; resume it with its "
@@ -308,7 +319,7 @@ class Trainer:
         if saved.get("data", {}).get("vocab_size") not in (None, self.data.vocab_size):
             raise TrainError(f"{self.out} was trained on a dataset with another vocabulary; use the same data")
 
-    def _restore(self):
+    def _restore_weights(self):
         from safetensors.torch import load_file
 
         if self.lora is not None:  # the base came from --init-from; the checkpoint holds the adapter
@@ -329,8 +340,16 @@ class Trainer:
                 self.heads.load_state_dict(load_file(str(self.checkpoint / HEADS_FILE)))
             except Exception as e:
                 raise TrainError(f"{self.checkpoint}: its heads do not fit this run ({type(e).__name__}: {e})") from None
+
+    def _restore_state(self):
         ts = load_train_state(self.checkpoint)
-        self.optimizer.load_state_dict(ts["optimizer"])
+        if self.fsdp:  # saved whole, keyed by parameter name; each process takes its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.net, self.optimizer, optim_state_dict=ts["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(ts["optimizer"])
         self.step, self.tokens_seen = int(ts["step"]), int(ts["tokens_seen"])
         self.elapsed_before, self.best_val = float(ts["elapsed_s"]), float(ts["best_val"])
         self.best_checkpoint = ts.get("best_checkpoint") or None
@@ -359,8 +378,8 @@ class Trainer:
         lengths, labels = (t.to(self.d.device) for t in extra)
         c = self.cfg
         with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            return multitask_losses(net, self.heads, x.to(self.d.device), y.to(self.d.device), lengths, labels,
-                                    (c.lambda_lm, c.lambda_cl, c.lambda_task), c.tau, mean_loss)
+            return multitask_losses(net, x.to(self.d.device), y.to(self.d.device), lengths, labels,
+                                    (c.lambda_lm, c.lambda_cl, c.lambda_task), c.tau, mean_loss, self.d.enabled)
 
     def _loss(self, x, y, segments=None):
         if self.heads is not None:
@@ -411,7 +430,7 @@ class Trainer:
         return out
 
     def sample(self) -> str | None:
-        if self.cfg.objective == "mlm":
+        if self.cfg.objective == "mlm" or self.fsdp:  # sharded weights: generation would need every process
             return None
         from llmos.engine.generate import generate
         from llmos.engine.sampling import SamplingParams
@@ -426,7 +445,30 @@ class Trainer:
         self.model.train()
         return tok.decode(prompt, skip_special=False) + tok.decode(seq.output, skip_special=False)
 
+    def _full_states(self) -> tuple[dict, dict | None, dict]:
+        """(model state, heads state, optimizer state), whole. Under FSDP every process takes
+        part in gathering them and the first one receives them."""
+        if not self.fsdp:
+            return (self.model.state_dict(), self.heads.state_dict() if self.heads is not None else None,
+                    self.optimizer.state_dict())
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        whole = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.net, options=whole)
+        optimizer = get_optimizer_state_dict(self.net, self.optimizer, options=whole)
+        heads = None
+        if self.heads is not None:
+            heads = {k[len("heads."):]: v for k, v in state.items() if k.startswith("heads.")}
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return state, heads, optimizer
+
     def save(self):
+        if self.heads is not None:  # the corpus's place in the style embedding (every process: a forward)
+            from llmos.train.multitask import corpus_centroid
+
+            self.heads.centroid.copy_(corpus_centroid(self.net, self.data, self.block, seed=self.cfg.seed))
+        model_state, heads_state, optimizer_state = self._full_states()
         if not self.d.main:
             return None
         tok_meta = self.data.meta["tokenizer"]
@@ -443,7 +485,7 @@ class Trainer:
             "data": {"path": str(self.data.path), "vocab_size": self.data.vocab_size},
             "step": self.step,
         }
-        weights, weights_file = self.model.state_dict(), "model.safetensors"
+        weights, weights_file = model_state, "model.safetensors"
         if self.lora is not None:  # only the adapter, and which base it adapts
             from llmos.train.lora import adapter_state
             from llmos.weights.store import weights_sha256
@@ -454,9 +496,9 @@ class Trainer:
                 "sha256": weights_sha256(base)}}
             config["description"] = f"LoRA rank {self.lora.rank} on {config['adapter']['base']['name']}, " \
                                     f"trained with llmos on {self.data.path}"
-            weights, weights_file = adapter_state(self.model), "adapter.safetensors"
+            weights, weights_file = adapter_state(model_state), "adapter.safetensors"
         train_state = {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self.t0),
@@ -468,14 +510,13 @@ class Trainer:
             "evals_without_gain": self.evals_without_gain,
         }
         extra = {}
-        if self.heads is not None:  # the style embedding's heads, and the corpus's place in it
-            from llmos.train.multitask import HEADS_FILE, corpus_centroid
+        if self.heads is not None:  # the style embedding's heads
+            from llmos.train.multitask import HEADS_FILE
 
-            self.heads.centroid.copy_(corpus_centroid(self.net, self.data, self.block, seed=self.cfg.seed))
             c = self.cfg
             config["heads"] = {**self.heads.describe(), "lambda_lm": c.lambda_lm, "lambda_cl": c.lambda_cl,
                                "lambda_task": c.lambda_task, "tau": c.tau}
-            extra[HEADS_FILE] = self.heads.state_dict()
+            extra[HEADS_FILE] = heads_state
         return save_checkpoint(self.out, self.step, weights, config, self.data.path / "tokenizer.json", train_state,
                                self.cfg.keep_checkpoints, weights_file, protect=self.best_checkpoint, extra=extra)
 
@@ -525,14 +566,17 @@ class Trainer:
             for micro in range(cfg.grad_accum):
                 x, y, segments = self._batch("train", cfg.batch_size * self.d.world, self.data_gen, self._rows())
                 sync = micro == cfg.grad_accum - 1 or not self.d.enabled
-                ctx = self.ddp.no_sync() if not sync else _null()
+                if self.fsdp:  # reduce the gradients once, after the last micro-batch
+                    self.net.set_requires_gradient_sync(sync)
+                ctx = self.ddp.no_sync() if not sync and not self.fsdp else _null()
                 with ctx:
                     loss = self._loss(x, y, segments) / cfg.grad_accum
                     loss.backward()
                 total += loss.detach()
             if cfg.grad_clip > 0:
                 trained = [p for p in self.model.parameters() if p.requires_grad]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             else:
                 grad_norm = float("nan")
             self.optimizer.step()
@@ -573,21 +617,24 @@ class Trainer:
         self.best_val = min(self.best_val, metrics["val_loss"])
         if not first:
             self.evals_without_gain = 0 if improved else self.evals_without_gain + 1
-        if self.d.main and not first:
-            metrics["sample"] = self.sample()
+        if not first:
+            if self.d.main:
+                metrics["sample"] = self.sample()
             if improved and self.cfg.early_stop:
                 self.best_checkpoint = f"step-{self.step:07d}"
-            path = self.save()
-            if improved and self.cfg.early_stop:
-                mark_best(self.out, path)
-            metrics["checkpoint"] = str(path)
+            path = self.save()  # every process: under FSDP they gather the weights together
+            if self.d.main:
+                if improved and self.cfg.early_stop:
+                    mark_best(self.out, path)
+                metrics["checkpoint"] = str(path)
         self._log({k: v for k, v in metrics.items()})
         self.on_eval(metrics)
         return metrics
 
     def _replicas_identical(self) -> bool | None:
-        """Distributed runs: every rank's weights must be bit-identical after training."""
-        if not self.d.enabled:
+        """Distributed data-parallel runs: every rank's weights must be bit-identical after
+        training (under FSDP each holds a different shard)."""
+        if not self.d.enabled or self.fsdp:
             return None
         import hashlib
 
