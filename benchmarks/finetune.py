@@ -4,6 +4,7 @@ against transformers + PEFT, and does instruction tuning teach an answer format.
     python benchmarks/finetune.py --phase heldout       # SmolLM2 (and --models gemma3-270m)
     python benchmarks/finetune.py --phase throughput    # against transformers (+ PEFT), same batch
     python benchmarks/finetune.py --phase sft           # held-out instruction pairs, before/after
+    python benchmarks/finetune.py --phase multitask     # lambda settings x (LM loss, recall@1, accuracy)
 
 heldout: Tiny Shakespeare prepared with the model's own tokenizer (its last 10% held out), the
 base model's loss over the whole held-out part, then `llmos finetune` for --minutes of wall
@@ -11,6 +12,13 @@ time with LoRA and with every weight, each evaluated the same way. throughput: t
 of batch 4 x 256 tokens in child processes (so peak memory is each one's own), LoRA rank 8 on
 the attention and MLP projections for both. sft: the shop questions of benchmarks/data/shop as
 prompt/completion pairs, 12 held out; the loss on the held-out answers' tokens before and after.
+multitask: Tiny Shakespeare cut into its nine plays (each found by the first speech of a
+character only it has) and the plays into passages of about 1,500 characters; a passage's source
+is its play and its label the play's genre (tragedy, history, comedy). 10% of the passages held
+out. For each lambda setting, `llmos finetune --objective multitask --lora R --group-by play` for
+--mt-minutes; then, on the held-out passages: the LM loss, recall@1 (is a passage's nearest
+other passage from the same play?) with the style embedding and with the plain mean hidden
+state, and the genre accuracy of the label head.
 Tables on stdout, JSON in benchmarks/results/finetune_*.json.
 """
 
@@ -192,6 +200,110 @@ def phase_throughput(args) -> dict:
     return out
 
 
+# -- the multi-task objective ----------------------------------------------------------------
+
+# The plays of Tiny Shakespeare in file order, each found by the first speech of a character
+# that only it has (a few lines around each boundary may go to the neighbour), and their genres.
+PLAYS = [("Coriolanus", None, "tragedy"), ("Richard III", "GLOUCESTER:", "history"),
+         ("Richard II", "KING RICHARD II:", "history"), ("Romeo and Juliet", "SAMPSON:", "tragedy"),
+         ("Henry VI", "WARWICK:", "history"), ("The Winter's Tale", "ARCHIDAMUS:", "comedy"),
+         ("Measure for Measure", "DUKE VINCENTIO:", "comedy"), ("The Taming of the Shrew", "LUCENTIO:", "comedy"),
+         ("The Tempest", "PROSPERO:", "comedy")]
+
+
+def play_passages(chars: int = 1500) -> list[dict]:
+    import re
+
+    text = SHAKESPEARE.read_text()
+    starts = [0]
+    for _, marker, _ in PLAYS[1:]:
+        m = re.compile(rf"^{re.escape(marker)}$", re.M).search(text, starts[-1] + 1)
+        if m is None:
+            raise SystemExit(f"no {marker} after offset {starts[-1]}: the corpus is not Tiny Shakespeare")
+        starts.append(text.rfind("\n\n", 0, m.start()) + 2)
+    records = []
+    for (play, _, genre), a, b in zip(PLAYS, starts, starts[1:] + [len(text)]):
+        speeches, current = text[a:b].split("\n\n"), ""
+        for speech in speeches:
+            current = f"{current}\n\n{speech}" if current else speech
+            if len(current) >= chars:
+                records.append({"text": current, "play": play, "label": genre})
+                current = ""
+        if len(current) > chars // 3:
+            records.append({"text": current, "play": play, "label": genre})
+    return records
+
+
+def heldout_style(model: str, data: Path, records: list[dict]) -> dict:
+    """On the held-out passages: LM loss, recall@1 (style embedding and mean hidden state), genre accuracy."""
+    import torch
+
+    from llmos.llm import LLM
+    from llmos.train.data import TokenData
+    from llmos.train.multitask import recall_at_1
+    from llmos.train.trainer import heldout_loss
+
+    t0 = time.perf_counter()
+    llm = LLM.load(model, precision="fp32")
+    texts, plays = [r["text"] for r in records], [r["play"] for r in records]
+    with torch.inference_mode():
+        pooled = torch.cat([llm._pooled(texts[k : k + 8]) for k in range(0, len(texts), 8)])
+    out = {"lm_loss": heldout_loss(load_plain(model), TokenData(data), "val", block=256)["loss"],
+           "recall_mean_hidden": recall_at_1(pooled, plays)}
+    if llm.heads is not None:
+        with torch.inference_mode():
+            out["recall_style"] = recall_at_1(llm.heads.embed(pooled), plays)
+            if llm.heads.classify is not None:
+                guess = llm.heads.classify(pooled).argmax(1).tolist()
+                out["genre_accuracy"] = sum(llm.heads.labels[g] == r["label"] for g, r in zip(guess, records)) / len(records)
+    out["eval_s"] = time.perf_counter() - t0
+    return out
+
+
+def phase_multitask(args) -> dict:
+    model = args.models.split(",")[0]
+    folder = WORK / "multitask"
+    folder.mkdir(parents=True, exist_ok=True)
+    records = play_passages()
+    corpus = folder / "plays.jsonl"
+    corpus.write_text("".join(json.dumps({**r, "id": k}) + "\n" for k, r in enumerate(records)))
+    data = folder / f"data-{model}"
+    if not (data / "meta.json").is_file():
+        llmos("prepare", str(corpus), "-o", str(data), "--tokenizer", model, "--group-by", "play", "--no-dedup")
+    # the held-out passages, as prepare split them (whole records, seeded)
+    from llmos.data.clean import CleanOptions, read_documents
+    from llmos.data.prepare import split_documents
+
+    docs = list(read_documents([corpus], CleanOptions(), []))
+    _, val_pairs = split_documents(docs, 0.1, 1337)
+    held = [{"text": t, "play": docs[i].meta["play"], "label": docs[i].meta["label"]} for t, i in val_pairs]
+    settings = [(1.0, 0.0, 0.0), (1.0, 0.5, 0.0), (1.0, 0.0, 0.5), (1.0, 0.5, 0.5), (1.0, 2.0, 0.5)]
+    out = {"model": model, "passages": len(records), "heldout_passages": len(held), "plays": [p for p, _, _ in PLAYS],
+           "minutes": args.mt_minutes, "rank": args.rank, "batch": args.mt_batch, "block": args.mt_block, "settings": []}
+    base = heldout_style(model, data, held)
+    rows = [["base model", "-", f"{base['lm_loss']:.3f}", "-", f"{base['recall_mean_hidden']:.3f}", "-", "-"]]
+    out["base"] = base
+    for lam_lm, lam_cl, lam_task in settings:
+        run = folder / f"run-{lam_lm}-{lam_cl}-{lam_task}"
+        if run.exists():
+            import shutil
+
+            shutil.rmtree(run)
+        llmos("finetune", str(data), "-m", model, "-o", str(run), "--objective", "multitask", "--lora", str(args.rank),
+              "--lambda-lm", str(lam_lm), "--lambda-cl", str(lam_cl), "--lambda-task", str(lam_task),
+              "--batch-size", str(args.mt_batch), "--block-size", str(args.mt_block), "--time-limit", f"{args.mt_minutes}m",
+              "--eval-interval", "25", "--eval-iters", "2")
+        r = {"lambda_lm": lam_lm, "lambda_cl": lam_cl, "lambda_task": lam_task, **final_metrics(run),
+             **heldout_style(str(run), data, held)}
+        out["settings"].append(r)
+        rows.append([f"λ=({lam_lm:g}, {lam_cl:g}, {lam_task:g})", r["steps"], f"{r['lm_loss']:.3f}",
+                     f"{r['recall_style']:.3f}", f"{r['recall_mean_hidden']:.3f}",
+                     f"{r['genre_accuracy']:.3f}" if "genre_accuracy" in r else "-", f"{r['tokens_per_s_median']:.0f}"])
+    print_table(["setting (λ_lm, λ_cl, λ_task)", "steps", "held-out LM loss", "recall@1 style embedding",
+                 "recall@1 mean hidden", "genre accuracy", "train tok/s"], rows)
+    return out
+
+
 # -- instruction tuning -----------------------------------------------------------------------
 
 
@@ -248,7 +360,7 @@ def phase_sft(args) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", choices=["heldout", "throughput", "sft"], default="heldout")
+    ap.add_argument("--phase", choices=["heldout", "throughput", "sft", "multitask"], default="heldout")
     ap.add_argument("--models", default="smollm2-135m-instruct")
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--rank", type=int, default=16)
@@ -257,6 +369,9 @@ def main():
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--sft-steps", type=int, default=60)
+    ap.add_argument("--mt-minutes", type=float, default=4)
+    ap.add_argument("--mt-batch", type=int, default=16)
+    ap.add_argument("--mt-block", type=int, default=128)
     ap.add_argument("--child")
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -268,7 +383,8 @@ def main():
 
     WORK.mkdir(parents=True, exist_ok=True)
     result = {"phase": args.phase, "cpu": cpu_name(), "threads": torch.get_num_threads(), "revision": revision(),
-              **{"heldout": phase_heldout, "throughput": phase_throughput, "sft": phase_sft}[args.phase](args)}
+              **{"heldout": phase_heldout, "throughput": phase_throughput, "sft": phase_sft,
+                 "multitask": phase_multitask}[args.phase](args)}
     write_json(args.out or RESULTS / f"finetune_{args.phase}.json", result)
 
 

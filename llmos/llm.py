@@ -287,6 +287,16 @@ class LLM:
             raise ValueError(f"{self.name} has no style embedding: train it with `llmos finetune --objective multitask`")
         return (self.embed(texts) @ self.heads.centroid).tolist()
 
+    def classify(self, texts: list[str]) -> list[str]:
+        """Each text's label by the task head of a model trained with --objective multitask on labelled data."""
+        import torch
+
+        heads = self.heads
+        if heads is None or heads.classify is None:
+            raise ValueError(f"{self.name} has no label head: train it with --objective multitask on JSONL with labels")
+        with torch.inference_mode():
+            return [heads.labels[i] for i in heads.classify(self._pooled(texts)).argmax(1).tolist()]
+
     def _pooled(self, texts: list[str]):
         import torch
 
