@@ -86,6 +86,20 @@ def test_transforms_are_seeded_and_keep_the_text():
         augment.Augmenter(["backtranslate"])
 
 
+def test_backtranslation_is_a_seeded_paraphrase_by_the_model(gemma3_dir):
+    """Through Chinese and back with the multilingual bundled model: other words, the same lines."""
+    text = "The tide came in and the gulls rose.\nA rope lay on the quay."
+    first = augment.Augmenter(["backtranslate"], seed=3, model=str(gemma3_dir))
+    views = first.views(0, text)
+    again = augment.Augmenter(["backtranslate"], seed=3, model=str(gemma3_dir)).views(0, text)
+    assert views == again and len(views) == 1
+    name, view = views[0]
+    assert name == "backtranslate" and view != text and len(view.split("\n")) == 2
+    assert not any("\u4e00" <= ch <= "\u9fff" for ch in view)  # back in English
+    assert first.summary()["views_added"] == 1 and 0 < first.log[0]["changed"] <= 1
+    print(view)
+
+
 def test_prepare_writes_a_document_index_and_logs_augmentation(authors_data, tiny_dir, tmp_path):
     meta = json.loads((authors_data / "meta.json").read_text())
     report = json.loads((authors_data / "report.json").read_text())

@@ -224,6 +224,7 @@ def finetune(
     tau: TauOpt = None,
     projection_dim: ProjectionOpt = None,
     group_by: GroupByOpt = "document",
+    label_field: LabelFieldOpt = "label",
     augment: AugmentOpt = [],
     augment_copies: AugmentCopiesOpt = 1,
     augment_model: AugmentModelOpt = None,
@@ -271,7 +272,7 @@ def finetune(
     from llmos.train.config import FINETUNE_DEFAULTS, build_train_config
     from llmos.train.trainer import TrainError, Trainer
 
-    extra = dict(group_by=group_by, augment=list(augment), augment_copies=augment_copies, augment_model=augment_model)
+    extra = dict(group_by=group_by, label_field=label_field, augment=list(augment), augment_copies=augment_copies, augment_model=augment_model)
     dataset = _finetune_data(data, model, output, val_fraction, seed, resume, extra)
     flags = dict(init_from=model, objective=objective, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
                  max_steps=max_steps, time_limit=time_limit, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,

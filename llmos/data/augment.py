@@ -10,8 +10,10 @@ documents are never augmented.
   anywhere); a document of one line is cut at word boundaries instead.
 - shuffle: the sentences of each paragraph (blank-line separated) in a new order; a paragraph
   of one sentence stays as it is.
-- backtranslate: each paragraph translated into a pivot language and back by a model (the
-  `translate` task's own prompts), at temperature 0.7: a paraphrase. Slow; asked for by name.
+- backtranslate: each line translated into Chinese and back by a model (the `translate` task's
+  own prompts, which translate between English and Chinese; the multilingual gemma3-270m is the
+  bundled model that can), at temperature 0.7: a paraphrase. Slow, two generations a line;
+  asked for by name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import re
 from dataclasses import dataclass, field
 
 TRANSFORMS = ("crop", "shuffle", "backtranslate")
+LABEL = re.compile(r"^(English|Chinese|英文|中文)\s*[:：]\s*", re.I)
 SENTENCE_END = re.compile(r"(?<=[.!?。！？…])[\"'”’)\]]*\s+")
 
 
@@ -56,10 +59,9 @@ def shuffle(text: str, rng: random.Random) -> str:
 
 @dataclass
 class BackTranslator:
-    """Paraphrase by translating into `pivot` and back with `model` (an LLM)."""
+    """Paraphrase English by translating it into Chinese and back with `model` (an LLM)."""
 
     model: str
-    pivot: str = "fr"
     llm: object = field(default=None, repr=False)
 
     def __call__(self, text: str, rng: random.Random) -> str:
@@ -69,18 +71,23 @@ class BackTranslator:
         if self.llm is None:
             self.llm = LLM.load(self.model, precision="fp32")
         out = []
-        for paragraph in re.split(r"\n\s*\n", text):
-            if not paragraph.strip():
-                continue
-            piece = paragraph
-            for target in (self.pivot, "en"):
-                seed = rng.randrange(2**31)
-                req = WriteRequest("translate", piece, {"to": target}, "en", None, 1,
-                                   {"temperature": 0.7, "seed": seed, "max_tokens": min(512, 2 * len(piece) // 3 + 32)})
-                prompt, params, stops, _ = prepare_write(self.llm, req)
-                piece = self.llm.generate(prompt, params, stop=stops).completions[0].text.strip() or piece
+        for line in text.split("\n"):
+            piece = line
+            if line.strip():
+                for target, source in (("zh", "en"), ("en", "zh")):
+                    seed = rng.randrange(2**31)
+                    req = WriteRequest("translate", piece, {"to": target}, source, None, 1,
+                                       {"temperature": 0.7, "seed": seed, "max_tokens": min(256, len(piece) + 16)})
+                    prompt, params, stops, _ = prepare_write(self.llm, req)
+                    said = self.llm.generate(prompt, params, stop=stops).completions[0].text
+                    # a base model may answer with the few-shot prompt's next label: keep the line then
+                    said = LABEL.sub("", said.strip()).strip()
+                    if not said:
+                        piece = line
+                        break
+                    piece = said
             out.append(piece)
-        return "\n\n".join(out) or text
+        return "\n".join(out)
 
 
 def parse(names: list[str] | str) -> list[str]:
@@ -99,7 +106,6 @@ class Augmenter:
     copies: int = 1
     seed: int = 1337
     model: str | None = None  # for backtranslate
-    pivot: str = "fr"
     log: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
@@ -110,7 +116,7 @@ class Augmenter:
             raise AugmentError("--augment backtranslate needs a model to translate with: --augment-model MODEL")
         self.fns = {"crop": crop, "shuffle": shuffle}
         if "backtranslate" in self.names:
-            self.fns["backtranslate"] = BackTranslator(self.model, self.pivot)
+            self.fns["backtranslate"] = BackTranslator(self.model)
 
     def views(self, index: int, text: str) -> list[tuple[str, str]]:
         """(transform, new text) for each copy of document `index`: the transforms applied in
