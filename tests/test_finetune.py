@@ -155,6 +155,23 @@ def test_early_stopping_keeps_the_best_checkpoint(sft_data, tiny_dir, tmp_path, 
     assert final.get("early_stopped") and final["step"] == 6
     assert (run / "BEST").read_text() == "step-0000002" and (run / "step-0000002").is_dir()
     assert resolve(str(run)).name == "step-0000002"  # the run folder loads its best checkpoint
+    # a BEST naming a checkpoint that is gone (stopped between pruning and pointing): the newest loads
+    (run / "BEST").write_text("step-0000099")
+    assert resolve(str(run)).name == (run / "LATEST").read_text()
+
+
+def test_early_stopping_when_nothing_beats_the_start(sft_data, tiny_dir, tmp_path, monkeypatch):
+    """The starting model is reported, not a candidate: BEST is the best checkpoint saved."""
+    scripted = iter([1.0, 2.0, 1.9, 2.5, 2.6])
+
+    def evaluate(self):
+        return {"train_loss": 1.0, "val_loss": next(scripted), "val_ppl": 1.0}
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    run = tmp_path / "run"
+    final = Trainer(sft_data, run, lora_config(tiny_dir, eval_interval=2, max_steps=20, early_stop=2)).run()
+    assert final.get("early_stopped") and final["step"] == 8
+    assert (run / "BEST").read_text() == "step-0000004"
 
 
 def test_lora_options_and_adapters_that_cannot_load(sft_data, tiny_dir, tmp_path):
@@ -210,6 +227,20 @@ def test_finetune_and_merge_commands(tiny_dir, session_home, tmp_path):
                  "--max-steps", "2", "--eval-interval", "2", "--block-size", "32", home=session_home)
     assert full.returncode == 0, full.stderr
     assert (tmp_path / "full" / (tmp_path / "full" / "LATEST").read_text() / "model.safetensors").is_file()
+
+
+def test_finetune_resume_keeps_the_runs_options(tiny_dir, session_home, tmp_path):
+    (tmp_path / "story.txt").write_text("The sea was grey and the gulls were loud. " * 120)
+    common = ["-m", str(tiny_dir), "-o", str(tmp_path / "run"), "--eval-interval", "2", "--block-size", "32"]
+    first = llmos("finetune", str(tmp_path / "story.txt"), *common, "--lora", "2", "--lr", "0.002", "--max-steps", "2",
+                  home=session_home)
+    assert first.returncode == 0, first.stderr
+    again = llmos("finetune", str(tmp_path / "story.txt"), *common, "--max-steps", "4", home=session_home)
+    assert_clean_error(again, "already holds a training run", "--resume")
+    resumed = llmos("finetune", str(tmp_path / "story.txt"), *common, "--max-steps", "4", "--resume", home=session_home)
+    assert resumed.returncode == 0, resumed.stderr
+    saved = json.loads((tmp_path / "run" / (tmp_path / "run" / "LATEST").read_text() / "config.json").read_text())
+    assert saved["step"] == 4 and saved["train"]["lora"] == 2 and saved["train"]["lr"] == 0.002
 
 
 @pytest.mark.parametrize("args, needle", [

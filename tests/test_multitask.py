@@ -68,6 +68,8 @@ def test_info_nce_is_the_formula():
     pairs = F.normalize(torch.eye(3).repeat_interleave(2, 0), dim=-1)
     assert float(info_nce(pairs, 0.1)[1]) == 1.0
     assert recall_at_1(pairs, [0, 0, 1, 1, 2, 2]) == 1.0
+    # rows of the pair's own source are not negatives: one source only leaves the pair alone
+    assert float(info_nce(z[:4], tau, torch.zeros(4, dtype=torch.long))[0]) == pytest.approx(0.0, abs=1e-6)
     assert recall_at_1(pairs, [0, 1, 0, 1, 2, 2]) == pytest.approx(1 / 3)
 
 

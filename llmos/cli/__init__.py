@@ -50,10 +50,13 @@ app.add_typer(chat.kb_app, name="kb")
 
 def style_rank_argv(argv: list[str]) -> list[str]:
     """`--rank style:RUN` reads as `--rank-style RUN` (typer options cannot take an optional value)."""
-    out = list(argv)
-    for i in range(len(out) - 1):
-        if out[i] == "--rank" and out[i + 1].startswith("style:"):
-            out[i], out[i + 1] = "--rank-style", out[i + 1][6:]
+    out = []
+    for arg in argv:
+        if out and out[-1] == "--rank" and arg.startswith("style:"):
+            out[-1], arg = "--rank-style", arg[6:]
+        elif arg.startswith("--rank=style:"):
+            arg = "--rank-style=" + arg[len("--rank=style:"):]
+        out.append(arg)
     return out
 
 

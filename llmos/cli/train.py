@@ -272,9 +272,25 @@ def finetune(
     from llmos.train.config import FINETUNE_DEFAULTS, build_train_config
     from llmos.train.trainer import TrainError, Trainer
 
-    extra = dict(group_by=group_by, label_field=label_field, augment=list(augment), augment_copies=augment_copies, augment_model=augment_model)
+    from llmos.train.checkpoint import CheckpointError, latest_checkpoint
+    from llmos.train.config import saved_train_config
+
+    try:
+        existing = latest_checkpoint(output)
+    except CheckpointError as e:
+        fail(str(e))
+    if existing is not None and not resume:  # before anything is prepared into the run folder
+        fail(f"{output} already holds a training run ({existing.name}); pass --resume to continue it, "
+             f"or choose another -o folder")
+    saved = saved_train_config(output) if resume and existing is not None else {}
+    if saved and saved.get("init_from") == model and objective in (None, saved.get("objective")):
+        model_flag, objective = None, None  # resuming: the run's saved options, as `llmos train --resume`
+    else:
+        model_flag = model
+    extra = dict(group_by=group_by, label_field=label_field, augment=list(augment), augment_copies=augment_copies,
+                 augment_model=augment_model)
     dataset = _finetune_data(data, model, output, val_fraction, seed, resume, extra)
-    flags = dict(init_from=model, objective=objective, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
+    flags = dict(init_from=model_flag, objective=objective, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
                  max_steps=max_steps, time_limit=time_limit, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                  weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval,
                  eval_iters=eval_iters, log_interval=log_interval, seed=seed,
@@ -297,11 +313,23 @@ def _finetune_data(data: list[str], model: str, output: Path, val_fraction: floa
     folder = output / "data"
     if resume and (folder / "meta.json").is_file():
         return folder
+    import os
+
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun the first process prepares, the others wait
+        import time
+
+        deadline = time.time() + 3600
+        while not (folder / "meta.json").is_file():
+            if time.time() > deadline:
+                fail(f"waited an hour for the first process to prepare {folder}")
+            time.sleep(0.5)
+        return folder
     from llmos.data.prepare import PrepareConfig, PrepareError, prepare as run
 
     progress = PullProgress()
     try:
-        report = run(PrepareConfig(list(data), str(folder), model, val_fraction=val_fraction, seed=seed or 1337,
+        report = run(PrepareConfig(list(data), str(folder), model, val_fraction=val_fraction,
+                                   seed=1337 if seed is None else seed,
                                    **(extra or {})), progress)
     except (PrepareError, ValueError) as e:
         progress.close()

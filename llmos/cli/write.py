@@ -21,7 +21,7 @@ def write(
     var: Annotated[list[str], typer.Option("--var", help="A template variable KEY=VALUE (repeatable): acrostic=春夏秋冬, rhyme=true, n=5, to=zh ...")] = [],
     n: Annotated[int, typer.Option("-n", help="Number of candidates, generated in one batch.")] = 1,
     rank: Annotated[bool, typer.Option(help="Order candidates by likelihood, form, repetition and distinctness (see docs/writing.md). "
-                                            "`--rank style:RUN` adds closeness to the style a multi-task RUN learned.")] = False,
+                                            "`--rank style:RUN` (the same as --rank-style RUN) adds closeness to the style a multi-task RUN learned.")] = False,
     style: Annotated[Optional[str], typer.Option("--rank-style", help="Rank by closeness to the style of this model "
                                                  "(trained with --objective multitask); the same as --rank style:RUN.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,

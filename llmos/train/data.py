@@ -142,8 +142,9 @@ class TokenData:
 
     def pair_batch(self, split: str, batch_size: int, block_size: int, generator: torch.Generator,
                    rows: slice | None = None):
-        """Rows in pairs, [a0, b0, a1, b1, ...]: batch_size // 2 distinct groups, two passages of
-        each (from two halves of one long document, or any two of the group's documents).
+        """Rows in pairs, [a0, b0, a1, b1, ...]: batch_size // 2 groups (distinct while there are
+        enough), two passages of each: two of its documents, or, for a group of one document,
+        one from each half of it, so the two never overlap.
         Returns (inputs, targets, lengths, groups, labels): targets -100 on padding after a
         passage shorter than the block; labels -1 where a document has none."""
         docs = self.documents[split]
@@ -167,12 +168,13 @@ class TokenData:
         for k, g in enumerate(chosen):
             members = by_group[g]
             first = members[rand(len(members))]
-            second = members[rand(len(members))]
+            others = members[members != first]
+            second = others[rand(len(others))] if len(others) else first
             spans = []
             for view, d in enumerate((first, second)):
                 shard, start, end = (int(v) for v in docs[d, :3])
-                if first == second and end - start >= 2 * (block_size + 1):
-                    half = (end - start) // 2  # two passages of one document: one from each half
+                if first == second and end - start >= 4:
+                    half = (end - start) // 2  # two passages of one document: one from each half, apart
                     start, end = (start, start + half) if view == 0 else (start + half, end)
                 spans.append((shard, start, end))
             for view, (shard, start, end) in enumerate(spans):

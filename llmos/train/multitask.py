@@ -71,23 +71,32 @@ def mean_pool(hidden: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
 
 
-def info_nce(z: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(z: torch.Tensor, tau: float, groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """z: (B, P) normalised, rows in pairs [a0, b0, a1, b1, ...]. (loss, accuracy): accuracy is
-    the share of rows whose nearest other row is their pair (in-batch recall@1)."""
+    the share of rows whose nearest other row is their pair (in-batch recall@1). groups (B,):
+    other rows of a row's own source (a batch with more pairs than sources) are left out of its
+    negatives rather than counted as wrong."""
     B = z.shape[0]
     sim = (z @ z.T) / tau
-    sim = sim.masked_fill(torch.eye(B, dtype=torch.bool, device=z.device), float("-inf"))
     partner = torch.arange(B, device=z.device) ^ 1  # 0<->1, 2<->3, ...
+    drop = torch.eye(B, dtype=torch.bool, device=z.device)
+    if groups is not None:
+        same = groups[:, None] == groups[None, :]
+        same[torch.arange(B, device=z.device), partner] = False
+        drop |= same
+    sim = sim.masked_fill(drop, float("-inf"))
     return F.cross_entropy(sim, partner), (sim.argmax(1) == partner).float().mean()
 
 
-def multitask_losses(net: nn.Module, x, y, lengths, labels, lambdas: tuple[float, float, float],
+def multitask_losses(net: nn.Module, x, y, lengths, labels, groups, lambdas: tuple[float, float, float],
                      tau: float, lm_loss, distributed: bool = False) -> dict[str, torch.Tensor]:
     """The weighted total and each term. `net`: the MultitaskNet (DDP- or FSDP-wrapped in
     training); `lm_loss(logits, targets)` is the trainer's token loss. distributed: every
     process's embeddings are gathered (with their gradients), so each row's negatives are the
     whole global batch, as in one process; the gradient averaging across processes then gives
-    exactly one process's gradient."""
+    exactly one process's gradient. The LM and label terms are each process's mean, averaged
+    across processes as in data-parallel training. The label terms are always there when the
+    model has a label head (0 for a batch without labels), so every process reports the same keys."""
     logits, z, label_logits = net(x, lengths)
     out = {}
     lam_lm, lam_cl, lam_task = lambdas
@@ -95,31 +104,37 @@ def multitask_losses(net: nn.Module, x, y, lengths, labels, lambdas: tuple[float
     if distributed:
         from torch.distributed.nn.functional import all_gather
 
+        import torch.distributed as dist
+
         z = torch.cat(all_gather(z), 0)
-    out["cl_loss"], out["cl_acc"] = info_nce(z, tau)
+        every = [torch.empty_like(groups) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, groups)
+        groups = torch.cat(every)
+    out["cl_loss"], out["cl_acc"] = info_nce(z, tau, groups)
     total = lam_lm * out["lm_loss"] + lam_cl * out["cl_loss"]
-    if label_logits is not None and bool((labels >= 0).any()):
-        out["task_loss"] = F.cross_entropy(label_logits, labels, ignore_index=-1)
+    if label_logits is not None:
         known = labels >= 0
-        out["task_acc"] = (label_logits.argmax(1)[known] == labels[known]).float().mean()
+        count = known.sum().clamp(min=1)
+        out["task_loss"] = F.cross_entropy(label_logits, labels.clamp(min=0), reduction="none")[known].sum() / count
+        out["task_acc"] = (label_logits.argmax(1) == labels)[known].float().sum() / count
         total = total + lam_task * out["task_loss"]
-    elif label_logits is not None:
-        total = total + 0.0 * label_logits.sum()  # no labels in this batch: the head still takes part
     out["loss"] = total
     return out
 
 
 @torch.no_grad()
-def corpus_centroid(net: MultitaskNet, data, block: int, rows: int = 16, seed: int = 0) -> torch.Tensor:
-    """The mean style embedding of `rows` passages of the training split (normalised)."""
+def corpus_centroid(net: MultitaskNet, data, block: int, batches: int = 4, rows: int = 16, seed: int = 0) -> torch.Tensor:
+    """The mean style embedding of batches x rows passages of the training split (normalised)."""
     gen = torch.Generator().manual_seed(seed)
-    x, _, lengths, _, _ = data.pair_batch("train", rows, block, gen)
     device = next(net.parameters()).device
     was_training = net.training
     net.eval()
-    z = net(x.to(device), lengths.to(device))[1]
+    total = 0
+    for _ in range(batches):
+        x, _, lengths, _, _ = data.pair_batch("train", rows, block, gen)
+        total = total + net(x.to(device), lengths.to(device))[1].sum(0)
     net.train(was_training)
-    return F.normalize(z.mean(0), dim=-1)
+    return F.normalize(total, dim=-1)
 
 
 def recall_at_1(vectors: torch.Tensor, groups: list[int]) -> float:

@@ -343,9 +343,13 @@ class Trainer:
 
     def _restore_state(self):
         ts = load_train_state(self.checkpoint)
-        if self.fsdp:  # saved whole, keyed by parameter name; each process takes its shard
+        by_name = any(isinstance(k, str) for k in ts["optimizer"].get("state", {}))  # written under FSDP
+        if self.fsdp or by_name:  # saved whole, keyed by parameter name; each process takes its shard
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            if isinstance(self.optimizer, Optimizers) or (self.fsdp and ts["optimizer"].get("state") and not by_name):
+                raise TrainError(f"{self.checkpoint} holds optimizer state in another layout than this run's; "
+                                 f"resume with the --sharding it was saved with")
             set_optimizer_state_dict(self.net, self.optimizer, optim_state_dict=ts["optimizer"],
                                      options=StateDictOptions(full_state_dict=True))
         else:
@@ -365,8 +369,8 @@ class Trainer:
         data (extra: segments), or pairs of passages for the multi-task objective (extra:
         lengths and labels)."""
         if self.heads is not None:
-            x, y, lengths, _, labels = self.data.pair_batch(split, batch_size, self.block, generator, rows)
-            return x, y, (lengths, labels)
+            x, y, lengths, groups, labels = self.data.pair_batch(split, batch_size, self.block, generator, rows)
+            return x, y, (lengths, labels, groups)
         if self.data.instruction:
             return self.data.packed_batch(split, batch_size, self.block, generator, rows)
         x, y = self.data.batch(split, batch_size, self.block, generator, rows)
@@ -375,10 +379,10 @@ class Trainer:
     def _multitask(self, net, x, y, extra) -> dict[str, torch.Tensor]:
         from llmos.train.multitask import multitask_losses
 
-        lengths, labels = (t.to(self.d.device) for t in extra)
+        lengths, labels, groups = (t.to(self.d.device) for t in extra)
         c = self.cfg
         with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
-            return multitask_losses(net, x.to(self.d.device), y.to(self.d.device), lengths, labels,
+            return multitask_losses(net, x.to(self.d.device), y.to(self.d.device), lengths, labels, groups,
                                     (c.lambda_lm, c.lambda_cl, c.lambda_task), c.tau, mean_loss, self.d.enabled)
 
     def _loss(self, x, y, segments=None):
@@ -574,7 +578,7 @@ class Trainer:
                     loss.backward()
                 total += loss.detach()
             if cfg.grad_clip > 0:
-                trained = [p for p in self.model.parameters() if p.requires_grad]
+                trained = [p for p in self.net.parameters() if p.requires_grad]
                 norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip)
                 grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             else:
@@ -613,8 +617,10 @@ class Trainer:
 
     def _evaluate_and_save(self, first: bool = False) -> dict:
         metrics = {"step": self.step, **self.evaluate()}
-        improved = metrics["val_loss"] < self.best_val
-        self.best_val = min(self.best_val, metrics["val_loss"])
+        # the best of the checkpoints saved (the starting model's loss is reported, not a candidate)
+        improved = not first and metrics["val_loss"] < self.best_val
+        if not first:
+            self.best_val = min(self.best_val, metrics["val_loss"])
         if not first:
             self.evals_without_gain = 0 if improved else self.evals_without_gain + 1
         if not first:

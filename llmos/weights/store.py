@@ -338,7 +338,10 @@ def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False)
     path = Path(name).expanduser()
     for pointer in ("BEST", "LATEST"):  # a training run: its best checkpoint (early stopping), else its newest
         if path.is_dir() and (path / pointer).is_file():
-            path = path / (path / pointer).read_text().strip()
+            target = path / (path / pointer).read_text().strip()
+            if pointer == "BEST" and not is_checkpoint(target):
+                continue  # a run stopped between saving a new best and pointing at it: its newest
+            path = target
             break
     if path.is_dir():
         if not is_checkpoint(path):
