@@ -10,7 +10,8 @@ heldout: Tiny Shakespeare prepared with the model's own tokenizer (its last 10% 
 base model's loss over the whole held-out part, then `llmos finetune` for --minutes of wall
 time with LoRA and with every weight, each evaluated the same way. throughput: training steps
 of batch 4 x 256 tokens in child processes (so peak memory is each one's own), LoRA rank 8 on
-the attention and MLP projections for both. sft: the shop questions of benchmarks/data/shop as
+the attention and MLP projections for both; --repeats rounds, LLMOS and the peer alternating,
+and the median of the rounds' medians. sft: the shop questions of benchmarks/data/shop as
 prompt/completion pairs, 12 held out; the loss on the held-out answers' tokens before and after.
 multitask: Tiny Shakespeare cut into its nine plays (each found by the first speech of a
 character only it has) and the plays into passages of about 1,500 characters; a passage's source
@@ -179,16 +180,24 @@ def child_steps(engine: str, model: str, lora: bool, batch: int, block: int, ste
 
 def phase_throughput(args) -> dict:
     out, rows = {"batch": args.batch, "block": args.block, "steps": args.steps, "models": {}}, []
+    out["repeats"] = args.repeats
     for model in args.models.split(","):
-        res = {}
-        for engine in ("llmos", "hf"):
+        runs: dict[str, list] = {}
+        for _ in range(args.repeats):  # interleaved, so both sides see the same machine
             for lora in (True, False):
-                cmd = [sys.executable, __file__, "--child", f"{engine},{model},{int(lora)}", "--batch", str(args.batch),
-                       "--block", str(args.block), "--steps", str(args.steps)]
-                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if proc.returncode:
-                    raise SystemExit(f"child failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-                res[f"{engine}_{'lora' if lora else 'full'}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+                for engine in ("llmos", "hf"):
+                    cmd = [sys.executable, __file__, "--child", f"{engine},{model},{int(lora)}", "--batch",
+                           str(args.batch), "--block", str(args.block), "--steps", str(args.steps)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                    if proc.returncode:
+                        raise SystemExit(f"child failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+                    runs.setdefault(f"{engine}_{'lora' if lora else 'full'}", []).append(
+                        json.loads(proc.stdout.strip().splitlines()[-1]))
+        res = {}
+        for key, rs in runs.items():
+            res[key] = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                        "peak_rss_mib": max(r["peak_rss_mib"] for r in rs), "trainable": rs[0]["trainable"],
+                        "runs": rs}
         for kind in ("lora", "full"):
             ours, peer = res[f"llmos_{kind}"], res[f"hf_{kind}"]
             res[f"ratio_{kind}"] = ours["tokens_per_s"] / peer["tokens_per_s"]
@@ -368,6 +377,7 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sft-steps", type=int, default=60)
     ap.add_argument("--mt-minutes", type=float, default=4)
     ap.add_argument("--mt-batch", type=int, default=16)
