@@ -91,7 +91,7 @@ def test_greedy_64_tokens_identical(pair):
 def test_gemma_past_the_sliding_window(gemma3):
     """700 tokens: the sliding layers see only the last 512, the global ones everything."""
     ours, hf, _ = gemma3
-    text = open(Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").read()[:4000]
+    text = open(Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "tinyshakespeare.txt").read()[:4000]
     ids = ours.tokenizer.encode(text)[:700]
     assert len(ids) == 700
     with torch.no_grad():

@@ -11,7 +11,7 @@ from llmos.data.clean import clean_text
 from llmos.data.prepare import PrepareConfig, PrepareError, prepare
 from llmos.train.ngram import KneserNey
 
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = REPO / "benchmarks" / "data" / "tinyshakespeare.txt"
 
 
 def corpus(tmp_path):
