@@ -34,7 +34,7 @@ def prepare(
 
     Examples:
 
-      llmos prepare ../shared/data/tinyshakespeare.txt -o data/shake --tokenizer char
+      llmos prepare benchmarks/data/tinyshakespeare.txt -o data/shake --tokenizer char
 
       llmos prepare my_poems/ notes.jsonl -o data/mine --tokenizer bpe --vocab-size 4096
 
