@@ -107,7 +107,14 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.db = sqlite3.connect(self.path, check_same_thread=False, timeout=10, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            for attempt in range(100):
+                try:  # switching a new file to WAL is refused at once, not after the busy timeout,
+                    self.db.execute("PRAGMA journal_mode=WAL")  # while another process creates it too
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 99:
+                        raise
+                    time.sleep(0.05)
             self.db.execute("PRAGMA busy_timeout=10000")
             self.db.execute("PRAGMA foreign_keys=ON")
         except sqlite3.DatabaseError as e:

@@ -91,9 +91,12 @@ def test_transforms_are_seeded_and_keep_the_text():
 def test_backtranslation_is_a_seeded_paraphrase_by_the_model(gemma3_dir):
     """Through Chinese and back with the multilingual bundled model: other words, the same lines."""
     text = "The tide came in and the gulls rose.\nA rope lay on the quay."
-    first = augment.Augmenter(["backtranslate"], seed=3, model=str(gemma3_dir))
+    from llmos.writing.paraphrase import BackTranslator
+
+    translator = BackTranslator(str(gemma3_dir))
+    first = augment.Augmenter(["backtranslate"], seed=3, translator=translator)
     views = first.views(0, text)
-    again = augment.Augmenter(["backtranslate"], seed=3, model=str(gemma3_dir)).views(0, text)
+    again = augment.Augmenter(["backtranslate"], seed=3, translator=translator).views(0, text)
     assert views == again and len(views) == 1
     name, view = views[0]
     assert name == "backtranslate" and view != text and len(view.split("\n")) == 2

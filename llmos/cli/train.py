@@ -50,7 +50,7 @@ def prepare(
                         augment_model=augment_model)
     progress = PullProgress()
     try:
-        report = run(cfg, progress)
+        report = run(cfg, progress, _translator(augment_model))
     except (PrepareError, ValueError) as e:
         progress.close()
         fail(str(e))
@@ -63,6 +63,15 @@ def prepare(
         table.add_row(key.replace("_", " "), f"{report[key]:,}")
     out.print(table)
     _report_extras(report)
+
+
+def _translator(model: str | None):
+    """The paraphraser --augment backtranslate uses, when --augment-model names a model."""
+    if not model:
+        return None
+    from llmos.writing.paraphrase import BackTranslator
+
+    return BackTranslator(model)
 
 
 def _report_extras(report: dict):
@@ -330,7 +339,7 @@ def _finetune_data(data: list[str], model: str, output: Path, val_fraction: floa
     try:
         report = run(PrepareConfig(list(data), str(folder), model, val_fraction=val_fraction,
                                    seed=1337 if seed is None else seed,
-                                   **(extra or {})), progress)
+                                   **(extra or {})), progress, _translator((extra or {}).get("augment_model")))
     except (PrepareError, ValueError) as e:
         progress.close()
         fail(str(e))

@@ -10,9 +10,9 @@ documents are never augmented.
   anywhere); a document of one line is cut at word boundaries instead.
 - shuffle: the sentences of each paragraph (blank-line separated) in a new order; a paragraph
   of one sentence stays as it is.
-- backtranslate: each line translated into Chinese and back by a model (the `translate` task's
-  own prompts, which translate between English and Chinese; the multilingual gemma3-270m is the
-  bundled model that can), at temperature 0.7: a paraphrase. Slow, two generations a line;
+- backtranslate: each line translated into another language and back by a model: a
+  paraphrase. The translator is given by the caller (`llmos.writing.paraphrase.BackTranslator`,
+  which the CLI builds from --augment-model), since models sit above the data layer. Slow;
   asked for by name.
 """
 
@@ -23,7 +23,6 @@ import re
 from dataclasses import dataclass, field
 
 TRANSFORMS = ("crop", "shuffle", "backtranslate")
-LABEL = re.compile(r"^(English|Chinese|英文|中文)\s*[:：]\s*", re.I)
 SENTENCE_END = re.compile(r"(?<=[.!?。！？…])[\"'”’)\]]*\s+")
 
 
@@ -57,39 +56,6 @@ def shuffle(text: str, rng: random.Random) -> str:
     return "\n\n".join(out)
 
 
-@dataclass
-class BackTranslator:
-    """Paraphrase English by translating it into Chinese and back with `model` (an LLM)."""
-
-    model: str
-    llm: object = field(default=None, repr=False)
-
-    def __call__(self, text: str, rng: random.Random) -> str:
-        from llmos.llm import LLM
-        from llmos.writing.tasks import WriteRequest, prepare_write
-
-        if self.llm is None:
-            self.llm = LLM.load(self.model, precision="fp32")
-        out = []
-        for line in text.split("\n"):
-            piece = line
-            if line.strip():
-                for target, source in (("zh", "en"), ("en", "zh")):
-                    seed = rng.randrange(2**31)
-                    req = WriteRequest("translate", piece, {"to": target}, source, None, 1,
-                                       {"temperature": 0.7, "seed": seed, "max_tokens": min(256, len(piece) + 16)})
-                    prompt, params, stops, _ = prepare_write(self.llm, req)
-                    said = self.llm.generate(prompt, params, stop=stops).completions[0].text
-                    # a base model may answer with the few-shot prompt's next label: keep the line then
-                    said = LABEL.sub("", said.strip()).strip()
-                    if not said:
-                        piece = line
-                        break
-                    piece = said
-            out.append(piece)
-        return "\n".join(out)
-
-
 def parse(names: list[str] | str) -> list[str]:
     if isinstance(names, str):
         names = [names]
@@ -105,18 +71,18 @@ class Augmenter:
     names: list[str]
     copies: int = 1
     seed: int = 1337
-    model: str | None = None  # for backtranslate
+    translator: object = None  # for backtranslate: (text, random.Random) -> text
     log: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         self.names = parse(self.names)
         if self.copies < 1:
             raise AugmentError(f"--augment-copies must be at least 1, got {self.copies}")
-        if "backtranslate" in self.names and not self.model:
+        if "backtranslate" in self.names and self.translator is None:
             raise AugmentError("--augment backtranslate needs a model to translate with: --augment-model MODEL")
         self.fns = {"crop": crop, "shuffle": shuffle}
         if "backtranslate" in self.names:
-            self.fns["backtranslate"] = BackTranslator(self.model)
+            self.fns["backtranslate"] = self.translator
 
     def views(self, index: int, text: str) -> list[tuple[str, str]]:
         """(transform, new text) for each copy of document `index`: the transforms applied in

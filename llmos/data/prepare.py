@@ -213,8 +213,9 @@ def encode(tok, texts: list[str], eos_id: int | None, dtype) -> tuple[np.ndarray
     return np.concatenate(pieces), lengths
 
 
-def prepare(cfg: PrepareConfig, progress=None) -> dict:
-    """Run the whole pipeline; return the report (also written to report.json)."""
+def prepare(cfg: PrepareConfig, progress=None, translator=None) -> dict:
+    """Run the whole pipeline; return the report (also written to report.json). translator:
+    (text, random.Random) -> text, for --augment backtranslate (llmos.writing.paraphrase)."""
     report_progress = progress or (lambda *a: None)
     cfg.validate()
     out = Path(cfg.out)
@@ -267,7 +268,7 @@ def prepare(cfg: PrepareConfig, progress=None) -> dict:
             from llmos.data.augment import AugmentError, Augmenter
 
             try:
-                augmenter = Augmenter(cfg.augment, cfg.augment_copies, cfg.seed, cfg.augment_model)
+                augmenter = Augmenter(cfg.augment, cfg.augment_copies, cfg.seed, translator)
             except AugmentError as e:
                 raise PrepareError(str(e)) from None
             added = []
