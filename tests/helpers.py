@@ -3,6 +3,7 @@ loading and generation run through the same code paths as the bundled models."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -125,3 +126,9 @@ def assert_clean_error(proc, *needles):
     assert "Traceback" not in proc.stderr
     for needle in needles:
         assert needle in proc.stderr, proc.stderr
+
+
+def write_jsonl(path, records):
+    """One JSON object per line; returns the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path

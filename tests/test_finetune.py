@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import assert_clean_error, llmos
+from helpers import assert_clean_error, llmos, write_jsonl
 from llmos.data.prepare import PrepareConfig, PrepareError, prepare
 from llmos.train.data import TokenData
 from llmos.train.trainer import TrainConfig, TrainError, Trainer
@@ -22,11 +22,6 @@ def chats(n=40) -> list[dict]:
                                  {"role": "assistant", "content": f"number {i} it is"}]})
         out.append({"prompt": f"count to {i % 7 + 1} (#{i})", "completion": " ".join(map(str, range(1, i % 7 + 2)))})
     return out
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -141,17 +136,23 @@ def test_lora_resume_continues_exactly(sft_data, tiny_dir, tmp_path):
     assert len(la) == len(lb) == 12 and la == pytest.approx(lb, abs=1e-5)
 
 
-def test_early_stopping_keeps_the_best_checkpoint(sft_data, tiny_dir, tmp_path, monkeypatch):
-    from llmos.weights.store import resolve
-
-    scripted = iter([3.0, 2.0, 2.5, 2.6, 9.9])  # before training, then after steps 2, 4, 6, ...
+def run_with_scripted_losses(data, tiny_dir, run, monkeypatch, losses: list[float]) -> dict:
+    """A LoRA run evaluated every 2 steps, stopping after 2 evaluations without a gain, whose
+    validation losses are `losses` in turn."""
+    scripted = iter(losses)
 
     def evaluate(self):
         return {"train_loss": 1.0, "val_loss": next(scripted), "val_ppl": 1.0}
 
     monkeypatch.setattr(Trainer, "evaluate", evaluate)
-    run = tmp_path / "run"
-    final = Trainer(sft_data, run, lora_config(tiny_dir, eval_interval=2, max_steps=20, early_stop=2)).run()
+    return Trainer(data, run, lora_config(tiny_dir, eval_interval=2, max_steps=20, early_stop=2)).run()
+
+
+def test_early_stopping_keeps_the_best_checkpoint(sft_data, tiny_dir, tmp_path, monkeypatch):
+    from llmos.weights.store import resolve
+
+    run = tmp_path / "run"  # validation losses before training, then after steps 2, 4, 6, ...
+    final = run_with_scripted_losses(sft_data, tiny_dir, run, monkeypatch, [3.0, 2.0, 2.5, 2.6, 9.9])
     assert final.get("early_stopped") and final["step"] == 6
     assert (run / "BEST").read_text() == "step-0000002" and (run / "step-0000002").is_dir()
     assert resolve(str(run)).name == "step-0000002"  # the run folder loads its best checkpoint
@@ -162,14 +163,8 @@ def test_early_stopping_keeps_the_best_checkpoint(sft_data, tiny_dir, tmp_path, 
 
 def test_early_stopping_when_nothing_beats_the_start(sft_data, tiny_dir, tmp_path, monkeypatch):
     """The starting model is reported, not a candidate: BEST is the best checkpoint saved."""
-    scripted = iter([1.0, 2.0, 1.9, 2.5, 2.6])
-
-    def evaluate(self):
-        return {"train_loss": 1.0, "val_loss": next(scripted), "val_ppl": 1.0}
-
-    monkeypatch.setattr(Trainer, "evaluate", evaluate)
     run = tmp_path / "run"
-    final = Trainer(sft_data, run, lora_config(tiny_dir, eval_interval=2, max_steps=20, early_stop=2)).run()
+    final = run_with_scripted_losses(sft_data, tiny_dir, run, monkeypatch, [1.0, 2.0, 1.9, 2.5, 2.6])
     assert final.get("early_stopped") and final["step"] == 8
     assert (run / "BEST").read_text() == "step-0000004"
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_clean_error, llmos
+from helpers import assert_clean_error, llmos, write_jsonl
 from llmos.data import augment
 from llmos.data.prepare import PrepareConfig, PrepareError, prepare
 from llmos.train.data import TokenData
@@ -37,11 +37,6 @@ def author_records(docs_per_author=10, seed=0) -> list[dict]:
             paragraphs = [" ".join(sentences[i : i + 4]) for i in range(0, len(sentences), 4)]
             out.append({"text": "\n\n".join(paragraphs), "author": author, "label": GENRE[author], "n": k})
     return out
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -71,12 +71,11 @@ def write(
         fail("-n must be at least 1")
     if style:
         rank = f"style:{style}"
-        try:
-            from llmos.weights.store import ModelError, resolve
+        from llmos.writing.rank import check_style_model
 
-            if not json.loads((resolve(style, quiet=True) / "config.json").read_text()).get("heads"):
-                fail(f"{style} has no style embedding: train it with `llmos finetune --objective multitask`")
-        except ModelError as e:
+        try:
+            check_style_model(style)
+        except ValueError as e:  # ModelError is one
             fail(str(e))
     req = WriteRequest(task, brief, variables, language, form, n,
                        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,

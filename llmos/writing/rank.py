@@ -76,6 +76,17 @@ def style_model(rank) -> str | None:
     return None
 
 
+def check_style_model(name: str) -> None:
+    """A style ranking's model must be here and trained with the multi-task objective; raises
+    ValueError (ModelError for a model that cannot be found) saying why."""
+    import json
+
+    from llmos.weights.store import resolve
+
+    if not json.loads((resolve(name, quiet=True) / "config.json").read_text()).get("heads"):
+        raise ValueError(f"{name} has no style embedding: train it with `llmos finetune --objective multitask`")
+
+
 _STYLE_MODELS: dict = {}
 
 

@@ -32,20 +32,14 @@ def _write_request(body: P.WriteRequestBody, language: str):
 
 def _check_style(rank):
     """A style ranking's model must be here and trained with the multi-task objective."""
-    import json
-
-    from llmos.weights.store import ModelError, resolve
-    from llmos.writing.rank import style_model
+    from llmos.writing.rank import check_style_model, style_model
 
     name = style_model(rank)
-    if name is None:
-        return
-    try:
-        path = resolve(name, quiet=True)
-    except ModelError as e:
-        raise APIError(400, str(e), "rank") from None
-    if not json.loads((path / "config.json").read_text()).get("heads"):
-        raise APIError(400, f"{name} has no style embedding: train it with `llmos finetune --objective multitask`", "rank")
+    if name is not None:
+        try:
+            check_style_model(name)
+        except ValueError as e:  # ModelError is one
+            raise APIError(400, str(e), "rank") from None
 
 
 @router.post("/api/write", response_model=P.WriteResponse | P.NovelResponse, response_model_exclude_none=True, responses=SSE)
