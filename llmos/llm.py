@@ -272,13 +272,21 @@ class LLM:
         """One L2-normalised vector per text: the mean of the final hidden states over its tokens
         (for models trained with --objective mlm, their sentence embedding); a model trained with
         --objective multitask gives its style embedding (the pooled state through its projection head)."""
+        return self.embed_tokens([self.embedding_tokens(t) for t in texts])
+
+    def embedding_tokens(self, text: str) -> list[int]:
+        """The token ids `embed` pools for a text (at most a context window)."""
+        return self.tokenizer.encode(text, add_bos=False)[: self.context_window] or [0]
+
+    def embed_tokens(self, ids: list[list[int]]):
+        """`embed` of texts already tokenized (each list at most a context window long)."""
         import torch
 
         heads = self.heads
         if heads is not None:
             with torch.inference_mode():
-                return heads.embed(self._pooled(texts))
-        return torch.nn.functional.normalize(self._pooled(texts), dim=-1)
+                return heads.embed(self._pooled_tokens(ids))
+        return torch.nn.functional.normalize(self._pooled_tokens(ids), dim=-1)
 
     def style_similarity(self, texts: list[str]) -> list[float]:
         """Each text's cosine similarity to the centroid of the corpus a multi-task model was
@@ -298,9 +306,11 @@ class LLM:
             return [heads.labels[i] for i in heads.classify(self._pooled(texts)).argmax(1).tolist()]
 
     def _pooled(self, texts: list[str]):
+        return self._pooled_tokens([self.embedding_tokens(t) for t in texts])
+
+    def _pooled_tokens(self, ids: list[list[int]]):
         import torch
 
-        ids = [self.tokenizer.encode(t, add_bos=False)[: self.context_window] or [0] for t in texts]
         with torch.inference_mode():
             if self.model.config.causal:
                 # right padding: a causal model's real tokens never see the padded tail

@@ -53,17 +53,24 @@ def tiny_llm(tiny_dir):
 
 
 def _pull(name: str) -> Path:
+    from llmos.embedder import pull_embedder
     from llmos.weights import store as models
 
     old = os.environ.get("LLMOS_HOME")
     os.environ["LLMOS_HOME"] = str(BUNDLED_HOME)
     try:
-        return models.pull(name, quiet=True)
+        return pull_embedder() if name == "embedder" else models.pull(name, quiet=True)
     finally:
         if old is None:
             del os.environ["LLMOS_HOME"]
         else:
             os.environ["LLMOS_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def embedder_dir() -> Path:
+    """The knowledge-base encoder (all-MiniLM-L6-v2) in the shared test store."""
+    return _pull("embedder")
 
 
 @pytest.fixture(scope="session")

@@ -205,10 +205,10 @@ def test_write_endpoint_with_a_form(server):
 def test_metrics_embeddings_openapi(server, client, tiny_llm):
     e = client.embeddings.create(model=tiny_llm.name, input=["a cat", "a dog"])
     assert len(e.data) == 2 and len(e.data[0].embedding) == tiny_llm.model.config.d_model
-    text = httpx.get(server.url + "/metrics").text
+    text = raw(server, "/metrics", method="GET").text
     assert "llmos_generation_tokens_total" in text and 'path="/v1/completions",status="200"' in text
     assert "llmos_time_to_first_token_seconds_count" in text and "llmos_queue_depth" in text
-    spec = httpx.get(server.url + "/openapi.json").json()
+    spec = raw(server, "/openapi.json", method="GET").json()
     assert "/v1/chat/completions" in spec["paths"] and "/api/write" in spec["paths"]
 
 

@@ -9,18 +9,18 @@ import time
 import httpx
 import pytest
 
-from conftest import BUNDLED_HOME, REPO
+from conftest import REPO
 from helpers import ServerThread, llmos
 
 SHOP = REPO / "benchmarks" / "data" / "shop"
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
+def home(tmp_path_factory, embedder_dir):
     """A user directory with the knowledge-base encoder from the shared test store."""
     home = tmp_path_factory.mktemp("routes-home")
     (home / "embedders").mkdir()
-    os.symlink(BUNDLED_HOME / "embedders" / "all-minilm-l6-v2", home / "embedders" / "all-minilm-l6-v2")
+    os.symlink(embedder_dir, home / "embedders" / "all-minilm-l6-v2")
     return home
 
 

@@ -20,6 +20,17 @@ def serve(
     max_queue: Annotated[int, typer.Option(help="Requests allowed to wait; more get 429.")] = 64,
     timeout: Annotated[float, typer.Option(help="Seconds a request may run before it is ended.")] = 300.0,
     max_body: Annotated[int, typer.Option(help="Largest request body, in bytes (413 above).")] = 1_000_000,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens one request may ask for (400 above).")] = 4096,
+    max_tokens_in_flight: Annotated[Optional[int], typer.Option(
+        help="Tokens all admitted requests may hold (each: its prompt + n x max_tokens); more get 429. "
+             "Default: twice the batch's rows x context.")] = None,
+    max_embedding_inputs: Annotated[int, typer.Option(help="Texts per /v1/embeddings request.")] = 256,
+    max_embedding_tokens: Annotated[int, typer.Option(help="Tokens per /v1/embeddings request, all texts together.")] = 32_768,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        help="A Host name this server answers to besides localhost, 127.0.0.1 and ::1 (repeatable; '*': any). "
+             "Served on loopback, other names are refused so that a web page cannot reach the server "
+             "through DNS rebinding.")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow serving beyond this machine without --api-key.")] = False,
     multilingual: Annotated[str, typer.Option(help="Model for Chinese requests that name no model, loaded on first use when "
                                                    "the served model is English-only ('none': serve them with it).")] = MULTILINGUAL_MODEL,
     precision: PrecisionOpt = "fp16",
@@ -32,6 +43,12 @@ def serve(
       llmos serve
 
       llmos serve -m gemma3-270m --port 8001 --api-key secret
+
+      llmos serve --host 0.0.0.0 --api-key secret   (other machines; the key is then required)
+
+    With --api-key, every route but /health and the studio page needs it (the page asks for
+    it). Requests are checked before they reach a model: bodies must be JSON, a web page on
+    another site may not change anything, and limits on tokens answer 400 or 429.
     """
     import uvicorn
 
@@ -39,8 +56,17 @@ def serve(
     from llmos.db import Store, StoreError
     from llmos.server.app import create_app
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        err.print("[yellow]note:[/] serving beyond this machine without --api-key: anyone who can reach the port can use it")
+    from llmos.server.gate import LOOPBACK_HOSTS
+
+    loopback = host in LOOPBACK_HOSTS
+    if not loopback and not api_key and not insecure:
+        fail(f"serving on {host} (beyond this machine) without an API key would let anyone who can reach the port "
+             f"use it: give --api-key KEY (or LLMOS_API_KEY), or --insecure if that is what you want")
+    allowed = allowed_host or []
+    if "*" in allowed or not loopback:  # beyond loopback the key protects, and clients use any name for the machine
+        hosts = None
+    else:
+        hosts = LOOPBACK_HOSTS | {h.lower() for h in allowed}
     try:
         remotes = load_remotes()
         store = Store()
@@ -51,6 +77,8 @@ def serve(
         fail("serve needs a local model to run (remote ones from config.yaml are served beside it)")
     application = create_app(llm, api_key=api_key, max_batch=max_batch, max_len=max_context, max_queue=max_queue,
                              request_timeout=timeout, max_body=max_body, remotes=remotes, store=store,
-                             multilingual=None if multilingual.lower() == "none" else multilingual)
+                             multilingual=None if multilingual.lower() == "none" else multilingual,
+                             allowed_hosts=hosts, max_tokens=max_tokens, max_tokens_in_flight=max_tokens_in_flight,
+                             max_embedding_inputs=max_embedding_inputs, max_embedding_tokens=max_embedding_tokens)
     err.print(f"[green]LLMOS[/] serving {llm.name} at http://{host}:{port}/ (API under /v1, docs at /docs)", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="warning")

@@ -13,23 +13,23 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from llmos.server import errors
-from llmos.server.gate import Gate
+from llmos.server.gate import LOOPBACK_HOSTS, Gate, Policy
 from llmos.server.routes import chat, jobs, knowledge, models, openai, projects, studio, writing
-from llmos.server.state import ServerState
+from llmos.server.state import Limits, ServerState
 
 
-def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len: int = 2048, max_queue: int = 64,
-               request_timeout: float = 300.0, max_body: int = 1_000_000, remotes: dict | None = None,
-               store=None, multilingual: str | None = None) -> FastAPI:
+def create_app(llm, *, api_key: str | None = None, max_body: int = 1_000_000, remotes: dict | None = None,
+               store=None, multilingual: str | None = None, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
+               **limits) -> FastAPI:
     """The app serving `llm` (a loaded llmos.llm.LLM). multilingual: the model that Chinese
     requests naming no model run on when `llm` is English-only (loaded on first use; None: they
-    run on `llm`, with a note saying why)."""
+    run on `llm`, with a note saying why). allowed_hosts: the Host names answered (None: any).
+    limits: the fields of server.state.Limits (max_batch, max_len, max_tokens, ...)."""
     if store is None:
         from llmos.db import Store
 
         store = Store()
-    state = ServerState(llm, max_batch=max_batch, max_len=max_len, max_queue=max_queue,
-                        request_timeout=request_timeout, remotes=remotes or {}, store=store, multilingual=multilingual)
+    state = ServerState(llm, limits=Limits(**limits), remotes=remotes or {}, store=store, multilingual=multilingual)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -42,8 +42,9 @@ def create_app(llm, *, api_key: str | None = None, max_batch: int = 16, max_len:
     app.state.llmos = state
     app.state.scheduler, app.state.llm, app.state.store = state.primary.scheduler, llm, store
     app.state.metrics = state.metrics
-    app.add_middleware(Gate, limit=max_body, api_key=api_key, on_reject=state.metrics.count_request)
-    errors.install(app, lambda request, status: state.metrics.count_request(request.url.path, status))
+    app.add_middleware(Gate, policy=Policy(max_body, api_key, allowed_hosts), routes=lambda: app.routes,
+                       count=state.metrics.count_request)
+    errors.install(app)
     for router in (openai.router, writing.router, chat.router, knowledge.router, projects.router, jobs.router,
                    models.router, studio.router):
         app.include_router(router)

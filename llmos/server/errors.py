@@ -27,12 +27,11 @@ def param_of(message: str) -> str | None:
     return head if head.replace("_", "").isalpha() else None
 
 
-def install(app: FastAPI, count_request):
-    """Exception handlers that answer with error objects and count the request in metrics."""
+def install(app: FastAPI):
+    """Exception handlers that answer with error objects."""
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        count_request(request, exc.status)
         return JSONResponse(error_body(exc.message, exc.param, exc.kind), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -41,10 +40,14 @@ def install(app: FastAPI, count_request):
         loc = [str(x) for x in first.get("loc", []) if x != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
-        count_request(request, 400)
         return JSONResponse(error_body(f"{param}: {msg}" if param else msg, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):
-        count_request(request, exc.status_code)
         return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        """A fault of the server's, not the request's: still an error object (and a traceback in
+        the server's log, from uvicorn)."""
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}", kind="server_error"), status_code=500)

@@ -28,6 +28,11 @@ class Histogram:
         return lines
 
 
+def label(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and newline escaped."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Metrics:
     def __init__(self, schedulers):
         self.schedulers = schedulers  # () -> the schedulers of the served models
@@ -36,16 +41,12 @@ class Metrics:
         self.latency, self.ttft = Histogram(), Histogram()
         self.started = time.time()
 
-    def count_request(self, path: str, status: int):
+    def count_request(self, route: str, status: int):
+        """A finished HTTP request, by route template (the gate counts every request)."""
         with self.lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
 
-    def finished(self, req, path: str, status: int = 200):
-        """A generation request has ended: its latency, and the request count."""
-        self.observe(req, status)
-        self.count_request(path, status)
-
-    def observe(self, req, status: int = 200):
+    def observe(self, req):
         """A finished generation request: its latency and time to first token."""
         now = time.monotonic()
         with self.lock:
@@ -61,7 +62,7 @@ class Metrics:
         lines = ["# TYPE llmos_requests_total counter"]
         with self.lock:
             for (path, status), n in sorted(self.requests.items()):
-                lines.append(f'llmos_requests_total{{path="{path}",status="{status}"}} {n}')
+                lines.append(f'llmos_requests_total{{path="{label(path)}",status="{status}"}} {n}')
             lines += [
                 "# TYPE llmos_generation_requests_total counter", f"llmos_generation_requests_total {s['requests']}",
                 "# TYPE llmos_prompt_tokens_total counter", f"llmos_prompt_tokens_total {s['prompt_tokens']}",

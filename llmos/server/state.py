@@ -32,11 +32,25 @@ class Served:
         return self.llm.name
 
 
+@dataclass
+class Limits:
+    """What one request may ask for, and how much may be in flight (`llmos serve --help`)."""
+
+    max_batch: int = 16
+    max_len: int = 2048
+    max_queue: int = 64
+    request_timeout: float = 300.0
+    max_tokens: int = 4096  # per request; a larger max_tokens is a 400
+    max_tokens_in_flight: int | None = None  # prompts + n * max_tokens of admitted requests (None: 2 * batch * context)
+    max_embedding_inputs: int = 256
+    max_embedding_tokens: int = 32_768  # over all inputs of one request
+
+
 class ServerState:
-    def __init__(self, llm, *, max_batch: int, max_len: int, max_queue: int, request_timeout: float,
-                 remotes: dict, store, multilingual: str | None):
-        self.max_batch, self.max_len, self.max_queue = max_batch, max_len, max_queue
-        self.request_timeout = request_timeout
+    def __init__(self, llm, *, limits: Limits, remotes: dict, store, multilingual: str | None):
+        self.limits = limits
+        self.max_batch, self.max_len, self.max_queue = limits.max_batch, limits.max_len, limits.max_queue
+        self.request_timeout = limits.request_timeout
         self.remotes, self.store, self.multilingual = remotes, store, multilingual
         self.primary = self._serve(llm)
         self.served: dict[str, Served] = {llm.name: self.primary}
@@ -45,7 +59,8 @@ class ServerState:
         self._loading: asyncio.Lock | None = None
 
     def _serve(self, llm) -> Served:
-        scheduler = Scheduler(llm.model, max_batch=self.max_batch, max_len=self.max_len, max_queue=self.max_queue)
+        scheduler = Scheduler(llm.model, max_batch=self.max_batch, max_len=self.max_len, max_queue=self.max_queue,
+                              max_tokens_in_flight=self.limits.max_tokens_in_flight)
         return Served(llm.with_driver(partial(scheduler.drive, timeout=self.request_timeout)), scheduler)
 
     def schedulers(self) -> list[Scheduler]:
@@ -55,6 +70,12 @@ class ServerState:
         for scheduler in self.schedulers():
             scheduler.close()
         self.jobs.close()
+
+    def check_max_tokens(self, value: int | None, param: str = "max_tokens"):
+        """400 for a max_tokens over this server's cap."""
+        if value is not None and value > self.limits.max_tokens:
+            raise APIError(400, f"{param} is {value}; this server allows at most {self.limits.max_tokens} "
+                                f"(llmos serve --max-tokens)", param)
 
     def remote(self, model: str | None):
         return self.remotes.get(model) if model else None

@@ -16,9 +16,7 @@ from fastapi.responses import StreamingResponse
 from llmos.engine.generate import Event, Request
 from llmos.server.errors import APIError
 from llmos.server.protocol import error_body
-from llmos.server.scheduler import QueueFull
-
-DISCONNECT_POLL_S = 0.5
+from llmos.server.scheduler import Pipeline, QueueFull
 
 
 def sse(obj) -> str:
@@ -41,23 +39,34 @@ async def submit(served, req: Request, timeout: float):
         raise APIError(400, str(e), "prompt") from None
 
 
+async def watch_disconnect(http: HTTPRequest, on_disconnect: Callable[[], None]):
+    """Call on_disconnect the moment the client goes away. The body has been read by then (the
+    gate reads it whole), so the only message left to receive is the disconnect."""
+    while True:
+        message = await http.receive()
+        if message["type"] == "http.disconnect":
+            on_disconnect()
+            return
+
+
 async def batches(req: Request, http: HTTPRequest) -> AsyncIterator[list[Event]]:
     """A submitted request's events until every candidate has ended, in lists of those already
     waiting (a client behind by several tokens gets them in one write). A client that goes away
-    cancels the request."""
+    cancels the request at once (its rows are freed at the next step), streamed or not."""
     inbox, ended = req.owner, 0
+
+    def gone():
+        req.cancel()
+        inbox.queue.put_nowait(None)
+
+    watcher = asyncio.create_task(watch_disconnect(http, gone))
     try:
         while ended < req.n:
-            got = []
-            if inbox.queue.empty():
-                try:
-                    got.append(await asyncio.wait_for(inbox.queue.get(), timeout=DISCONNECT_POLL_S))
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
+            got = [await inbox.queue.get()]
             while not inbox.queue.empty():
                 got.append(inbox.queue.get_nowait())
+            if None in got:
+                return
             batch = [e for events in got for e in events]
             for e in batch:
                 if e.finish_reason == "error":
@@ -65,6 +74,7 @@ async def batches(req: Request, http: HTTPRequest) -> AsyncIterator[list[Event]]
             ended += sum(e.finish_reason is not None for e in batch)
             yield batch
     finally:
+        watcher.cancel()
         if ended < req.n:
             req.cancel()
 
@@ -107,13 +117,16 @@ def event_stream(req: Request, http: HTTPRequest, chunk: Callable[[Event], str |
 async def in_thread(make: Callable[[], Iterator], http: HTTPRequest | None = None) -> AsyncIterator:
     """Run a synchronous iterator (a chat turn, a novel's stages) in a thread of its own and
     yield its items here as they come. Generation inside it goes through the scheduler, so it
-    shares the batch. A client that goes away closes the iterator (the pipeline keeps what it
-    wrote so far) at its next item; an exception in it is raised here."""
+    shares the batch. A client that goes away ends the pipeline's generation at the next decode
+    step and stops it before it starts another (it keeps what it wrote so far); an exception in
+    it is raised here."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
     stop = threading.Event()
+    pipeline = Pipeline()
 
     def work():
+        Pipeline.current.value = pipeline
         try:
             it = make()
             try:
@@ -133,18 +146,19 @@ async def in_thread(make: Callable[[], Iterator], http: HTTPRequest | None = Non
                 pass
 
     threading.Thread(target=work, name="llmos-pipeline", daemon=True).start()
+    watcher = None
+    if http is not None:
+        watcher = asyncio.create_task(watch_disconnect(http, lambda: items.put_nowait(("gone", None))))
     try:
         while True:
-            try:
-                kind, item = await asyncio.wait_for(items.get(), timeout=DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if http is not None and await http.is_disconnected():
-                    return
-                continue
-            if kind == "end":
+            kind, item = await items.get()
+            if kind in ("end", "gone"):
                 return
             if kind == "error":
                 raise item
             yield item
     finally:
+        if watcher is not None:
+            watcher.cancel()
         stop.set()
+        pipeline.abandon()  # a pipeline left early: its generation ends at the next step

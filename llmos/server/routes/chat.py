@@ -192,6 +192,7 @@ async def _conversation(http: HTTPRequest, session_id: int, opts: P.TurnOptions)
     from llmos.chat.conversation import ChatSettings, Conversation
     from llmos.chat.kb import KnowledgeBase
 
+    state(http).check_max_tokens(opts.max_tokens)
     row = _get(http, session_id)
     served = await _served_for(http, row)
     try:

@@ -12,7 +12,8 @@ from llmos.server import protocol as P
 from llmos.server.errors import APIError, param_of
 from llmos.server.proxy import proxy
 from llmos.server.state import state
-from llmos.server.streaming import event_stream, finish, sse, submit
+from llmos.server.scheduler import QueueFull
+from llmos.server.streaming import BUSY, event_stream, finish, sse, submit, watch_disconnect
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -20,17 +21,20 @@ SSE = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or serv
 ERRORS = {400: {"model": P.ErrorResponse}, 404: {"model": P.ErrorResponse}, 429: {"model": P.ErrorResponse}}
 
 
-def sampling(llm, body: P.SamplingFields, logprobs: int | None):
+def sampling(st, llm, body: P.SamplingFields, logprobs: int | None):
+    st.check_max_tokens(body.max_tokens)
     try:
         return body.sampling(llm, logprobs, llm.model.config.vocab_size)
     except ValueError as e:
         raise APIError(400, str(e), param_of(str(e))) from None
 
 
-def engine_request(llm, prompt, params, body: P.SamplingFields):
+async def engine_request(llm, prompt, params, body: P.SamplingFields):
+    """The engine request of a prompt or chat; tokenized in a worker thread, since a long
+    prompt takes a while and the event loop is feeding every other stream meanwhile."""
     try:
-        return llm.request(prompt, params, body.n, body.stops(), ignore_eos=body.ignore_eos)
-    except ValueError as e:  # a chat template that rejects the messages
+        return await asyncio.to_thread(llm.request, prompt, params, body.n, body.stops(), ignore_eos=body.ignore_eos)
+    except ValueError as e:  # an empty prompt, a chat template that rejects the messages
         raise APIError(400, str(e), "messages" if isinstance(prompt, list) else "prompt") from None
 
 
@@ -41,7 +45,7 @@ def _stream(st, req, http: HTTPRequest, body: P.SamplingFields, chunk, head: lis
         if body.stream_options and body.stream_options.include_usage:
             yield sse(envelope([], usage=P.usage(req)))
 
-    return event_stream(req, http, chunk, head=head, tail=tail, on_end=lambda: st.metrics.finished(req, http.url.path))
+    return event_stream(req, http, chunk, head=head, tail=tail, on_end=lambda: st.metrics.observe(req))
 
 
 @router.get("/v1/models", response_model=P.ModelList)
@@ -65,12 +69,12 @@ async def completions(body: P.CompletionRequest, http: HTTPRequest):
     prompt = prompts[0]
     served = await st.local(http, body.model, prompt)
     llm = served.llm
-    if not prompt or not llm.tokenizer.encode(prompt):
+    if not prompt:
         raise APIError(400, "the prompt is empty", "prompt")
     if body.beams:
         return await _beam_search(served, body, http)
-    params = sampling(llm, body, body.logprobs)
-    req = engine_request(llm, prompt, params, body)
+    params = sampling(st, llm, body, body.logprobs)
+    req = await engine_request(llm, prompt, params, body)
     await submit(served, req, st.request_timeout)
     rid, created, name = P.new_id("cmpl"), P.now(), served.name
     prefix = prompt if body.echo else ""
@@ -91,7 +95,7 @@ async def completions(body: P.CompletionRequest, http: HTTPRequest):
 
         return _stream(st, req, http, body, chunk, head, envelope)
     reasons = await finish(req, http)
-    st.metrics.finished(req, http.url.path)
+    st.metrics.observe(req)
     choices = []
     for i, seq in enumerate(req.sequences):
         lp = P.completion_logprobs(llm.tokenizer, seq.logprobs) if body.logprobs is not None else None
@@ -107,13 +111,13 @@ async def _beam_search(served, body: P.CompletionRequest, http: HTTPRequest):
     if body.n > body.beams:
         raise APIError(400, f"n must be at most beams ({body.beams})", "n")
     llm = served.llm
+    state(http).check_max_tokens(body.max_tokens)
     max_tokens = body.max_tokens or llm.defaults.get("max_tokens", 256)
     try:
         result = await asyncio.to_thread(llm.beam_search, body.prompt if isinstance(body.prompt, str) else body.prompt[0],
                                          body.beams, max_tokens, body.n, body.length_penalty)
     except ValueError as e:
         raise APIError(400, str(e), "prompt") from None
-    state(http).metrics.count_request(http.url.path, 200)
     generated = sum(len(c.token_ids) for c in result.completions)
     return {"id": P.new_id("cmpl"), "object": "text_completion", "created": P.now(), "model": served.name,
             "choices": [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
@@ -132,8 +136,8 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     served = await st.local(http, body.model, *(m["content"] for m in messages))
     llm = served.llm
-    params = sampling(llm, body, (body.top_logprobs or 0) if body.logprobs else None)
-    req = engine_request(llm, messages, params, body)
+    params = sampling(st, llm, body, (body.top_logprobs or 0) if body.logprobs else None)
+    req = await engine_request(llm, messages, params, body)
     await submit(served, req, st.request_timeout)
     rid, created, name = P.new_id("chatcmpl"), P.now(), served.name
 
@@ -155,7 +159,7 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
 
         return _stream(st, req, http, body, chunk, head, envelope)
     reasons = await finish(req, http)
-    st.metrics.finished(req, http.url.path)
+    st.metrics.observe(req)
     choices = []
     for i, seq in enumerate(req.sequences):
         lp = {"content": P.chat_logprobs(llm.tokenizer, seq.logprobs)} if body.logprobs else None
@@ -165,19 +169,59 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
             "usage": P.usage(req)}
 
 
+EMBED_PIECE_TOKENS = 4096  # padded positions per piece run between decode steps
+
+
 @router.post("/v1/embeddings", response_model=P.EmbeddingResponse, responses=ERRORS)
 async def embeddings(body: P.EmbeddingRequest, http: HTTPRequest):
+    """Embeddings, bounded (inputs, tokens per input and per request) and queued on the model's
+    scheduler in small pieces between decode steps (429 when its queue is full)."""
     st = state(http)
     if remote := st.remote(body.model):
         return await proxy(remote, "embeddings", body.model_dump(exclude_none=True), False)
     texts = [body.input] if isinstance(body.input, str) else body.input
+    limits = st.limits
     if not texts or any(not t for t in texts):
         raise APIError(400, "input must be a non-empty string or list of non-empty strings", "input")
+    if len(texts) > limits.max_embedding_inputs:
+        raise APIError(400, f"input has {len(texts)} texts; send at most {limits.max_embedding_inputs} per request",
+                       "input")
     served = await st.local(http, body.model, *texts)
     llm = served.llm
-    vectors = await asyncio.to_thread(lambda: [v.tolist() for v in llm.embed(texts)])
-    tokens = sum(len(llm.tokenizer.encode(t, add_bos=False)) for t in texts)
-    st.metrics.count_request(http.url.path, 200)
+    ids = await asyncio.to_thread(lambda: [llm.tokenizer.encode(t, add_bos=False) or [0] for t in texts])
+    window = llm.context_window
+    for i, t in enumerate(ids):
+        if len(t) > window:
+            raise APIError(400, f"input[{i}] is {len(t)} tokens; the model embeds at most {window}", "input")
+    tokens = sum(len(t) for t in ids)
+    if tokens > limits.max_embedding_tokens:
+        raise APIError(400, f"input is {tokens} tokens in all; send at most {limits.max_embedding_tokens} per request",
+                       "input")
+    pieces, piece, width = [], [], 0
+    for t in sorted(range(len(ids)), key=lambda i: len(ids[i])):  # similar lengths together: less padding
+        width = max(width, len(ids[t]))
+        if piece and width * (len(piece) + 1) > EMBED_PIECE_TOKENS:
+            pieces.append(piece)
+            piece, width = [], len(ids[t])
+        piece.append(t)
+    pieces.append(piece)
+    try:
+        future = served.scheduler.run([lambda p=p: llm.embed_tokens([ids[i] for i in p]) for p in pieces])
+    except QueueFull:
+        raise APIError(429, BUSY, kind="rate_limit_error", headers={"Retry-After": "1"}) from None
+    watcher = asyncio.create_task(watch_disconnect(http, future.cancel))  # gone: the pieces not yet run are dropped
+    try:
+        done = await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        if not future.cancelled():
+            raise
+        raise APIError(499, "the client went away") from None
+    finally:
+        watcher.cancel()
+    vectors: list = [None] * len(texts)
+    for p, out in zip(pieces, done):
+        for i, v in zip(p, out.tolist()):
+            vectors[i] = v
     return {"object": "list", "model": served.name,
             "data": [{"object": "embedding", "index": i,
                       "embedding": _base64(v) if body.encoding_format == "base64" else v}

@@ -4,6 +4,7 @@ Note and Lorebook, and the lists of tasks and forms."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 from fastapi import APIRouter, Request as HTTPRequest
@@ -64,9 +65,14 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
         return await _novel(served, body, language, http)
     llm = served.llm
     _check_style(body.rank)
-    try:
+    st.check_max_tokens(body.max_tokens)
+
+    def make():
         prompt, params, stops, form = prepare_write(llm, _write_request(body, language))
-        req = llm.request(prompt, params, body.n, stops)
+        return prompt, form, llm.request(prompt, params, body.n, stops)
+
+    try:
+        prompt, form, req = await asyncio.to_thread(make)  # a long brief takes a while to tokenize
     except (TaskError, forms.FormError) as e:
         raise APIError(400, str(e), "task" if "task" in str(e) else "form") from None
     except ValueError as e:
@@ -89,9 +95,9 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
             if extra:
                 yield sse({"result": extra})
 
-        return event_stream(req, http, chunk, tail=tail, on_end=lambda: st.metrics.finished(req, http.url.path))
+        return event_stream(req, http, chunk, tail=tail, on_end=lambda: st.metrics.observe(req))
     reasons = await finish(req, http)
-    st.metrics.finished(req, http.url.path)
+    st.metrics.observe(req)
     extra = extras()
     out = []
     for i, seq in enumerate(req.sequences):
@@ -161,8 +167,10 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
                   lorebook=[LoreEntry(e.keys, e.content, e.priority, e.enabled, constant=e.constant) for e in body.lorebook])
     served = await st.local(http, None, body.text, body.memory)
     llm = served.llm
+    st.check_max_tokens(body.max_tokens)
     try:
-        prompt, parts = assemble_context(story, llm.tokenizer, served.scheduler.max_len, body.max_tokens)
+        prompt, parts = await asyncio.to_thread(assemble_context, story, llm.tokenizer, served.scheduler.max_len,
+                                                body.max_tokens)
         params = llm.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               seed=body.seed, logprobs=body.logprobs)
@@ -184,7 +192,7 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
                         top=[[tok.token_text(t), v] for t, v in e.logprob.top])
         return sse(item)
 
-    return event_stream(req, http, chunk, head=head, on_end=lambda: st.metrics.finished(req, http.url.path))
+    return event_stream(req, http, chunk, head=head, on_end=lambda: st.metrics.observe(req))
 
 
 @router.get("/api/tasks", response_model=P.TasksResponse)
