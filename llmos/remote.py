@@ -58,10 +58,17 @@ class RemoteModel:
         import httpx
 
         payload = self._anthropic_payload(messages, params, stream=False)
-        resp = httpx.post(f"{self.base_url.rstrip('/')}/v1/messages", json=payload, headers=self.headers(), timeout=self.timeout)
+        try:
+            resp = httpx.post(f"{self.base_url.rstrip('/')}/v1/messages", json=payload, headers=self.headers(),
+                              timeout=self.timeout)
+        except httpx.HTTPError as e:
+            raise RemoteError(f"remote model {self.name} at {self.base_url} is unreachable ({e})") from None
         if resp.status_code >= 400:
             raise RemoteError(f"{self.name}: {resp.status_code} {resp.text[:300]}")
-        data = resp.json()
+        try:
+            data = resp.json()
+        except ValueError:
+            raise RemoteError(f"{self.name} answered something that is not JSON: {resp.text[:300]}") from None
         text = "".join(b.get("text", "") for b in data.get("content", []) if b.get("type") == "text")
         reason = {"max_tokens": "length"}.get(data.get("stop_reason"), "stop")
         u = data.get("usage", {})

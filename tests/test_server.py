@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -171,26 +170,14 @@ def test_queue_full_is_429(tiny_llm, tmp_path_factory):
             return httpx.post(s.url + "/v1/completions", json={"prompt": "the", "max_tokens": 60, "seed": i}, timeout=120)
 
         with ThreadPoolExecutor(6) as pool:
-            codes = [r.status_code for r in pool.map(call, range(6))]
-            assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
-        r = next(r for r in ThreadPoolExecutor(6).map(call, range(6)) if r.status_code == 429) if 429 in codes else None
-        if r is not None:
-            assert r.headers.get("retry-after") == "1"
+            answers = list(pool.map(call, range(6)))
+        codes = [r.status_code for r in answers]
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+        for r in answers:
+            if r.status_code == 429:
+                assert r.headers.get("retry-after") == "1" and r.json()["error"]["type"] == "rate_limit_error"
     finally:
         s.stop()
-
-
-def test_client_disconnect_stops_generation(server, tiny_llm):
-    scheduler = server.server.config.app.state.scheduler
-    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                      json={"prompt": "the", "max_tokens": 400, "stream": True}, timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("data:"):
-                break
-    deadline = time.time() + 20
-    while scheduler.running and time.time() < deadline:
-        time.sleep(0.1)
-    assert scheduler.running == 0
 
 
 def test_write_endpoint_with_a_form(server):
@@ -225,21 +212,31 @@ def test_projects(server):
     assert raw(server, "/api/projects", {"name": "x", "data": [1]}).status_code == 400
 
 
-def test_remote_openai_model_through_the_server(client):
-    r = client.chat.completions.create(model="far", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
-    assert r.model == "far" and r.choices[0].message.content is not None
-    chunks = list(client.completions.create(model="far", prompt="the", max_tokens=5, stream=True))
-    assert chunks
+def test_remote_openai_model_through_the_server(client, tiny_llm):
+    chat = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
+    r = client.chat.completions.create(model="far", **chat)
+    local = client.chat.completions.create(model=tiny_llm.name, **chat)  # the backend runs the same model
+    assert r.model == "far" and r.choices[0].message.content == local.choices[0].message.content
+    assert r.usage.completion_tokens == local.usage.completion_tokens > 0
+    chunks = list(client.completions.create(model="far", prompt="the", max_tokens=5, stream=True, temperature=0))
+    whole = client.completions.create(model=tiny_llm.name, prompt="the", max_tokens=5, temperature=0)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
 
 
 def test_remote_model_from_config_in_the_cli(backend, tiny_llm, tmp_path):
     (tmp_path / "config.yaml").write_text(
         f"models:\n  far:\n    type: openai\n    base_url: {backend.url}/v1\n    model: {tiny_llm.name}\n")
     env = {**os.environ, "LLMOS_HOME": str(tmp_path)}
+    stats = backend.server.config.app.state.scheduler.stats
+    before = dict(stats)
     proc = subprocess.run([sys.executable, "-m", "llmos", "write", "story", "a fox", "-m", "far", "--max-tokens", "6",
                            "--json"], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["completions"][0]["text"] is not None
+    stats = backend.server.config.app.state.scheduler.stats
+    assert stats["requests"] == before["requests"] + 1  # written by the remote server, not locally
+    assert 1 <= stats["generated_tokens"] - before["generated_tokens"] <= 6
+    text = json.loads(proc.stdout)["completions"][0]["text"]
+    assert isinstance(text, str) and text  # what the tiny random model wrote (here, blank lines)
     proc = subprocess.run([sys.executable, "-m", "llmos", "write", "poem", "x", "-m", "far", "--form", "haiku"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 2 and "local model" in proc.stderr

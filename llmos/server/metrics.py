@@ -71,6 +71,9 @@ class Metrics:
                 "# TYPE llmos_decode_steps_total counter", f"llmos_decode_steps_total {s['steps']}",
                 "# TYPE llmos_queue_depth gauge", f"llmos_queue_depth {queued}",
                 "# TYPE llmos_running_sequences gauge", f"llmos_running_sequences {running}",
+                "# TYPE llmos_batch_rows gauge", f"llmos_batch_rows {sum(x.max_batch for x in schedulers)}",
+                "# TYPE llmos_tokens_in_flight gauge",
+                f"llmos_tokens_in_flight {sum(x.tokens_in_flight for x in schedulers)}",
                 "# TYPE llmos_uptime_seconds gauge", f"llmos_uptime_seconds {time.time() - self.started:.1f}",
             ]
             lines += self.latency.render("llmos_request_latency_seconds")

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmos.engine.sampling import SamplingParams
+
+
+# A seed is a 64-bit integer (what torch's generators take); beyond it, a 400 rather than an overflow.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class StreamOptions(BaseModel):
@@ -22,11 +26,11 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, max_length=300)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -34,12 +38,13 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     user: str | None = None
     # LLMOS extensions
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, le=2**31 - 1)
     min_p: float | None = Field(None, ge=0, lt=1)
     typical_p: float | None = Field(None, gt=0, le=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    no_repeat_ngram_size: int | None = Field(None, ge=0)
-    ban: list[str] | None = Field(None, description="Words or phrases never to produce (as `llmos generate --ban`).")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=64)
+    ban: list[str] | None = Field(None, max_length=256,
+                                  description="Words or phrases never to produce (as `llmos generate --ban`).")
     ignore_eos: bool = False  # run to max_tokens past end-of-text (fixed-length load tests)
 
     @field_validator("stop")
@@ -88,16 +93,25 @@ class CompletionRequest(SamplingFields):
     length_penalty: float = Field(1.0, description="Beam search: rank by score / length**length_penalty.")
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts are read (images and audio are not)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict] | None = ""
+    content: str | list[ContentPart] | None = ""
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):  # the "content parts" form: keep the text parts
-            return "".join(p.get("text", "") for p in self.content if isinstance(p, dict) and p.get("type") == "text")
+            return "".join(p.text or "" for p in self.content if p.type == "text")
         return self.content or ""
 
 
@@ -137,7 +151,7 @@ class WriteRequestBody(BaseModel):
     dry: float | None = Field(None, ge=0, description="DRY repetition penalty strength (0.8 is typical; 0 = off).")
     allow_phrases: bool = Field(False, description="Do not ban stock phrases such as 'a testament to'.")
     banned_phrases: list[str] | None = Field(None, description="Phrases to ban instead of the built-in list.")
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
     chapters: int = Field(5, ge=1, le=50, description="novel: number of chapters.")
@@ -189,7 +203,7 @@ class StoryContinueBody(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    seed: Seed | None = None
     logprobs: int | None = Field(5, ge=0, le=20)
 
 
@@ -434,7 +448,7 @@ class TurnOptions(BaseModel):
     max_tokens: int = Field(256, ge=1, le=4096)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: Seed | None = None
     budget: int | None = Field(None, ge=64, description="Prompt tokens allowed; older turns are summarised beyond it.")
     extract_facts: bool = Field(True, description="Pin facts found in the user's messages.")
 

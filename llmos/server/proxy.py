@@ -8,6 +8,7 @@ import asyncio
 
 import httpx
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from llmos.remote import RemoteError, RemoteModel, params_from
 from llmos.server.protocol import error_body, new_id, now
@@ -33,37 +34,78 @@ async def proxy(remote: RemoteModel, endpoint: str, body: dict, stream: bool):
         except httpx.HTTPError as e:
             await client.aclose()
             return _unreachable(remote, e)
+        except BaseException:
+            await client.aclose()
+            raise
+
+        async def close():
+            await resp.aclose()
+            await client.aclose()
+
+        if resp.status_code >= 400:  # the remote's error, as the non-streamed path relays it
+            try:
+                await resp.aread()
+            finally:
+                await close()
+            return _relayed(remote, resp)
 
         async def relay():
             try:
                 async for chunk in resp.aiter_raw():
                     yield chunk
-            finally:
-                await resp.aclose()
-                await client.aclose()
+            except httpx.HTTPError as e:  # the remote went away mid-stream: the status line is sent
+                yield sse(error_body(f"remote model {remote.name} stopped answering: {e}", kind="server_error")).encode()
 
-        return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream")
+        # The background task runs however the response ends, even when the client left before
+        # the first chunk (when the generator's own cleanup would never run).
+        return StreamingResponse(relay(), status_code=resp.status_code, media_type="text/event-stream",
+                                 background=BackgroundTask(close))
     try:
         resp = await client.post(url, json=body, headers=remote.headers())
     except httpx.HTTPError as e:
         return _unreachable(remote, e)
     finally:
         await client.aclose()
-    data = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {"error": resp.text}
+    return _relayed(remote, resp)
+
+
+def _relayed(remote: RemoteModel, resp: httpx.Response) -> JSONResponse:
+    """A remote's whole answer, under the name it is served by here."""
+    try:
+        data = resp.json()
+    except ValueError:  # not JSON: an error page, a proxy's answer
+        data = error_body(f"remote model {remote.name} answered {resp.status_code}: {resp.text[:300]}",
+                          kind="server_error")
     if isinstance(data, dict) and "model" in data:
         data["model"] = remote.name
-    return JSONResponse(data, status_code=resp.status_code)
+    return JSONResponse(data, status_code=resp.status_code if resp.status_code < 500 else 502)
 
 
 async def _anthropic(remote: RemoteModel, body: dict, stream: bool):
     messages, params = body.get("messages", []), params_from(body)
     if stream:
+        pieces = remote.stream_chat(messages, params)
+        try:  # the first piece before the status line: an unreachable remote is a 502, not a broken stream
+            first = await asyncio.to_thread(next, pieces, None)
+        except RemoteError as e:
+            return JSONResponse(error_body(str(e), kind="server_error"), 502)
+
         def events():
             rid = new_id("chatcmpl")
-            for piece in remote.stream_chat(messages, params):
-                yield sse({"id": rid, "object": "chat.completion.chunk", "created": now(), "model": remote.name,
-                           "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
+            try:
+                if first is not None:
+                    yield chunk(rid, first)
+                    for piece in pieces:
+                        yield chunk(rid, piece)
+            except RemoteError as e:
+                yield sse(error_body(str(e), kind="server_error"))
+            finally:
+                pieces.close()
             yield DONE
+
+        def chunk(rid, piece):
+            return sse({"id": rid, "object": "chat.completion.chunk", "created": now(), "model": remote.name,
+                        "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]})
 
         return StreamingResponse(events(), media_type="text/event-stream")
     try:
