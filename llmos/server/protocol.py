@@ -8,11 +8,14 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmos.engine.sampling import SamplingParams
 
 
+# A stored row's id in a URL (a SQLite integer): beyond 64 bits, a 400 rather than an overflow.
+RowId = Annotated[int, Path(ge=1, le=2**63 - 1)]
 # A seed is a 64-bit integer (what torch's generators take); beyond it, a 400 rather than an overflow.
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 

@@ -129,13 +129,13 @@ async def create_session(body: P.SessionCreate, http: HTTPRequest):
 
 
 @router.get("/api/chat/sessions/{session_id}", response_model=P.SessionDetail)
-def show_session(session_id: int, http: HTTPRequest):
+def show_session(session_id: P.RowId, http: HTTPRequest):
     """A session: its persona, pinned facts, summary and active turns."""
     return _detail(http, session_id)
 
 
 @router.patch("/api/chat/sessions/{session_id}", response_model=P.SessionDetail)
-async def update_session(session_id: int, body: P.SessionUpdate, http: HTTPRequest):
+async def update_session(session_id: P.RowId, body: P.SessionUpdate, http: HTTPRequest):
     """Rename a session (/title), talk to another persona from here on (/persona), or change its
     knowledge base."""
     from llmos.chat.conversation import Conversation
@@ -161,14 +161,14 @@ async def update_session(session_id: int, body: P.SessionUpdate, http: HTTPReque
 
 
 @router.delete("/api/chat/sessions/{session_id}", response_model=P.Deleted)
-def delete_session(session_id: int, http: HTTPRequest):
+def delete_session(session_id: P.RowId, http: HTTPRequest):
     _get(http, session_id)
     _sessions(http).delete(session_id)
     return {"deleted": session_id}
 
 
 @router.get("/api/chat/sessions/{session_id}/export", responses={200: {"content": {"text/markdown": {}}}})
-def export_session(session_id: int, http: HTTPRequest, format: str = Query("md", description="md or json")):
+def export_session(session_id: P.RowId, http: HTTPRequest, format: str = Query("md", description="md or json")):
     """Every turn (replaced ones marked), ratings, facts and the summary, as Markdown or JSON."""
     _get(http, session_id)
     if format not in ("md", "json"):
@@ -254,26 +254,26 @@ async def _turn(http: HTTPRequest, session_id: int, opts: P.TurnOptions, start):
 
 
 @router.post("/api/chat/sessions/{session_id}/messages", response_model=P.TurnResponse, responses=SSE)
-async def send(session_id: int, body: P.TurnRequest, http: HTTPRequest):
+async def send(session_id: P.RowId, body: P.TurnRequest, http: HTTPRequest):
     """Send a message and get the reply (stored as it is written; a client that goes away keeps
     what was written so far, marked interrupted)."""
     return await _turn(http, session_id, body, lambda conv: conv.send(body.content))
 
 
 @router.post("/api/chat/sessions/{session_id}/retry", response_model=P.TurnResponse, responses=SSE)
-async def retry(session_id: int, http: HTTPRequest, body: P.TurnOptions | None = None):
+async def retry(session_id: P.RowId, http: HTTPRequest, body: P.TurnOptions | None = None):
     """A new reply to the last message (the old one is kept, inactive)."""
     return await _turn(http, session_id, body or P.TurnOptions(), lambda conv: conv.retry())
 
 
 @router.post("/api/chat/sessions/{session_id}/edit", response_model=P.TurnResponse, responses=SSE)
-async def edit(session_id: int, body: P.TurnRequest, http: HTTPRequest):
+async def edit(session_id: P.RowId, body: P.TurnRequest, http: HTTPRequest):
     """Replace the last message with `content` and reply again."""
     return await _turn(http, session_id, body, lambda conv: conv.edit(body.content))
 
 
 @router.post("/api/chat/sessions/{session_id}/undo", response_model=P.Undone)
-async def undo(session_id: int, http: HTTPRequest):
+async def undo(session_id: P.RowId, http: HTTPRequest):
     """Take back the last message and its reply."""
     conv = await _conversation(http, session_id, P.TurnOptions())
     try:
@@ -283,7 +283,7 @@ async def undo(session_id: int, http: HTTPRequest):
 
 
 @router.post("/api/chat/sessions/{session_id}/rate", response_model=P.SessionDetail)
-async def rate(session_id: int, body: P.Rating, http: HTTPRequest):
+async def rate(session_id: P.RowId, body: P.Rating, http: HTTPRequest):
     """Rate the last reply: 1-5, or up / down."""
     value = {"up": 5, "down": 1}.get(body.rating, body.rating) if isinstance(body.rating, str) else body.rating
     conv = await _conversation(http, session_id, P.TurnOptions())
@@ -295,7 +295,7 @@ async def rate(session_id: int, body: P.Rating, http: HTTPRequest):
 
 
 @router.post("/api/chat/sessions/{session_id}/facts", response_model=P.Pinned)
-async def pin(session_id: int, body: P.FactBody, http: HTTPRequest):
+async def pin(session_id: P.RowId, body: P.FactBody, http: HTTPRequest):
     """Pin a fact for the rest of the session (/pin)."""
     _get(http, session_id)
     sessions = _sessions(http)

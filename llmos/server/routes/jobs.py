@@ -82,13 +82,13 @@ def _job(http: HTTPRequest, job_id: int):
 
 
 @router.get("/api/jobs/{job_id}", response_model=P.JobInfo)
-def show_job(job_id: int, http: HTTPRequest):
+def show_job(job_id: P.RowId, http: HTTPRequest):
     """A job's status, the end of its output and (training) its latest metrics."""
     return _job(http, job_id).to_dict()
 
 
 @router.post("/api/jobs/{job_id}/stop", response_model=P.JobInfo)
-def stop_job(job_id: int, http: HTTPRequest):
+def stop_job(job_id: P.RowId, http: HTTPRequest):
     """Stop a job as Ctrl-C would: a training run keeps its last checkpoint (resume it later)."""
     job = _job(http, job_id)
     state(http).jobs.stop(job)

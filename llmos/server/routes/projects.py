@@ -30,7 +30,7 @@ def create_project(body: P.ProjectBody, http: HTTPRequest):
 
 
 @router.get("/api/projects/{project_id}", response_model=P.Project)
-def get_project(project_id: int, http: HTTPRequest):
+def get_project(project_id: P.RowId, http: HTTPRequest):
     try:
         return state(http).store.get_project(project_id)
     except KeyError:
@@ -38,7 +38,7 @@ def get_project(project_id: int, http: HTTPRequest):
 
 
 @router.put("/api/projects/{project_id}", response_model=P.Project)
-def put_project(project_id: int, body: P.ProjectBody, http: HTTPRequest):
+def put_project(project_id: P.RowId, body: P.ProjectBody, http: HTTPRequest):
     try:
         return state(http).store.save_project(body.name or "Untitled", body.data, project_id)
     except KeyError:
@@ -46,7 +46,7 @@ def put_project(project_id: int, body: P.ProjectBody, http: HTTPRequest):
 
 
 @router.delete("/api/projects/{project_id}", response_model=P.Deleted)
-def delete_project(project_id: int, http: HTTPRequest):
+def delete_project(project_id: P.RowId, http: HTTPRequest):
     try:
         state(http).store.delete_project(project_id)
     except KeyError:
@@ -56,7 +56,7 @@ def delete_project(project_id: int, http: HTTPRequest):
 
 @router.get("/api/projects/{project_id}/export",
             responses={200: {"content": {"application/json": {}, "text/markdown": {}}}})
-def export_project(project_id: int, http: HTTPRequest, format: str = "json"):
+def export_project(project_id: P.RowId, http: HTTPRequest, format: str = "json"):
     try:
         p = state(http).store.get_project(project_id)
     except KeyError:
