@@ -3,6 +3,8 @@
     python benchmarks/serve.py                          # 32 prompts: one at a time, then 16 at once
     python benchmarks/serve.py --rate 2                 # Poisson arrivals at 2 requests/s (16 at most in flight)
     python benchmarks/serve.py --soak 600               # and a 10-minute run at 16 clients, memory sampled
+    python benchmarks/serve.py --soak 600 --soak-only --concurrency 64 --max-batch 16 --disconnect 0.3 \
+        --out benchmarks/results/serve_soak.json      # 64 clients, 30% of them leaving mid-stream
     python benchmarks/serve.py --engine-only --out benchmarks/results/serve_engine.json   # no HTTP
 
 The script starts the server in its own process on a free port on 127.0.0.1, and sends N
@@ -13,8 +15,11 @@ then with up to --concurrency in flight, either all at once (--rate inf) or as P
 For each it reports request throughput, output tok/s, time to first token (TTFT) and time per
 output token after the first (TPOT) at p50/p99, failures, and the server's resident memory.
 The soak run keeps --concurrency clients busy for --soak seconds and compares the server's
-memory in its first and last minute. Results: a table on stdout and JSON in
-benchmarks/results/serve.json.
+memory in its first and last minute. With --disconnect P, each request's client leaves
+mid-stream with probability P (after a random number of tokens, sometimes before the first):
+those that stayed must all succeed, and once the clients stop, the server's /metrics must show
+no row in use and no token in flight (every abandoned row freed). Results: a table on stdout
+and JSON in benchmarks/results/serve.json.
 """
 
 from __future__ import annotations
@@ -62,11 +67,11 @@ def make_prompts(model: str, n: int, input_len: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, model: str, max_batch: int, precision: str):
+    def __init__(self, model: str, max_batch: int, precision: str, max_queue: int = 1024):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "llmos", "serve", "-m", model, "--port", str(self.port),
-               "--max-batch", str(max_batch), "--max-queue", "1024", "--precision", precision]
+               "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--precision", precision]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 300):
@@ -95,8 +100,9 @@ class Server:
             self.proc.kill()
 
 
-async def one_request(client, url: str, prompt: str, output_len: int, seed: int) -> dict:
-    """Stream one completion; note when it was sent, when its first and last tokens came."""
+async def one_request(client, url: str, prompt: str, output_len: int, seed: int, leave_after: int | None = None) -> dict:
+    """Stream one completion; note when it was sent, when its first and last tokens came.
+    leave_after: close the connection after this many streamed chunks (a client going away)."""
     body = {"prompt": prompt, "max_tokens": output_len, "temperature": 0.8, "seed": seed, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -106,7 +112,11 @@ async def one_request(client, url: str, prompt: str, output_len: int, seed: int)
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 return {"ok": False, "error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
+            seen = 0
             async for line in resp.aiter_lines():
+                if leave_after is not None and seen >= leave_after:
+                    return {"ok": True, "left": True, "tokens": 0}  # closing the stream drops the connection
+                seen += 1
                 if not line.startswith("data:") or line.strip() == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
@@ -166,38 +176,71 @@ def summarize(results: list[dict], wall: float) -> dict:
     }
 
 
-async def soak(server: Server, prompts: list[str], output_len: int, concurrency: int, seconds: float) -> dict:
-    """Keep `concurrency` clients busy for `seconds`; sample the server's memory every 2 s."""
+def gauges(url: str) -> dict[str, float]:
+    """The server's unlabelled /metrics values (rows in use, tokens in flight, queue depth...)."""
     import httpx
 
-    samples: list[tuple[float, float]] = []
-    done = failed = tokens = 0
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("llmos_") and "{" not in line:
+            name, value = line.split()
+            out[name] = float(value)
+    return out
+
+
+async def soak(server: Server, prompts: list[str], output_len: int, concurrency: int, seconds: float,
+               disconnect: float = 0.0) -> dict:
+    """Keep `concurrency` clients busy for `seconds`, a `disconnect` share of them leaving
+    mid-stream; sample the server's memory and rows in use every 2 s; at the end, check that
+    every row was freed."""
+    import httpx
+
+    samples: list[tuple[float, float, float]] = []
+    done = failed = left = tokens = 0
+    errors: set[str] = set()
+    rng = random.Random(1)
     t0 = time.perf_counter()
     stop_at = t0 + seconds
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         async def worker(w):
-            nonlocal done, failed, tokens
+            nonlocal done, failed, left, tokens
             i = w
             while time.perf_counter() < stop_at:
-                r = await one_request(client, server.url, prompts[i % len(prompts)], output_len, 10_000 + i)
+                leave = rng.randrange(0, output_len) if rng.random() < disconnect else None
+                r = await one_request(client, server.url, prompts[i % len(prompts)], output_len, 10_000 + i, leave)
                 done += 1
+                left += bool(r.get("left"))
                 failed += not r["ok"]
+                if not r["ok"]:
+                    errors.add(r["error"])
                 tokens += r.get("tokens", 0)
                 i += concurrency
 
         async def sampler():
             while time.perf_counter() < stop_at:
-                samples.append((time.perf_counter() - t0, server.rss()))
+                g = await asyncio.to_thread(gauges, server.url)
+                samples.append((time.perf_counter() - t0, server.rss(), g.get("llmos_running_sequences", 0)))
                 await asyncio.sleep(2)
 
         await asyncio.gather(sampler(), *(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - t0
-    first = [m for t, m in samples if t < 60]
-    last = [m for t, m in samples if t > samples[-1][0] - 60]
-    return {"seconds": wall, "requests": done, "failed": failed, "output_tok_s": tokens / wall,
+    deadline = time.time() + 10  # the last abandoned rows are freed at the next step
+    while True:
+        end = gauges(server.url)
+        if (end["llmos_running_sequences"] == 0 and end["llmos_tokens_in_flight"] == 0) or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    first = [m for t, m, _ in samples if t < 60]
+    last = [m for t, m, _ in samples if t > samples[-1][0] - 60]
+    return {"seconds": wall, "requests": done, "left_mid_stream": left, "stayed": done - left, "failed": failed,
+            "errors": sorted(errors)[:5], "output_tok_s": tokens / wall,
             "rss_first_minute_mib": statistics.median(first), "rss_last_minute_mib": statistics.median(last),
-            "rss_max_mib": max(m for _, m in samples), "rss_samples": [(round(t, 1), round(m, 1)) for t, m in samples]}
+            "rss_max_mib": max(m for _, m, _ in samples),
+            "rows_in_use_max": max(r for _, _, r in samples),
+            "rows_in_use_after": end["llmos_running_sequences"], "tokens_in_flight_after": end["llmos_tokens_in_flight"],
+            "generation_requests_total": end["llmos_generation_requests_total"],
+            "rss_samples": [(round(t, 1), round(m, 1), r) for t, m, r in samples]}
 
 
 def engine_only(model: str, precision: str, input_len: int, steps: int = 64) -> dict:
@@ -238,6 +281,9 @@ def main():
     ap.add_argument("--rate", type=float, default=float("inf"), help="requests/s, Poisson arrivals (default: all at once)")
     ap.add_argument("--soak", type=float, default=0, help="seconds of sustained load at --concurrency (0: skip)")
     ap.add_argument("--soak-only", action="store_true", help="skip the sequential/concurrent comparison")
+    ap.add_argument("--disconnect", type=float, default=0.0,
+                    help="soak: share of clients that leave mid-stream, at a random token (0-1)")
+    ap.add_argument("--max-batch", type=int, default=None, help="the server's rows (default: --concurrency)")
     ap.add_argument("--engine-only", action="store_true", help="time the engine's decode steps in-process, no HTTP")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     args = ap.parse_args()
@@ -252,14 +298,15 @@ def main():
         write_json(args.out, {"model": args.model, "cpu": cpu_name(), "revision": revision(), **r})
         return
     prompts = make_prompts(args.model, args.num_prompts, args.input_len)
-    server = Server(args.model, max(args.concurrency, 1), args.precision)
+    server = Server(args.model, args.max_batch or max(args.concurrency, 1), args.precision)
     try:
         server.wait_ready()
         asyncio.run(run_load(server.url, prompts[:2], 8, 2, float("inf"), seed0=99))  # warm-up
         rss_start = server.rss()
         results = {"model": args.model, "precision": args.precision, "cpu": cpu_name(), "revision": revision(),
                    "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                   "concurrency": args.concurrency, "rate": str(args.rate), "rss_start_mib": rss_start}
+                   "concurrency": args.concurrency, "rate": str(args.rate), "rss_start_mib": rss_start,
+                   "max_batch": args.max_batch or max(args.concurrency, 1), "disconnect": args.disconnect}
         if not args.soak_only:
             print(f"sequential: {len(prompts)} requests, one at a time", flush=True)
             results["sequential"] = asyncio.run(run_load(server.url, prompts, args.output_len, 1, float("inf")))
@@ -269,7 +316,8 @@ def main():
             results["speedup"] = results["concurrent"]["output_tok_s"] / results["sequential"]["output_tok_s"]
         if args.soak:
             print(f"soak: {args.concurrency} clients for {args.soak:.0f} s", flush=True)
-            results["soak"] = asyncio.run(soak(server, prompts, args.output_len, args.concurrency, args.soak))
+            results["soak"] = asyncio.run(soak(server, prompts, args.output_len, args.concurrency, args.soak,
+                                               args.disconnect))
     finally:
         server.stop()
 
@@ -286,9 +334,13 @@ def main():
         print(f"server RSS: {rss_start:.0f} MiB after warm-up, {results['rss_after_mib']:.0f} MiB after both runs")
     if args.soak:
         s = results["soak"]
-        print(f"soak {s['seconds']:.0f} s: {s['requests']} requests, {s['failed']} failed, {s['output_tok_s']:.1f} tok/s; "
+        print(f"soak {s['seconds']:.0f} s: {s['requests']} requests ({s['left_mid_stream']} left mid-stream), "
+              f"{s['failed']} failed, {s['output_tok_s']:.1f} tok/s; "
               f"RSS first minute {s['rss_first_minute_mib']:.0f} MiB, last minute {s['rss_last_minute_mib']:.0f} MiB, "
-              f"max {s['rss_max_mib']:.0f} MiB")
+              f"max {s['rss_max_mib']:.0f} MiB; rows in use at most {s['rows_in_use_max']:.0f}, "
+              f"after the clients stopped {s['rows_in_use_after']:.0f} (tokens in flight {s['tokens_in_flight_after']:.0f})")
+        for e in s["errors"]:
+            print("  error:", e)
     write_json(args.out, results)
 
 

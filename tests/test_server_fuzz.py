@@ -12,13 +12,12 @@ from collections import Counter
 import re
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.generation.modes import GenerationMode
 
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis.errors import Unsatisfiable  # noqa: E402
-from schemathesis.generation.modes import GenerationMode  # noqa: E402
-
-from helpers import ServerThread  # noqa: E402
+from helpers import ServerThread
 
 KEY = "fuzz-key"
 EXCLUDED = r"^/api/(prepare|train|ngram|export|pull/.*|jobs/.*)$"
