@@ -205,9 +205,14 @@ def test_allowed_host_and_any_host(tiny_llm, tmp_path_factory):
         assert httpx.get(s.url + "/v1/models", headers={"Host": "other.lan"}).status_code == 403
     finally:
         s.stop()
-    s = make(tiny_llm, tmp_path_factory, allowed_hosts=None)
+    s = make(tiny_llm, tmp_path_factory, allowed_hosts=None)  # as served beyond loopback
     try:
         assert httpx.get(s.url + "/v1/models", headers={"Host": "other.lan"}).status_code == 200
+        project = {"name": "x", "data": {}}
+        same = post(s, "/api/projects", project, headers={"Host": "box.lan:8000", "Origin": "http://box.lan:8000"})
+        assert same.status_code == 200  # the studio, opened at the machine's own name
+        foreign = post(s, "/api/projects", project, headers={"Host": "box.lan:8000", "Origin": "http://evil.test"})
+        assert foreign.status_code == 403
     finally:
         s.stop()
 

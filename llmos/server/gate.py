@@ -153,8 +153,9 @@ class Gate:
                            "permission_error")
         origin = headers.get("origin")
         if origin is not None and method not in SAFE_METHODS:
-            host = origin_host(origin)
-            if host is None or (p.allowed_hosts is not None and host not in p.allowed_hosts):
+            host = origin_host(origin)  # the page's own origin: the server's name, or a trusted one
+            same = host is not None and host == host_name(headers.get("host", ""))
+            if not same and (host is None or p.allowed_hosts is None or host not in p.allowed_hosts):
                 raise Rejected(403, f"requests from the web page at {origin} are refused: a page may not change "
                                     f"this server's data (start it with --allowed-host to trust a host)",
                                "permission_error")
