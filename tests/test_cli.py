@@ -51,6 +51,8 @@ def test_write_with_a_chat_model(tiny_dir, session_home):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert "the sea" in data["prompt"] and "<|im_start|>" in data["prompt"]
+    assert data["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n")  # the model's chat template, ready to answer
+    assert [len(c["tokens"]) for c in data["completions"]] == [6]  # --max-tokens over the task's preset
 
 
 @pytest.mark.parametrize("args, needles", [

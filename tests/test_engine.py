@@ -84,6 +84,7 @@ def test_logprobs_are_the_models(model):
     ids = prompt + seq.output
     with torch.no_grad():
         logp = model(torch.tensor([ids]))[0].log_softmax(-1)
+    assert len(seq.output) == len(seq.logprobs) == 5  # one per token
     for i, lp in enumerate(seq.logprobs):
         pos = len(prompt) - 1 + i
         assert lp.token == seq.output[i]
@@ -98,8 +99,8 @@ def test_penalties_change_the_output(model):
     penalised = generate(model, prompt, SamplingParams(temperature=0, max_tokens=30, no_repeat_ngram_size=2))[0].output
     bigrams = list(zip(penalised, penalised[1:]))
     assert len(bigrams) == len(set(bigrams))
-    if len(set(zip(plain, plain[1:]))) < len(plain) - 1:
-        assert penalised != plain
+    assert len(set(zip(plain, plain[1:]))) < len(plain) - 1  # greedy repeats itself here...
+    assert penalised != plain  # ...and the penalty changed that
 
 
 def sequence_logprob(model, prompt, tokens):
@@ -141,6 +142,7 @@ def trace(seq) -> tuple[list[int], list[float]]:
 
 def assert_same_traces(got, expected):
     for (tokens, logprobs), (tokens_ref, logprobs_ref) in zip(got, expected, strict=True):
+        assert tokens_ref and len(logprobs_ref) == len(tokens_ref)  # empty traces would prove nothing
         assert tokens == tokens_ref
         assert logprobs == pytest.approx(logprobs_ref, abs=1e-4)
 
@@ -160,7 +162,8 @@ def test_requests_joining_a_running_batch_write_what_they_write_alone(model):
     steps_before = engine.stats["steps"]
     run_engine(engine)
     assert_same_traces([trace(r.sequences[0]) for r in reqs], alone)
-    assert engine.stats["steps"] - steps_before < sum(len(a) for a in alone[2:]) + 12  # rows advanced together
+    # rows advanced together: about as many steps as one request's tokens, not the sum of theirs
+    assert engine.stats["steps"] - steps_before < max(len(tokens) for tokens, _ in alone) + 4
 
 
 def test_cancelled_and_stopped_rows_are_freed_at_the_next_step(model):

@@ -10,7 +10,7 @@ import torch
 
 from conftest import BUNDLED_HOME, REPO
 from helpers import assert_clean_error, llmos
-from llmos.chat.kb import KBError, KnowledgeBase, split_passages
+from llmos.chat.kb import MAX_WORDS, KBError, KnowledgeBase, split_passages
 from llmos.db import Store
 
 SHOP = REPO / "benchmarks" / "data" / "shop"
@@ -23,8 +23,10 @@ def test_split_passages_headings_and_faq():
     assert [(p.heading, p.text) for p in ps[:1]] == [("Opening hours", "We open at nine.\nWe close at six.")]
     faq = {p.question: p.answer for p in ps if p.question}
     assert faq == {"Can I pay by card?": "Yes, all major cards.", "Do you ship abroad?": "Yes, worldwide."}
-    long = "word " * 500
-    assert all(len(p.text.split()) <= 130 for p in split_passages(long.replace("word word word word word ", "word word word word word. ")))
+    long = ("word " * 500).replace("word word word word word ", "word word word word word. ")
+    parts = split_passages(long)
+    assert len(parts) == -(-500 // MAX_WORDS) and all(len(p.text.split()) <= MAX_WORDS for p in parts)
+    assert " ".join(p.text for p in parts).split() == long.split()  # nothing lost, in order
 
 
 @pytest.fixture(scope="module")

@@ -46,8 +46,9 @@ def test_streamed_text_equals_result(tiny_llm):
     texts = ["", ""]
     for d in tiny_llm.stream("the cat", params, n=2, result=result):
         texts[d.index] += d.text
-    assert texts == [c.text for c in result.completions]
-    assert result.timings["generated_tokens"] >= 2
+    assert all(texts) and texts == [c.text for c in result.completions]
+    assert [len(c.token_ids) for c in result.completions] == [30, 30]  # neither candidate stopped early
+    assert result.timings["generated_tokens"] == 60  # both candidates' tokens
 
 
 def test_chat_template_is_used(tiny_llm):

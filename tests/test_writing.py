@@ -81,11 +81,19 @@ def test_user_templates_and_errors(session_home):
 
 
 def test_prepare_write_applies_presets_form_and_bans(tiny_llm):
+    from llmos.writing.forms import HanPoem, Verse
+    from llmos.writing.tasks import BANNED_PHRASES, banned_sequences
+
     prompt, params, stops, form = prepare_write(tiny_llm, WriteRequest("poem", "the sea", overrides={"temperature": 0.5}))
     assert params.temperature == 0.5 and params.top_p == 0.95  # request over task preset
-    assert params.banned_sequences and form is None
+    assert params.banned_sequences == banned_sequences(tiny_llm.tokenizer, BANNED_PHRASES) and form is None
+    assert params.constraint is None and params.max_tokens == 200  # the poem task's preset
     _, params, _, form = prepare_write(tiny_llm, WriteRequest("poem", "春天", form="五言绝句"))
-    assert form.name == "五言绝句" and params.constraint is not None and params.max_tokens >= 96
+    assert form.name == "五言绝句" and isinstance(params.constraint, HanPoem)
+    assert (params.constraint.lines, params.constraint.chars) == (4, 5)
+    assert params.max_tokens == 200 and params.banned_sequences == []  # the form needs 96; the machine decides
+    _, params, _, form = prepare_write(tiny_llm, WriteRequest("poem", "the sea", form="sonnet"))
+    assert isinstance(params.constraint, Verse) and params.max_tokens == 480  # a sonnet needs more than the preset
 
 
 def test_form_end_to_end_with_the_tiny_model(tiny_llm):
@@ -95,8 +103,9 @@ def test_form_end_to_end_with_the_tiny_model(tiny_llm):
                                                               variables={"acrostic": "春夏秋冬", "chars": "5"}))
     prompt, *_ = prepare_write(tiny_llm, WriteRequest("poem", "春天"))
     result = tiny_llm.generate(prompt, params, n=3)
+    assert len(result.completions) == 3
     for c in result.completions:
-        assert forms.check(form, c.text, acrostic="春夏秋冬", chars=5) == [], c.text
+        assert c.finish_reason == "stop" and forms.check(form, c.text, acrostic="春夏秋冬", chars=5) == [], c.text
 
 
 def test_dry_penalises_continuing_a_repeat():
