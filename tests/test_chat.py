@@ -7,6 +7,7 @@ import codecs
 import fcntl
 import json
 import os
+import signal
 import pty
 import select
 import subprocess
@@ -223,7 +224,9 @@ def test_two_processes_write_the_same_store(tiny_dir, tmp_path):
 
 def _controlling_terminal():
     """In the child: a new session whose controlling terminal is the pty (stdin), so that
-    Ctrl-C typed into it becomes SIGINT, as in a real terminal."""
+    Ctrl-C typed into it becomes SIGINT, as in a real terminal (and acted on even when the
+    tests run in a shell's background, where SIGINT is ignored and inherited so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 

@@ -101,7 +101,8 @@ def test_ctrl_c_stops_cleanly(tiny_dir, session_home):
     env = {**os.environ, "LLMOS_HOME": str(session_home)}
     proc = subprocess.Popen([sys.executable, "-m", "llmos", "generate", "the", "-m", str(tiny_dir),
                              "--max-tokens", "100000", "--truncate", "left"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
     time.sleep(0.5)
     first = proc.stdout.read(3)  # generation has started
     assert first

@@ -88,7 +88,8 @@ class Jobs:
             log = root / f"{time.strftime('%Y%m%d-%H%M%S')}-{job_id}-{kind}.log"
             with log.open("wb") as out:
                 process = subprocess.Popen([sys.executable, "-m", "llmos", *args], stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, env=_env())
+                                           stdin=subprocess.DEVNULL, env=_env(),
+                                           preexec_fn=_interruptible if sys.platform != "win32" else None)
             job = self.jobs[job_id] = Job(job_id, kind, args, log, folder, process)
         return job
 
@@ -112,6 +113,13 @@ class Jobs:
                 job.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 job.process.kill()
+
+
+def _interruptible():
+    """In the job's process: SIGINT as at a terminal, since stopping a job sends it. A server
+    started in the background of a shell (`llmos serve &`, nohup) has SIGINT ignored, and a
+    child would inherit that and never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _env() -> dict:
