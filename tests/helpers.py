@@ -128,6 +128,13 @@ def assert_clean_error(proc, *needles):
         assert needle in proc.stderr, proc.stderr
 
 
+def home_with_embedder(home: Path, embedder_dir: Path) -> Path:
+    """A user directory (LLMOS_HOME) holding the knowledge-base encoder of the shared test store."""
+    (home / "embedders").mkdir()
+    os.symlink(embedder_dir, home / "embedders" / "all-minilm-l6-v2")
+    return home
+
+
 def write_jsonl(path, records):
     """One JSON object per line; returns the path."""
     path.write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 
-from helpers import ServerThread
+from helpers import ServerThread, home_with_embedder
 
 KEY = "fuzz-key"
 EXCLUDED = r"^/api/(prepare|train|ngram|export|pull/.*|jobs/.*)$"
@@ -26,10 +26,7 @@ EXAMPLES = int(os.environ.get("LLMOS_FUZZ_EXAMPLES", "25"))
 
 @pytest.fixture(scope="module")
 def fuzz_home(tmp_path_factory, embedder_dir):
-    home = tmp_path_factory.mktemp("fuzz-home")
-    (home / "embedders").mkdir()
-    os.symlink(embedder_dir, home / "embedders" / "all-minilm-l6-v2")
-    return home
+    return home_with_embedder(tmp_path_factory.mktemp("fuzz-home"), embedder_dir)
 
 
 @pytest.fixture(scope="module")

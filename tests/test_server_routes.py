@@ -3,25 +3,20 @@ knowledge bases, writing with every CLI option, novels, personas, the model stor
 search, where Chinese requests go, and the OpenAPI schema of it all."""
 
 import json
-import os
 import time
 
 import httpx
 import pytest
 
 from conftest import REPO
-from helpers import ServerThread, llmos
+from helpers import ServerThread, home_with_embedder, llmos
 
 SHOP = REPO / "benchmarks" / "data" / "shop"
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, embedder_dir):
-    """A user directory with the knowledge-base encoder from the shared test store."""
-    home = tmp_path_factory.mktemp("routes-home")
-    (home / "embedders").mkdir()
-    os.symlink(embedder_dir, home / "embedders" / "all-minilm-l6-v2")
-    return home
+    return home_with_embedder(tmp_path_factory.mktemp("routes-home"), embedder_dir)
 
 
 @pytest.fixture
