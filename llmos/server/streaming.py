@@ -122,7 +122,6 @@ async def in_thread(make: Callable[[], Iterator], http: HTTPRequest | None = Non
     it is raised here."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
-    stop = threading.Event()
     pipeline = Pipeline()
 
     def work():
@@ -132,7 +131,7 @@ async def in_thread(make: Callable[[], Iterator], http: HTTPRequest | None = Non
             try:
                 for item in it:
                     loop.call_soon_threadsafe(items.put_nowait, ("item", item))
-                    if stop.is_set():
+                    if pipeline.abandoned:
                         break
             finally:
                 close = getattr(it, "close", None)
@@ -160,5 +159,4 @@ async def in_thread(make: Callable[[], Iterator], http: HTTPRequest | None = Non
     finally:
         if watcher is not None:
             watcher.cancel()
-        stop.set()
         pipeline.abandon()  # a pipeline left early: its generation ends at the next step
