@@ -1,0 +1,294 @@
+// Weight-only quantized matrix products on a CPU, computed on GGUF blocks as they are stored.
+//
+//   out (M, N) = x (M, K) @ W^T,  W given as one or more row groups of GGUF blocks
+//
+// The activations are quantized to 8 bits in blocks of 32 (one float scale each, and the sum
+// of the block, which folds each format's offset or minimum into a single term); every 32
+// weights are unpacked into bytes once and multiplied with the M activation rows in integer
+// arithmetic. Three code paths, chosen when the library loads: AVX-512 VNNI, AVX2, and plain
+// C++ (dequantize a row, then a float dot product) for any other CPU; the last one is also
+// the reference the tests compare the others with.
+//
+// Block layouts (ggml's, as GGUF stores them): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 hold 32 weights
+// per block with a float16 scale (and minimum); Q4_K, Q5_K, Q6_K hold 256 weights per block
+// with 6- or 8-bit scales for sub-blocks of 32 (Q4_K, Q5_K) or 16 (Q6_K).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace llmos {
+
+enum : int64_t { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+struct Format {
+  int64_t block, bytes;  // weights per block, bytes per block
+};
+
+static Format format_of(int64_t type) {
+  switch (type) {
+    case Q4_0: return {32, 18};
+    case Q4_1: return {32, 20};
+    case Q5_0: return {32, 22};
+    case Q5_1: return {32, 24};
+    case Q8_0: return {32, 34};
+    case Q4_K: return {256, 144};
+    case Q5_K: return {256, 176};
+    case Q6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "GGUF block type ", type, " is not supported by the quantized kernels");
+}
+
+static inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+// Sub-block j (0..7) of a Q4_K / Q5_K block: 6-bit scale and minimum, packed in 12 bytes.
+static inline void scale_min_k4(int j, const uint8_t* q, uint8_t& sc, uint8_t& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Plain C++: one row of blocks to floats.
+
+static void dequantize_row(int64_t type, const uint8_t* w, float* y, int64_t K) {
+  const Format f = format_of(type);
+  for (int64_t b = 0; b < K / f.block; ++b, w += f.bytes, y += f.block) {
+    switch (type) {
+      case Q4_0:
+      case Q4_1: {
+        const float d = half(w);
+        const float m = type == Q4_1 ? half(w + 2) : -8.0f * d;
+        const uint8_t* qs = w + (type == Q4_1 ? 4 : 2);
+        for (int j = 0; j < 16; ++j) {
+          y[j] = d * (qs[j] & 0x0F) + m;
+          y[j + 16] = d * (qs[j] >> 4) + m;
+        }
+        break;
+      }
+      case Q5_0:
+      case Q5_1: {
+        const float d = half(w);
+        const float m = type == Q5_1 ? half(w + 2) : -16.0f * d;
+        const uint8_t* p = w + (type == Q5_1 ? 4 : 2);
+        uint32_t qh;
+        std::memcpy(&qh, p, 4);
+        const uint8_t* qs = p + 4;
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+          const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+          y[j] = d * lo + m;
+          y[j + 16] = d * hi + m;
+        }
+        break;
+      }
+      case Q8_0: {
+        const float d = half(w);
+        const int8_t* qs = reinterpret_cast<const int8_t*>(w + 2);
+        for (int j = 0; j < 32; ++j) y[j] = d * qs[j];
+        break;
+      }
+      case Q4_K:
+      case Q5_K: {
+        const float d = half(w), dmin = half(w + 2);
+        const uint8_t* scales = w + 4;
+        const uint8_t* qh = w + 16;  // Q5_K only
+        const uint8_t* qs = w + (type == Q5_K ? 48 : 16);
+        for (int j = 0; j < 4; ++j) {
+          uint8_t sc0, m0, sc1, m1;
+          scale_min_k4(2 * j, scales, sc0, m0);
+          scale_min_k4(2 * j + 1, scales, sc1, m1);
+          for (int l = 0; l < 32; ++l) {
+            int lo = qs[32 * j + l] & 0x0F, hi = qs[32 * j + l] >> 4;
+            if (type == Q5_K) {
+              lo |= ((qh[l] >> (2 * j)) & 1) << 4;
+              hi |= ((qh[l] >> (2 * j + 1)) & 1) << 4;
+            }
+            y[64 * j + l] = d * sc0 * lo - dmin * m0;
+            y[64 * j + 32 + l] = d * sc1 * hi - dmin * m1;
+          }
+        }
+        break;
+      }
+      case Q6_K: {
+        const uint8_t* ql = w;
+        const uint8_t* qh = w + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(w + 192);
+        const float d = half(w + 208);
+        for (int h = 0; h < 2; ++h, ql += 64, qh += 32, sc += 8) {
+          for (int l = 0; l < 32; ++l) {
+            const int s = l / 16;
+            const int q0 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+            const int q1 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+            const int q2 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+            const int q3 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+            y[128 * h + l] = d * sc[s] * q0;
+            y[128 * h + l + 32] = d * sc[s + 2] * q1;
+            y[128 * h + l + 64] = d * sc[s + 4] * q2;
+            y[128 * h + l + 96] = d * sc[s + 6] * q3;
+          }
+        }
+        break;
+      }
+    }
+  }
+}
+
+// One row group, plain C++: out[m, n] = x[m] . dequantized row n.
+static void matmul_reference(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t type,
+                             int64_t N, float* out, int64_t ldo) {
+  const int64_t row_bytes = K / format_of(type).block * format_of(type).bytes;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> row(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      dequantize_row(type, w + n * row_bytes, row.data(), K);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K;
+        float acc = 0.0f;
+        for (int64_t k = 0; k < K; ++k) acc += xm[k] * row[k];
+        out[m * ldo + n] = acc;
+      }
+    }
+  });
+}
+
+// Activations quantized to 8 bits, blocks of 32: q (M, K), and per block the scale d and d * sum(q).
+struct Activations {
+  int64_t M, K;
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+}  // namespace llmos
+
+// ------------------------------------------------------------------------------------------
+// The SIMD paths: the same source compiled twice, for AVX2 and for AVX-512 VNNI.
+
+#define LLMOS_SIMD_NS avx2
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#include "qmatmul_simd.inc"
+#pragma GCC pop_options
+#undef LLMOS_SIMD_NS
+
+#define LLMOS_SIMD_NS vnni
+#define LLMOS_VNNI 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
+#include "qmatmul_simd.inc"
+#pragma GCC pop_options
+#undef LLMOS_VNNI
+#undef LLMOS_SIMD_NS
+
+namespace llmos {
+
+enum Path : int64_t { REFERENCE = 0, AVX2 = 1, VNNI = 2 };
+
+static int64_t best_path() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw"))
+    return VNNI;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return AVX2;
+  return REFERENCE;
+}
+
+static int64_t g_best = best_path();
+static int64_t g_path = g_best;
+
+// out (M, sum of rows) = x (M, K) @ [W_0; W_1; ...]^T: the groups (a fused q/k/v projection
+// whose parts have different block types) share one quantization of x.
+static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef types) {
+  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "qmm: one block type per weight group");
+  TORCH_CHECK(x_in.dim() == 2, "qmm: x must be (M, K)");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  int64_t N = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Format f = format_of(types[i]);
+    TORCH_CHECK(K % f.block == 0, "qmm: K = ", K, " is not a multiple of the block size ", f.block);
+    TORCH_CHECK(weights[i].scalar_type() == at::kByte && weights[i].dim() == 2 && weights[i].is_contiguous() &&
+                    weights[i].size(1) == K / f.block * f.bytes,
+                "qmm: weight group ", i, " must be contiguous uint8 (rows, ", K / f.block * f.bytes, ")");
+    N += weights[i].size(0);
+  }
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0) return out;
+  Activations a;
+  if (g_path != REFERENCE) {
+    a.M = M;
+    a.K = K;
+    a.q.resize(M * K);
+    a.d.resize(M * K / 32);
+    a.s.resize(M * K / 32);
+    if (g_path == VNNI) vnni::quantize_activations(x.data_ptr<float>(), a);
+    else avx2::quantize_activations(x.data_ptr<float>(), a);
+  }
+  int64_t col = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const uint8_t* w = weights[i].data_ptr<uint8_t>();
+    const int64_t n = weights[i].size(0);
+    float* o = out.data_ptr<float>() + col;
+    if (g_path == VNNI) vnni::matmul(a, w, types[i], n, o, N);
+    else if (g_path == AVX2) avx2::matmul(a, w, types[i], n, o, N);
+    else matmul_reference(x.data_ptr<float>(), M, K, w, types[i], n, o, N);
+    col += n;
+  }
+  return out;
+}
+
+// Rows `ids` of a quantized matrix, as floats (an embedding lookup); ids = None: every row.
+static at::Tensor dequantize(const at::Tensor& w, int64_t type, int64_t K, const c10::optional<at::Tensor>& ids) {
+  const Format f = format_of(type);
+  TORCH_CHECK(K % f.block == 0, "dequantize: K = ", K, " is not a multiple of the block size ", f.block);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(1) == K / f.block * f.bytes,
+              "dequantize: the weight must be contiguous uint8 (rows, ", K / f.block * f.bytes, ")");
+  const int64_t rows = w.size(0);
+  at::Tensor idx = ids.has_value() ? ids->to(at::kLong).contiguous().view(-1) : at::arange(rows, at::kLong);
+  const int64_t n = idx.size(0);
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < rows, "dequantize: row ", ip[i], " is out of range (", rows, " rows)");
+  at::Tensor out = at::empty({n, K}, at::kFloat);
+  const uint8_t* base = w.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) dequantize_row(type, base + ip[i] * w.size(1), o + i * K, K);
+  });
+  return out;
+}
+
+static int64_t kernel_path() { return g_path; }
+
+// Tests compare the paths: a path the CPU lacks falls back to the best one it has.
+static int64_t set_kernel_path(int64_t path) {
+  TORCH_CHECK(path >= REFERENCE && path <= VNNI, "set_kernel_path: 0 (reference), 1 (AVX2) or 2 (AVX-512 VNNI)");
+  g_path = path <= g_best ? path : g_best;
+  return g_path;
+}
+
+}  // namespace llmos
+
+TORCH_LIBRARY(llmos, m) {
+  m.def("qmm(Tensor x, Tensor[] weights, int[] types) -> Tensor", &llmos::qmm);
+  m.def("dequantize(Tensor w, int type, int K, Tensor? ids=None) -> Tensor", &llmos::dequantize);
+  m.def("kernel_path() -> int", &llmos::kernel_path);
+  m.def("set_kernel_path(int path) -> int", &llmos::set_kernel_path);
+}
