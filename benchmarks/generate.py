@@ -1,13 +1,16 @@
-"""Generation speed: the LLMOS engine against transformers.generate, same model, same prompt.
+"""Generation speed: the LLMOS engine against llama.cpp (and transformers), same GGUF, same prompt.
 
     python benchmarks/generate.py                      # both bundled models
     python benchmarks/generate.py --models smollm2-135m-instruct --repeats 5
+    python benchmarks/generate.py --engines llamacpp,llmos,hf_fp32
 
 Each engine runs in its own child process (so peak RSS is its own), loads the model, then times
 a 128-token prompt with 256 new tokens, greedy, `--repeats` times; the table reports medians.
-transformers loads the original GGUF (it dequantizes to float32, as the parity tests do).
-LLMOS also runs `-n 8` (8 sampled candidates sharing one prefill) for aggregate throughput.
---engines picks the rows to run (e.g. llmos_fp16,llmos_fp16_n8 to compare two revisions of LLMOS).
+llama.cpp is llama-cpp-python (`pip install -e '.[bench]'`, built from source) on the same GGUF
+file with the same thread count; transformers loads the GGUF dequantized to float32. LLMOS runs
+at its default precision (`llmos`: the GGUF's quantized blocks), at fp16 and fp32, and `-n 8`
+(8 sampled candidates sharing one prefill) for aggregate throughput. The ratio column divides
+by llama.cpp's single stream measured in the same run.
 Results: a table on stdout and JSON in benchmarks/results/generate.json.
 """
 
@@ -73,6 +76,43 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
     return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib())
 
 
+def run_llamacpp(model: str, repeats: int) -> dict:
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+
+    gguf = gguf_for(model)
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    # n_batch=1: llama-cpp-python 0.3.36's batched prefill (any n_batch above 1) crashes with a
+    # segmentation fault on these machines, so its prompt is read one token at a time.
+    llm = Llama(model_path=str(gguf), n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_threads=threads,
+                n_threads_batch=threads, n_batch=1, verbose=False)
+    load_s = time.perf_counter() - t0
+    ids = prompt_ids(lambda s: llm.tokenize(s.encode(), add_bos=False))
+
+    def last_logits():  # the context's logits of the last token evaluated
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+    def generate(new_tokens):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        token = int(np.argmax(last_logits()))
+        first = time.perf_counter()
+        for _ in range(new_tokens - 1):  # greedy: the argmax of the last logits, as the other engines
+            llm.eval([token])
+            token = int(np.argmax(last_logits()))
+        return first - t0, time.perf_counter() - first
+
+    generate(8)  # warm-up
+    runs = []
+    for _ in range(repeats):
+        ttft, decode = generate(NEW_TOKENS)
+        runs.append(dict(ttft_s=ttft, prefill_tok_s=len(ids) / ttft, decode_tok_s=(NEW_TOKENS - 1) / decode))
+    return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib(), threads=threads, n_batch=1)
+
+
 def run_hf(model: str, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -104,7 +144,7 @@ def run_hf(model: str, repeats: int) -> dict:
 def child(args) -> dict:
     """Run one measurement in a fresh process; it prints JSON as its last line."""
     cmd = [sys.executable, __file__, "--child", args["engine"], "--models", args["model"],
-           "--precision", args.get("precision", "fp16"), "--repeats", str(args["repeats"]), "-n", str(args.get("n", 1))]
+           "--precision", args.get("precision", "auto"), "--repeats", str(args["repeats"]), "-n", str(args.get("n", 1))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"benchmark child failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -119,11 +159,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2-135m-instruct,gemma3-270m")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--precision", default="auto")
     ap.add_argument("-n", type=int, default=1)
-    ap.add_argument("--engines", default="hf_fp32,llmos_fp16,llmos_fp32,llmos_fp16_n8",
-                    help="which rows to run (comma-separated); the ratio column needs hf_fp32")
-    ap.add_argument("--child", choices=["llmos", "hf"])
+    ap.add_argument("--engines", default="llamacpp,llmos,llmos_n8,llmos_fp16",
+                    help="rows to run, comma-separated, from: llamacpp, llmos, llmos_n8, llmos_fp16, "
+                         "llmos_fp16_n8, llmos_fp32, hf_fp32; the ratio column needs llamacpp")
+    ap.add_argument("--child", choices=["llmos", "hf", "llamacpp"])
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args()
     if args.child == "llmos":
@@ -132,6 +173,9 @@ def main():
     if args.child == "hf":
         print(json.dumps(run_hf(args.models, args.repeats)))
         return
+    if args.child == "llamacpp":
+        print(json.dumps(run_llamacpp(args.models, args.repeats)))
+        return
 
     import torch
 
@@ -139,26 +183,31 @@ def main():
                          "cpu": cpu_name(), "revision": revision(), "models": {}}
     for model in args.models.split(","):
         jobs = {
-            "hf_fp32": dict(engine="hf", model=model, repeats=args.repeats),
+            "llamacpp": dict(engine="llamacpp", model=model, repeats=args.repeats),
+            "llmos": dict(engine="llmos", model=model, precision="auto", repeats=args.repeats),
+            "llmos_n8": dict(engine="llmos", model=model, precision="auto", repeats=args.repeats, n=8),
             "llmos_fp16": dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats),
-            "llmos_fp32": dict(engine="llmos", model=model, precision="fp32", repeats=args.repeats),
             "llmos_fp16_n8": dict(engine="llmos", model=model, precision="fp16", repeats=args.repeats, n=8),
+            "llmos_fp32": dict(engine="llmos", model=model, precision="fp32", repeats=args.repeats),
+            "hf_fp32": dict(engine="hf", model=model, repeats=args.repeats),
         }
         wanted = args.engines.split(",")
         unknown = set(wanted) - set(jobs)
         if unknown:
             raise SystemExit(f"unknown --engines {', '.join(sorted(unknown))}; choose from {', '.join(jobs)}")
         r = {name: child(job) for name, job in jobs.items() if name in wanted}
-        hf_decode = median(r["hf_fp32"]["runs"], "decode_tok_s") if "hf_fp32" in r else None
+        peer = median(r["llamacpp"]["runs"], "decode_tok_s") if "llamacpp" in r else None
+        peer_prefill = median(r["llamacpp"]["runs"], "prefill_tok_s") if "llamacpp" in r else None
         for name, res in r.items():
             decode = median(res["runs"], "decode_tok_s")
             res["median"] = {k: median(res["runs"], k) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
-            res["decode_vs_hf"] = decode / hf_decode if hf_decode else None
-            rows.append([model, name, f"{decode:.1f}", f"{decode / hf_decode:.2f}x" if hf_decode else "-",
+            res["decode_vs_llamacpp"] = decode / peer if peer else None
+            res["prefill_vs_llamacpp"] = res["median"]["prefill_tok_s"] / peer_prefill if peer_prefill else None
+            rows.append([model, name, f"{decode:.1f}", f"{decode / peer:.2f}x" if peer else "-",
                          f"{res['median']['prefill_tok_s']:.0f}", f"{res['median']['ttft_s']:.2f}",
                          f"{res['load_s']:.2f}", f"{res['peak_rss_mib']:.0f}"])
         results["models"][model] = r
-    header = ["model", "engine", "decode tok/s", "vs HF", "prefill tok/s", "TTFT s", "load s", "peak RSS MiB"]
+    header = ["model", "engine", "decode tok/s", "vs llama.cpp", "prefill tok/s", "TTFT s", "load s", "peak RSS MiB"]
     print_table(header, rows)
     write_json(args.out, results)
 

@@ -133,7 +133,7 @@ class LLM:
         return other
 
     @classmethod
-    def load(cls, name_or_path: str | Path | None = None, precision: str = "fp16", progress=None) -> LLM:
+    def load(cls, name_or_path: str | Path | None = None, precision: str = "auto", progress=None) -> LLM:
         return cls(load(name_or_path, precision, progress))
 
     @property

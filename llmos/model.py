@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmos import kernels
+
 PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare-char "baby GPT" sizes (4 layers, 4 heads, width 128, context 64).
     "baby-gpt": dict(n_layer=4, n_head=4, d_model=128, max_seq_len=64),
@@ -134,7 +136,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _fast():
+            return torch.ops.llmos.rms_norm(x, self.weight, self.eps)  # one pass instead of six ops
         return F.rms_norm(x.float(), self.shape, self.weight.float(), self.eps).type_as(x)
+
+
+def _fast() -> bool:
+    """Inference with the C++ kernels loaded: fused norm and single-token attention apply."""
+    return not torch.is_grad_enabled() and kernels.ready()
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,11 +278,14 @@ class Attention(nn.Module):
             cache.write(self.layer, k, v, input_pos, span)
             k = cache.k[self.layer][:, :, span.start : span.end]
             v = cache.v[self.layer][:, :, span.start : span.end]
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=span.mask, is_causal=span.causal,
-            dropout_p=self.config.dropout if self.training else 0.0,
-            scale=self.config.attn_scale, enable_gqa=nh != nkv,
-        )
+        if T == 1 and span.mask is None and q.dtype == torch.float32 and _fast():
+            y = torch.ops.llmos.decode_attention(q, k, v, self.config.attn_scale)  # (B, nh, 1, hs)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=span.mask, is_causal=span.causal,
+                dropout_p=self.config.dropout if self.training else 0.0,
+                scale=self.config.attn_scale, enable_gqa=nh != nkv,
+            )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 

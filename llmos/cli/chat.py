@@ -61,7 +61,7 @@ def chat(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (0: greedy). Default: the model's.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
     no_facts: Annotated[bool, typer.Option("--no-facts", help="Do not pin facts found in your messages.")] = False,
-    precision: PrecisionOpt = "fp16",
+    precision: PrecisionOpt = "auto",
 ):
     """Chat with a persona; every turn is saved. Type /help in the chat for its commands.
 

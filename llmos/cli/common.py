@@ -20,7 +20,8 @@ ModelOpt = Annotated[
                  f"Default: {store.DEFAULT_MODEL}."),
 ]
 PrecisionOpt = Annotated[
-    str, typer.Option(help="Weights at run time: fp16 (fast, default), fp32 (exact reference) or bf16.")
+    str, typer.Option(help="Weights at run time: auto (default: a GGUF's quantized blocks as stored, "
+                           "else fp16), quantized, fp16, fp32 (exact reference) or bf16.")
 ]
 
 

@@ -35,7 +35,7 @@ def generate(
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message through the chat template.")] = False,
     truncate: Annotated[str, typer.Option(help="A prompt longer than the context: 'error' or 'left' (keep the end).")] = "error",
     as_json: Annotated[bool, typer.Option("--json", help="Print text, tokens, logprobs and timings as JSON.")] = False,
-    precision: PrecisionOpt = "fp16",
+    precision: PrecisionOpt = "auto",
 ):
     """Continue PROMPT with a model, streaming the text as it is written.
 

@@ -33,7 +33,7 @@ def serve(
     insecure: Annotated[bool, typer.Option(help="Allow serving beyond this machine without --api-key.")] = False,
     multilingual: Annotated[str, typer.Option(help="Model for Chinese requests that name no model, loaded on first use when "
                                                    "the served model is English-only ('none': serve them with it).")] = MULTILINGUAL_MODEL,
-    precision: PrecisionOpt = "fp16",
+    precision: PrecisionOpt = "auto",
 ):
     """Serve a model over an OpenAI-compatible API (with continuous batching) and the writing
     studio at http://HOST:PORT/ . Remote models from $LLMOS_HOME/config.yaml are served too.

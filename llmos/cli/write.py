@@ -33,7 +33,7 @@ def write(
     chapters: Annotated[int, typer.Option(help="novel: number of chapters.")] = 5,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="novel: the book folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    precision: PrecisionOpt = "fp16",
+    precision: PrecisionOpt = "auto",
 ):
     """Write with a task's own prompts and settings, in English or Chinese.
 
@@ -229,7 +229,7 @@ def story_continue(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     show_context: Annotated[bool, typer.Option(help="Print exactly what is sent to the model, and why.")] = False,
-    precision: PrecisionOpt = "fp16",
+    precision: PrecisionOpt = "auto",
 ):
     """Continue the story, append the new text to the file (the previous version is kept as .bak)."""
     from llmos.llm import Result

@@ -234,7 +234,7 @@ def check_context(model: Transformer, prompt_len: int):
 
 
 def cache_dtype(model: Transformer) -> torch.dtype:
-    return model.embed.weight.dtype
+    return model.norm.weight.dtype  # the float dtype the model runs in (its embedding may be quantized)
 
 
 def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tensor:

@@ -80,6 +80,11 @@ def load(verbose: bool = False) -> None:
     _loaded = True
 
 
+def ready() -> bool:
+    """Loaded in this process (the model's inference fast paths check this, never building)."""
+    return bool(_loaded)
+
+
 def available() -> bool:
     try:
         load()

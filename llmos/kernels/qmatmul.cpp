@@ -2,10 +2,11 @@
 //
 //   out (M, N) = x (M, K) @ W^T,  W given as one or more row groups of GGUF blocks
 //
-// The activations are quantized to 8 bits in blocks of 32 (one float scale each, and the sum
-// of the block, which folds each format's offset or minimum into a single term); every 32
-// weights are unpacked into bytes once and multiplied with the M activation rows in integer
-// arithmetic. Three code paths, chosen when the library loads: AVX-512 VNNI, AVX2, and plain
+// The activations are quantized in blocks of 32 to two 8-bit levels, x = d * (q + r / 128)
+// (one float scale per block, and the block's sum, which folds each format's offset or minimum
+// into a single term): about 15 bits, so the result is within float rounding of the dequantized
+// product, where 8-bit activations alone move one next-token choice in thirty. Every 32 weights
+// are unpacked into bytes once and multiplied with the M activation rows in integer arithmetic. Three code paths, chosen when the library loads: AVX-512 VNNI, AVX2, and plain
 // C++ (dequantize a row, then a float dot product) for any other CPU; the last one is also
 // the reference the tests compare the others with.
 //
@@ -168,10 +169,11 @@ static void matmul_reference(const float* x, int64_t M, int64_t K, const uint8_t
   });
 }
 
-// Activations quantized to 8 bits, blocks of 32: q (M, K), and per block the scale d and d * sum(q).
+// Activations in blocks of 32, x = 128 * d * (q + r / 128): q and r (M, K), and per block the
+// scale d (already divided by 128) and the sum of x.
 struct Activations {
   int64_t M, K;
-  std::vector<int8_t> q;
+  std::vector<int8_t> q, r;
   std::vector<float> d, s;
 };
 
@@ -236,6 +238,7 @@ static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArr
     a.M = M;
     a.K = K;
     a.q.resize(M * K);
+    a.r.resize(M * K);
     a.d.resize(M * K / 32);
     a.s.resize(M * K / 32);
     if (g_path == VNNI) vnni::quantize_activations(x.data_ptr<float>(), a);
@@ -275,6 +278,73 @@ static at::Tensor dequantize(const at::Tensor& w, int64_t type, int64_t K, const
   return out;
 }
 
+// y = x / rms(x) * w over the last dimension, in one pass (inference: no autograd).
+static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: float32 only");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(d, 1);
+  TORCH_CHECK(w.numel() == d, "rms_norm: weight has ", w.numel(), " entries for rows of ", d);
+  at::Tensor y = at::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * d;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(ss / d + static_cast<float>(eps));
+      for (int64_t i = 0; i < d; ++i) yp[r * d + i] = xr[i] * inv * wp[i];
+    }
+  });
+  return y;
+}
+
+// Attention of one new token per row (decoding): q (B, H, 1, D) against k, v (B, Hkv, L, D),
+// the last dimension contiguous; H a multiple of Hkv (grouped-query attention). No mask: every
+// one of the L cached positions is visible.
+static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale) {
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: float32 only");
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(),
+              "decode_attention: q (B, H, 1, D), k and v (B, Hkv, L, D)");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v need a contiguous last dimension");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % Hkv == 0, "decode_attention: shapes do not match");
+  at::Tensor out = at::empty({B, H, 1, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(L);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
+      const float* qi = qp + i * D;
+      const float* kb = kp + b * ks0 + g * ks1;
+      const float* vb = vp + b * vs0 + g * vs1;
+      float mx = -INFINITY;
+      for (int64_t t = 0; t < L; ++t) {
+        const float* kt = kb + t * ks2;
+        float s = 0.0f;
+        for (int64_t j = 0; j < D; ++j) s += qi[j] * kt[j];
+        p[t] = s * static_cast<float>(scale);
+        mx = std::max(mx, p[t]);
+      }
+      float total = 0.0f;
+      for (int64_t t = 0; t < L; ++t) total += (p[t] = std::exp(p[t] - mx));
+      float* o = op + i * D;
+      for (int64_t j = 0; j < D; ++j) o[j] = 0.0f;
+      for (int64_t t = 0; t < L; ++t) {
+        const float* vt = vb + t * vs2;
+        const float pt = p[t] / total;
+        for (int64_t j = 0; j < D; ++j) o[j] += pt * vt[j];
+      }
+    }
+  });
+  return out;
+}
+
 static int64_t kernel_path() { return g_path; }
 
 // Tests compare the paths: a path the CPU lacks falls back to the best one it has.
@@ -289,6 +359,8 @@ static int64_t set_kernel_path(int64_t path) {
 TORCH_LIBRARY(llmos, m) {
   m.def("qmm(Tensor x, Tensor[] weights, int[] types) -> Tensor", &llmos::qmm);
   m.def("dequantize(Tensor w, int type, int K, Tensor? ids=None) -> Tensor", &llmos::dequantize);
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &llmos::rms_norm);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", &llmos::decode_attention);
   m.def("kernel_path() -> int", &llmos::kernel_path);
   m.def("set_kernel_path(int path) -> int", &llmos::set_kernel_path);
 }

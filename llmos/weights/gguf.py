@@ -1,4 +1,4 @@
-"""GGUF -> LLMOS checkpoint folder: dequantize the weights once, map their names onto model.py.
+"""GGUF -> LLMOS checkpoint folder: the weights mapped onto model.py, quantized blocks kept as stored.
 
 A checkpoint folder holds `config.json` (model config, prompt style, generation defaults,
 licence), `model.safetensors` and `tokenizer.json`. GGUF files are read with the `gguf`
@@ -317,35 +317,71 @@ _SIMPLE = {
 }
 
 
-def gguf_state_dict(reader, config: ModelConfig, progress: Callable[[int], None] | None = None):
-    """Dequantize every tensor to float32 and return a state dict for model.Transformer."""
-    from gguf import quants
+FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
+
+def _tensor(t) -> tuple[int | None, np.ndarray]:
+    """(block type, (rows, bytes) uint8) for a quantized tensor; (None, float32 array) otherwise."""
+    from llmos.kernels import BLOCK_TYPES
+
+    shape = [int(n) for n in reversed(t.shape)]  # GGUF lists dims innermost first
+    kind = int(t.tensor_type)
+    if kind in FLOAT_TYPES:
+        from gguf import quants
+
+        return None, quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+    if kind not in BLOCK_TYPES:
+        supported = ", ".join(list(FLOAT_TYPES.values()) + [name for name, _, _ in BLOCK_TYPES.values()])
+        raise ConversionError(f"tensor {t.name} is stored as {t.tensor_type.name}, which LLMOS does not compute "
+                              f"with; supported: {supported}")
+    _, block, nbytes = BLOCK_TYPES[kind]
+    if shape[-1] % block:
+        raise ConversionError(f"tensor {t.name} has rows of {shape[-1]} weights, not a multiple of "
+                              f"{t.tensor_type.name}'s block of {block}")
+    rows = int(np.prod(shape[:-1]))
+    data = np.asarray(t.data).view(np.uint8).reshape(-1)
+    if data.size != rows * shape[-1] // block * nbytes:
+        raise ConversionError(f"tensor {t.name} holds {data.size} bytes, not the {rows * shape[-1] // block * nbytes} "
+                              f"its shape and type call for")
+    return kind, data.reshape(rows, -1)
+
+
+def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | None = None):
+    """The GGUF's tensors mapped onto model.Transformer, quantized ones left as they are stored.
+
+    Returns (float tensors, {name: [(block type, (rows, bytes) uint8), ...]}): the q/k/v and
+    gate/up projections become the row groups of one fused weight.
+    """
     check_tensors(reader, config)
-    parts: dict[int, dict[str, np.ndarray]] = {}
-    sd: dict[str, torch.Tensor] = {}
+    parts: dict[int, dict[str, tuple]] = {}
+    state: dict[str, torch.Tensor] = {}
+    quant: dict[str, list] = {}
+
+    def put(name: str, kind, w):
+        if kind is None:
+            state[name] = torch.from_numpy(np.array(w))
+        else:
+            quant[name] = [(kind, torch.from_numpy(np.array(w)))]
+
     for t in reader.tensors:
-        try:
-            w = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-        except (NotImplementedError, ValueError) as e:
-            raise ConversionError(f"tensor {t.name} ({t.tensor_type.name}) cannot be dequantized ({e})") from None
-        w = w.reshape([int(n) for n in reversed(t.shape)])  # GGUF lists dims innermost first
+        kind, w = _tensor(t)
         if t.name == "token_embd.weight":
-            sd["embed.weight"] = torch.from_numpy(np.array(w))
+            put("embed.weight", kind, w)
         elif t.name == "output_norm.weight":
-            sd["norm.weight"] = torch.from_numpy(np.array(w))
+            put("norm.weight", kind, w)
         elif t.name == "output.weight":
-            sd["lm_head.weight"] = torch.from_numpy(np.array(w))
+            put("lm_head.weight", kind, w)
         elif m := _BLOCK.fullmatch(t.name):
-            layer, kind = int(m.group(1)), m.group(2)
-            if kind in _SIMPLE:
-                sd[f"blocks.{layer}.{_SIMPLE[kind]}"] = torch.from_numpy(np.array(w))
-            elif kind in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
-                if config.arch == "llama" and kind == "attn_q":
+            layer, name = int(m.group(1)), m.group(2)
+            if name in _SIMPLE:
+                put(f"blocks.{layer}.{_SIMPLE[name]}", kind, w)
+            elif name in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
+                # A row permutation: it applies to quantized rows as it does to float ones.
+                if config.arch == "llama" and name == "attn_q":
                     w = _unpermute(w, config.n_head)
-                elif config.arch == "llama" and kind == "attn_k":
+                elif config.arch == "llama" and name == "attn_k":
                     w = _unpermute(w, config.n_kv_head)
-                parts.setdefault(layer, {})[kind] = w
+                parts.setdefault(layer, {})[name] = (kind, w)
             else:
                 raise ConversionError(f"unexpected tensor {t.name} in a {config.arch} GGUF")
         else:
@@ -353,16 +389,23 @@ def gguf_state_dict(reader, config: ModelConfig, progress: Callable[[int], None]
         if progress:
             progress(1)
     for layer, p in parts.items():
-        try:
-            qkv = np.concatenate([p["attn_q"], p["attn_k"], p["attn_v"]])
-            gate_up = np.concatenate([p["ffn_gate"], p["ffn_up"]])
-        except KeyError as e:
-            raise ConversionError(f"layer {layer} lacks tensor {e.args[0]}") from None
-        sd[f"blocks.{layer}.attn.wqkv.weight"] = torch.from_numpy(qkv)
-        sd[f"blocks.{layer}.mlp.w13.weight"] = torch.from_numpy(gate_up)
-    config.vocab_size = sd["embed.weight"].shape[0]
-    config.tie_embeddings = "lm_head.weight" not in sd
-    return sd
+        for fused, names in (("attn.wqkv", ("attn_q", "attn_k", "attn_v")), ("mlp.w13", ("ffn_gate", "ffn_up"))):
+            try:
+                pieces = [p[n] for n in names]
+            except KeyError as e:
+                raise ConversionError(f"layer {layer} lacks tensor {e.args[0]}") from None
+            name = f"blocks.{layer}.{fused}.weight"
+            if all(kind is None for kind, _ in pieces):
+                state[name] = torch.from_numpy(np.concatenate([w for _, w in pieces]))
+            elif any(kind is None for kind, _ in pieces):
+                raise ConversionError(f"layer {layer} mixes float and quantized tensors in {', '.join(names)}")
+            else:
+                from llmos.weights.quant import fuse
+
+                quant[name] = fuse([(kind, torch.from_numpy(np.array(w))) for kind, w in pieces])
+    config.vocab_size = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
+    config.tie_embeddings = "lm_head.weight" not in state and "lm_head.weight" not in quant
+    return state, quant
 
 
 def gguf_tokenizer(gguf_path: Path) -> tuple[object, dict]:

@@ -27,7 +27,11 @@ from llmos.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 MULTILINGUAL_MODEL = "gemma3-270m"  # what Chinese requests run on when no model is named
-PRECISIONS = ("fp16", "fp32", "bf16")
+# auto: a GGUF's quantized blocks as stored where the checkpoint has them, else fp16.
+PRECISIONS = ("auto", "quantized", "fp16", "fp32", "bf16")
+# 2: quantized GGUF tensors kept as blocks (1: every weight dequantized to float32). A bundled
+# model converted in an older format is converted again from its package on first use.
+STORE_FORMAT = 2
 
 
 class ModelError(ValueError):
@@ -229,6 +233,7 @@ def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     from safetensors.torch import save_file
 
     from llmos.weights import gguf as convert
+    from llmos.weights.quant import block_summary, save_metadata
 
     report = _reporter(progress)
     reader = convert.read_gguf(gguf_path)
@@ -242,13 +247,14 @@ def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
         done += k
         report("Converting weights", done, n)
 
-    state = convert.gguf_state_dict(reader, config, tick)
+    state, quant = convert.gguf_tensors(reader, config, tick)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    del state
+    tensors = dict(state)
+    for name, groups in quant.items():
+        tensors.update({f"{name}.q{i}": w for i, (_, w) in enumerate(groups)})
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt", **save_metadata(quant)})
+    del state, tensors
     report("Converting tokenizer", 0, 1)
     try:
         hf_tok, tok_info = convert.gguf_tokenizer(gguf_path)
@@ -259,6 +265,8 @@ def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     chat_template = tok_info.pop("chat_template")
     full = {
         "model": config.to_dict(),
+        "store_format": STORE_FORMAT,
+        "quantization": block_summary(quant) if quant else "F32",
         "name": meta.get("name", gguf_path.stem),
         "license": meta.get("license") or gmeta.get("general.license", "unknown"),
         "description": meta.get("description", gmeta.get("general.name", gguf_path.name)),
@@ -280,7 +288,10 @@ def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> 
     spec = BUNDLED[name]
     out = models_dir() / name
     if is_checkpoint(out) and not force:
-        return out
+        if _store_format(out) >= STORE_FORMAT:
+            return out
+        if not quiet:
+            print(f"{name} was converted by an older LLMOS; converting it again (once)", file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as tmp:
         tmp = Path(tmp)
@@ -401,11 +412,20 @@ def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False)
             out.parent.mkdir(parents=True, exist_ok=True)
             convert_gguf(path, out, {"name": out.name, "source": str(path.resolve())}, progress)
         return out
+    if name in BUNDLED:  # pulled now, or converted again when an older LLMOS converted it
+        return pull(name, progress, quiet=quiet)
     if (models_dir() / name).is_dir() and is_checkpoint(models_dir() / name):
         return models_dir() / name
     if name in BUNDLED:
         return pull(name, progress, quiet=quiet)
     raise ModelError(unknown_model_message(name))
+
+
+def _store_format(path: Path) -> int:
+    try:
+        return int(json.loads((path / "config.json").read_text()).get("store_format", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def folder_size(path: Path) -> int:
@@ -480,10 +500,12 @@ def load_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
 
     adapter = meta.get("adapter")
     if adapter is None:
-        try:
-            return load_file(str(path / "model.safetensors"))
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise ModelError(f"{path}/model.safetensors cannot be read ({type(e).__name__}: {e})") from None
+        from llmos.weights.quant import dequantize, row_length
+
+        state, quant = load_tensors(path)
+        for name, groups in quant.items():
+            state[name] = dequantize(groups, row_length(groups))
+        return state
     from llmos.weights.adapters import AdapterError, adapter_deltas, merge_into
 
     base_ref = adapter.get("base") or {}
@@ -520,11 +542,29 @@ def load_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
-    """Build the Transformer from a checkpoint folder. precision: "fp16" (default; weights
-    packed as float16 for FBGEMM, activations float32), "fp32" (exact), "bf16"."""
+def load_tensors(path: Path):
+    """A plain checkpoint's (float tensors, {name: quantized row groups}), as stored."""
+    from safetensors import safe_open
+
+    from llmos.weights.quant import split_state
+
+    try:
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return split_state(tensors, metadata)
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ModelError(f"{path}/model.safetensors cannot be read ({type(e).__name__}: {e})") from None
+
+
+def load_checkpoint(path: Path, precision: str = "auto") -> LoadedModel:
+    """Build the Transformer from a checkpoint folder. precision: "auto" (default: "quantized"
+    where the checkpoint holds a GGUF's quantized blocks, else "fp16"), "quantized" (those
+    blocks multiplied as stored, by the C++ kernels), "fp16" (weights packed as float16 for
+    FBGEMM, activations float32), "fp32" (exact), "bf16"."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from llmos import kernels
     from llmos.weights.packing import pack_linears
 
     if precision not in PRECISIONS:
@@ -539,20 +579,42 @@ def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
         # Large vocabularies take seconds to parse; that overlaps with the weights (the
         # tokenizers library releases the GIL while it loads).
         tokenizer = pool.submit(Tokenizer.from_dir, path, meta)
-        state = load_weights(path, meta)
+        quant = {}
+        if "adapter" in meta:
+            state = load_weights(path, meta)
+        else:
+            state, quant = load_tensors(path)
+        if precision == "auto":
+            precision = "quantized" if quant else "fp16"
+            if quant and not kernels.available():
+                print(f"note: {kernels.KernelError.__doc__.strip()} Running in fp16 instead.", file=sys.stderr)
+                precision = "fp16"
+        if precision == "quantized":
+            if not quant:
+                raise ModelError(f"{path} holds no quantized weights (only GGUF models do); "
+                                 f"use --precision fp16, fp32 or bf16")
+            kernels.load()
+        else:
+            from llmos.weights.quant import dequantize, row_length
+
+            state.update({name: dequantize(groups, row_length(groups)) for name, groups in quant.items()})
+            quant = {}
         with torch.device("meta"):
             model = Transformer(config)
-        if config.tie_embeddings:
+        if config.tie_embeddings and "embed.weight" in state:
             state["lm_head.weight"] = state["embed.weight"]
         try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as e:
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            if unexpected or set(missing) - set(quant) - ({"lm_head.weight"} if config.tie_embeddings else set()):
+                raise RuntimeError(f"missing {sorted(set(missing) - set(quant))[:5]}, unexpected {sorted(unexpected)[:5]}")
+            _install_quantized(model, quant)
+        except (RuntimeError, ValueError) as e:
             raise ModelError(f"{path}: weights do not match config.json ({e})") from None
-        if config.tie_embeddings:
+        if config.tie_embeddings and not quant:
             model.lm_head.weight = model.embed.weight
         model.eval().requires_grad_(False)
-        if precision == "fp16":
-            pack_linears(model)
+        if precision in ("fp16", "quantized"):
+            pack_linears(model)  # float weights a quantized GGUF left unquantized, if any
         elif precision == "bf16":
             model.to(torch.bfloat16)
         try:
@@ -562,7 +624,33 @@ def load_checkpoint(path: Path, precision: str = "fp16") -> LoadedModel:
     return LoadedModel(model, tokenizer, meta, path, precision, time.perf_counter() - t0)
 
 
-def load(name_or_path: str | Path | None = None, precision: str = "fp16", progress=None) -> LoadedModel:
+def _install_quantized(model: Transformer, quant: dict):
+    """Put QLinear / QEmbedding modules where the checkpoint has quantized weights."""
+    from llmos.weights.quant import QEmbedding, QLinear, row_length
+
+    config = model.config
+    for name, groups in quant.items():
+        owner_name, _, leaf = name.rpartition(".")
+        module_name, _, attr = owner_name.rpartition(".")
+        owner = model.get_submodule(module_name) if module_name else model
+        old = getattr(owner, attr)
+        if leaf != "weight" or not isinstance(old, (torch.nn.Linear, torch.nn.Embedding)):
+            raise ValueError(f"{name} is not a linear or embedding weight")
+        rows, k = old.weight.shape
+        if row_length(groups) != k or sum(w.shape[0] for _, w in groups) != rows:
+            raise ValueError(f"{name} holds {sum(w.shape[0] for _, w in groups)} x {row_length(groups)} weights, "
+                             f"the config calls for {rows} x {k}")
+        if isinstance(old, torch.nn.Embedding):
+            setattr(owner, attr, QEmbedding(groups, k))
+            if config.tie_embeddings:
+                model.lm_head = QLinear(groups, k)
+        else:
+            setattr(owner, attr, QLinear(groups, k))
+    if config.tie_embeddings and "embed.weight" not in quant and quant:
+        model.lm_head.weight = model.embed.weight
+
+
+def load(name_or_path: str | Path | None = None, precision: str = "auto", progress=None) -> LoadedModel:
     return load_checkpoint(resolve(name_or_path, progress), precision)
 
 
