@@ -32,7 +32,10 @@ def byte_level_vocab() -> tuple[list[str], list[str]]:
 
 
 def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96,
-                    context=512, seed=0, quantize_embeddings=True, arch="llama") -> Path:
+                    context=512, seed=0, quantize_embeddings=True, arch="llama",
+                    layer_types: dict[str, str] | None = None) -> Path:
+    """layer_types: GGUF block type per layer tensor kind ({"attn_q": "Q4_0", ...}; "*" for
+    every kind); the rest stay float32."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -72,16 +75,32 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     else:
         w.add_tensor("token_embd.weight", emb)
     w.add_tensor("output_norm.weight", 1 + t(d_model, scale=0.1))
+
+    def matrix(name: str, kind: str, value: np.ndarray):
+        block_type = (layer_types or {}).get(kind) or (layer_types or {}).get("*")
+        if block_type is None:
+            w.add_tensor(name, value)
+            return
+        from gguf import quants
+
+        qt = gguf.GGMLQuantizationType[block_type]
+        try:
+            data = quants.quantize(value, qt)
+        except (quants.QuantError, NotImplementedError):  # a type gguf-py cannot write: random blocks of the right size
+            block, size = gguf.GGML_QUANT_SIZES[qt]
+            data = rng.integers(0, 256, (value.shape[0], value.shape[1] // block * size), dtype=np.uint8)
+        w.add_tensor(name, data, raw_dtype=qt)
+
     for i in range(n_layer):
         w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + t(d_model, scale=0.1))
-        w.add_tensor(f"blk.{i}.attn_q.weight", t(n_head * hd, d_model))
-        w.add_tensor(f"blk.{i}.attn_k.weight", t(n_kv_head * hd, d_model))
-        w.add_tensor(f"blk.{i}.attn_v.weight", t(n_kv_head * hd, d_model))
-        w.add_tensor(f"blk.{i}.attn_output.weight", t(d_model, n_head * hd))
+        matrix(f"blk.{i}.attn_q.weight", "attn_q", t(n_head * hd, d_model))
+        matrix(f"blk.{i}.attn_k.weight", "attn_k", t(n_kv_head * hd, d_model))
+        matrix(f"blk.{i}.attn_v.weight", "attn_v", t(n_kv_head * hd, d_model))
+        matrix(f"blk.{i}.attn_output.weight", "attn_output", t(d_model, n_head * hd))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + t(d_model, scale=0.1))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", t(d_ff, d_model))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", t(d_ff, d_model))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", t(d_model, d_ff))
+        matrix(f"blk.{i}.ffn_gate.weight", "ffn_gate", t(d_ff, d_model))
+        matrix(f"blk.{i}.ffn_up.weight", "ffn_up", t(d_ff, d_model))
+        matrix(f"blk.{i}.ffn_down.weight", "ffn_down", t(d_model, d_ff))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

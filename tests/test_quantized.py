@@ -1,0 +1,190 @@
+"""Quantized GGUF weights kept as blocks: the C++ kernels against gguf-py's decoder and float
+matrix products, conversion and loading of quantized tiny models, unsupported block types, and
+the quality guard on a bundled model (teacher-forced, against its float32 weights)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import llmos, write_tiny_gguf
+from llmos import kernels
+from llmos.weights import store
+
+kernels.load()
+PATHS = sorted({torch.ops.llmos.set_kernel_path(p) for p in (0, 1, 2)})  # those this CPU has
+torch.ops.llmos.set_kernel_path(2)
+
+
+def random_blocks(block_type: int, rows: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF blocks with small, finite float16 scales (random bits elsewhere)."""
+    rng = np.random.default_rng(seed)
+    _, block, nbytes = kernels.BLOCK_TYPES[block_type]
+    b = rng.integers(0, 256, size=(rows, k // block, nbytes), dtype=np.uint8)
+    scales = lambda n: rng.uniform(-0.05, 0.05, size=(rows, k // block, n)).astype(np.float16).view(np.uint8)
+    if block_type in (2, 6, 8):  # d
+        b[..., :2] = scales(1)
+    elif block_type in (3, 7, 12, 13):  # d and m (or dmin)
+        b[..., :4] = scales(2)
+    else:  # Q6_K: d last
+        b[..., 208:210] = scales(1)
+    return b.reshape(rows, -1)
+
+
+def reference(block_type: int, w: np.ndarray, k: int) -> torch.Tensor:
+    from gguf import GGMLQuantizationType, quants
+
+    return torch.from_numpy(quants.dequantize(w, GGMLQuantizationType(block_type)).reshape(-1, k).astype(np.float32))
+
+
+@pytest.mark.parametrize("block_type", sorted(kernels.BLOCK_TYPES))
+def test_dequantize_matches_gguf_py(block_type):
+    w = random_blocks(block_type, 37, 512)
+    ids = torch.tensor([5, 0, 36, 5])
+    want = reference(block_type, w, 512)
+    assert torch.equal(kernels.dequantize(torch.from_numpy(w), block_type, 512), want)
+    assert torch.equal(kernels.dequantize(torch.from_numpy(w), block_type, 512, ids), want[ids])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block_type", sorted(kernels.BLOCK_TYPES))
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+def test_qmm_matches_the_float_product(block_type, path, m):
+    k, rows = 512, 45  # rows not a multiple of the 4-row tiles, m across the 8/4/2/1 tiles
+    w = random_blocks(block_type, rows, k, seed=m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    x[0, 7] = 40.0  # an outlier, as real hidden states have: the two-level activations keep the rest
+    want = x.double() @ reference(block_type, w, k).double().T
+    torch.ops.llmos.set_kernel_path(path)
+    try:
+        got = kernels.qmm(x, [torch.from_numpy(w)], [block_type]).double()
+    finally:
+        torch.ops.llmos.set_kernel_path(2)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (1e-6 if path == 0 else 2e-4), f"{kernels.PATHS[path]}: relative error {err:.2e}"
+
+
+def test_qmm_row_groups_of_different_types_sit_side_by_side():
+    k = 256
+    groups = [(2, random_blocks(2, 8, k, 1)), (14, random_blocks(14, 5, k, 2)), (8, random_blocks(8, 3, k, 3))]
+    x = torch.randn(2, k)
+    got = kernels.qmm(x, [torch.from_numpy(w) for _, w in groups], [t for t, _ in groups])
+    want = x @ torch.cat([reference(t, w, k) for t, w in groups]).T
+    assert got.shape == (2, 16)
+    for cols in (slice(0, 8), slice(8, 13), slice(13, 16)):  # each group in its place, to 2e-4
+        assert (got[:, cols] - want[:, cols]).norm() / want[:, cols].norm() < 2e-4
+
+
+def test_qmm_rejects_mismatched_shapes():
+    w = torch.from_numpy(random_blocks(2, 4, 64))
+    with pytest.raises(RuntimeError, match="must be contiguous uint8"):
+        kernels.qmm(torch.randn(1, 96), [w], [2])
+    with pytest.raises(RuntimeError, match="not supported"):
+        kernels.qmm(torch.randn(1, 64), [w], [10])
+
+
+def test_fused_inference_ops_match_torch():
+    x, w = torch.randn(3, 5, 96) * 10, torch.randn(96)
+    assert torch.allclose(torch.ops.llmos.rms_norm(x, w, 1e-6), F.rms_norm(x, (96,), w, 1e-6), atol=1e-5)
+    q = torch.randn(2, 6, 1, 32)
+    cache_k, cache_v = torch.randn(2, 3, 40, 32), torch.randn(2, 3, 40, 32)
+    k, v = cache_k[:, :, 5:29], cache_v[:, :, 5:29]  # a window of the cache: strided views
+    want = F.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
+    assert torch.allclose(torch.ops.llmos.decode_attention(q, k, v, 0.2), want, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def quantized_gguf(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("qgguf") / "q.gguf", seed=3,
+                           layer_types={"*": "Q4_0", "attn_v": "Q8_0", "ffn_down": "Q5_1"})
+
+
+def test_a_quantized_gguf_is_stored_as_blocks_and_runs_on_them(quantized_gguf):
+    from llmos.llm import LLM
+    from llmos.weights.quant import QEmbedding, QLinear
+
+    path = store.resolve(str(quantized_gguf))
+    meta = json.loads((path / "config.json").read_text())
+    assert meta["quantization"] == "Q4_0/Q5_1/Q8_0 (Q8_0 embeddings)"
+    assert (path / "model.safetensors").stat().st_size < quantized_gguf.stat().st_size * 1.2
+    q = store.load_checkpoint(path)  # auto
+    assert q.precision == "quantized"
+    attn = q.model.blocks[0].attn.wqkv
+    assert isinstance(attn, QLinear) and attn._types == [2, 8]  # q and k fused (Q4_0), v (Q8_0)
+    assert isinstance(q.model.embed, QEmbedding) and isinstance(q.model.lm_head, QLinear)
+    exact = store.load_checkpoint(path, "fp32")
+    ids = torch.tensor([list(range(3, 40))])
+    with torch.inference_mode():
+        for rows in (ids[:, :8], ids):  # the integer kernels (few rows) and decoded weights (many)
+            a, b = q.model(rows), exact.model(rows)
+            assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item()), (a - b).abs().max()
+    text = LLM(q).generate("the", LLM(q).sampling(temperature=0, max_tokens=12)).completions[0].text
+    ref = LLM(exact).generate("the", LLM(exact).sampling(temperature=0, max_tokens=12)).completions[0].text
+    assert text == ref
+
+
+def test_training_and_export_see_float_weights(quantized_gguf):
+    path = store.resolve(str(quantized_gguf))
+    state = store.load_weights(path, json.loads((path / "config.json").read_text()))
+    assert all(t.dtype == torch.float32 for t in state.values())
+    assert state["blocks.0.attn.wqkv.weight"].shape == (64 + 2 * 32, 64)
+
+
+def test_quantized_precision_on_a_float_checkpoint_says_what_to_use(tiny_dir, tmp_path):
+    float_dir = tmp_path / "float"
+    float_dir.mkdir()
+    state = store.load_weights(tiny_dir, json.loads((tiny_dir / "config.json").read_text()))
+    from safetensors.torch import save_file
+
+    save_file(state, str(float_dir / "model.safetensors"))
+    for name in ("config.json", "tokenizer.json"):
+        (float_dir / name).write_bytes((tiny_dir / name).read_bytes())
+    assert store.load_checkpoint(float_dir).precision == "fp16"
+    with pytest.raises(store.ModelError, match="no quantized weights.*fp16"):
+        store.load_checkpoint(float_dir, "quantized")
+
+
+def test_an_unsupported_block_type_is_one_line_exit_2_and_nothing_stored(tmp_path, session_home):
+    gguf_path = write_tiny_gguf(tmp_path / "q2k.gguf", d_model=256, n_head=4, n_kv_head=2, d_ff=256,
+                                layer_types={"attn_q": "Q2_K"})
+    before = set(store.models_dir().glob("*")) if store.models_dir().exists() else set()
+    proc = llmos("generate", "hello", "--model", str(gguf_path), "--max-tokens", "2", home=session_home)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in proc.stderr and len(errors) == 1, proc.stderr
+    assert "stored as Q2_K" in errors[0] and "supported: " in errors[0] and "Q4_K" in errors[0]
+    after = set(store.models_dir().glob("*")) if store.models_dir().exists() else set()
+    assert after == before  # no checkpoint, no .partial folder
+
+
+@pytest.mark.bundled
+@pytest.mark.slow
+def test_quality_guard_on_the_bundled_model(smollm2_dir):
+    """Decoding's path (the integer kernels, a KV cache, 16 rows at a time) against the float32
+    weights: top-1 agreement over 2,000 teacher-forced tokens and held-out perplexity."""
+    from pathlib import Path
+
+    from llmos.model import KVCache
+
+    text = (Path(__file__).parents[1] / "benchmarks" / "data" / "tinyshakespeare.txt").read_text()[-40000:]
+    runs = {}
+    for precision in ("fp32", "quantized"):
+        loaded = store.load_checkpoint(smollm2_dir, precision)
+        ids = loaded.tokenizer.encode(text)[:2001]
+        model, logits = loaded.model, []
+        cache = KVCache.allocate(model.config, 1, 2048)
+        with torch.inference_mode():
+            for start in range(0, 2000, 16):
+                chunk = torch.tensor([ids[start : start + 16]])
+                logits.append(model(chunk, cache=cache, kv_len=start + chunk.shape[1])[0])
+        runs[precision] = torch.cat(logits)[:2000]
+    targets = torch.tensor(ids[1:2001])
+    agreement = (runs["fp32"].argmax(-1) == runs["quantized"].argmax(-1)).float().mean().item()
+    ppl = {p: math.exp(F.cross_entropy(logits, targets).item()) for p, logits in runs.items()}
+    assert agreement >= 0.98, agreement
+    assert abs(ppl["quantized"] / ppl["fp32"] - 1) <= 0.02, ppl
