@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 $(BIN)/llmos: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -e '.[test]'
+	$(BIN)/python -m llmos.kernels   # compile the quantized kernels for this CPU, once
 	touch $@
 
 install: $(BIN)/llmos

@@ -61,6 +61,8 @@ def load(verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
     folder = _build_dir()
+    # torch's loader runs `ninja` from PATH; the ninja package puts it beside this interpreter.
+    os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     built = folder / "llmos_qkernels.so"
     try:
         if built.exists():
