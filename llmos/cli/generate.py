@@ -112,17 +112,19 @@ def pull(
 
 
 def list_models(as_json: Annotated[bool, typer.Option("--json")] = False):
-    """List models: what is installed, their size, parameters and licence."""
+    """List models: what is installed, its architecture, weights (GGUF block types or float),
+    context window, size, parameters and licence."""
     from rich.table import Table
 
     rows = store.list_models()
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("name", "architecture", "parameters", "size on disk", "licence", "status")
+    table = Table("name", "architecture", "weights", "context", "parameters", "size on disk", "licence", "status")
     for r in rows:
         table.add_row(
-            r["name"], r["architecture"] or "-",
+            r["name"], r["architecture"] or "-", r["quantization"] or "-",
+            f"{r['context']:,}" if r["context"] else "-",
             f"{r['parameters'] / 1e6:.0f}M" if r["parameters"] else "-",
             f"{r['size_bytes'] / 2**20:.0f} MiB" if r["size_bytes"] else "-",
             r["license"], "installed" if r["installed"] else "bundled, not pulled (`llmos pull`)",

@@ -440,6 +440,7 @@ def list_models() -> list[dict]:
         cfg = ModelConfig.from_dict(meta["model"])
         rows.append(dict(
             name=path.name, architecture=cfg.arch, parameters=count_parameters(cfg),
+            quantization=meta.get("quantization", "F32"), context=cfg.max_seq_len,
             size_bytes=folder_size(path), license=meta.get("license", "unknown"),
             description=meta.get("description", ""), installed=True, path=str(path),
         ))
@@ -447,7 +448,7 @@ def list_models() -> list[dict]:
     for spec in BUNDLED.values():
         if spec.name not in have:
             rows.append(dict(
-                name=spec.name, architecture=None, parameters=None, size_bytes=None,
+                name=spec.name, architecture=None, parameters=None, size_bytes=None, quantization=None, context=None,
                 license=spec.license, description=spec.description, installed=False, path=None,
             ))
     return rows
