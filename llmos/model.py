@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmos import kernels
+import llmos.kernels as kernels
 
 PRESETS: dict[str, dict] = {
     # nanoGPT's shakespeare-char "baby GPT" sizes (4 layers, 4 heads, width 128, context 64).

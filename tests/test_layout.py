@@ -10,7 +10,7 @@ PACKAGE = REPO / "llmos"
 
 # corpus -> tokens -> model -> engine -> text -> writing/chat -> CLI/server, bottom first
 LAYERS = [
-    {"settings", "languages", "db"},
+    {"settings", "languages", "db", "kernels"},
     {"tokenizer", "model", "cards"},
     {"data", "weights"},
     {"engine", "embedder"},

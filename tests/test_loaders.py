@@ -152,12 +152,10 @@ def killed_at(k: int, monkeypatch):
 
 
 def save(run: Path, step: int, tiny_dir: Path, protect: str | None = None):
-    from safetensors.torch import load_file
-
     from llmos.train.checkpoint import save_checkpoint
 
     config = json.loads((tiny_dir / "config.json").read_text())
-    return save_checkpoint(run, step, load_file(str(tiny_dir / "model.safetensors")), config,
+    return save_checkpoint(run, step, store.load_weights(tiny_dir, config), config,
                            tiny_dir / "tokenizer.json", {"step": step}, protect=protect)
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import llmos, write_tiny_gguf
-from llmos import kernels
+import llmos.kernels as kernels
 from llmos.weights import store
 
 kernels.load()

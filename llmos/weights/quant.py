@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from llmos import kernels
+import llmos.kernels as kernels
 
 Groups = list[tuple[int, torch.Tensor]]  # (GGUF block type, (rows, bytes) uint8)
 

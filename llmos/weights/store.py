@@ -565,7 +565,7 @@ def load_checkpoint(path: Path, precision: str = "auto") -> LoadedModel:
     FBGEMM, activations float32), "fp32" (exact), "bf16"."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from llmos import kernels
+    import llmos.kernels as kernels
     from llmos.weights.packing import pack_linears
 
     if precision not in PRECISIONS:
