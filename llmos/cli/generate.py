@@ -120,7 +120,11 @@ def list_models(as_json: Annotated[bool, typer.Option("--json")] = False):
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table("name", "architecture", "weights", "context", "parameters", "size on disk", "licence", "status")
+    from rich.table import Column
+
+    # Names and licences whole (scripts and tests read them); the other columns wrap.
+    table = Table(Column("name", no_wrap=True), "architecture", Column("weights", overflow="fold"), "context", "parameters", "size on disk",
+                  Column("licence", no_wrap=True), "status")
     for r in rows:
         table.add_row(
             r["name"], r["architecture"] or "-", r["quantization"] or "-",
