@@ -344,6 +344,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self._rope_cache: dict = {}
+        self._fused: list | None = None  # per block, decode_layer's weight arguments (False: not fusable)
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -407,6 +408,9 @@ class Transformer(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         if c.gemma:
             x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)
+        if cache is not None and T == 1 and c.causal and _fast() and self._fused_blocks():
+            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache)[:, None]
+            return self.norm(x) if return_hidden else self.lm_head(self.norm(x)).float()
         plan = {}
         for kind in set(c.layer_types):
             cos, sin = self._rope(kind == "sliding", idx.device)
@@ -423,6 +427,37 @@ class Transformer(nn.Module):
         if return_hidden:
             return self.norm(x)
         return self.lm_head(self.norm(x)).float()
+
+    def _fused_blocks(self) -> bool:
+        """Whether every block can decode in one C++ call: block-quantized projections, float32
+        norms (the C++ kernels' `decode_layer`)."""
+        if self._fused is None:
+            args = []
+            for block in self.blocks:
+                linears = (block.attn.wqkv, block.attn.wo, block.mlp.w13, block.mlp.w2)
+                norms = [block.attn_norm, block.mlp_norm, block.post_attn_norm, block.post_mlp_norm,
+                         getattr(block.attn, "q_norm", None), getattr(block.attn, "k_norm", None)]
+                if not all(hasattr(m, "block_types") for m in linears) or any(
+                        n is not None and n.weight.dtype != torch.float32 for n in norms):
+                    self._fused = False
+                    break
+                weights = [(m.block_weights, m.block_types) for m in linears]
+                args.append(([n.weight if n is not None else None for n in norms], weights))
+            else:
+                self._fused = args
+        return bool(self._fused)
+
+    def _decode_fused(self, x, pos, cache: KVCache):
+        """One new token per row (x (B, C), row b at position pos[b]) through every block."""
+        c = self.config
+        for i, kind in enumerate(c.layer_types):
+            cos, sin = self._rope(kind == "sliding", x.device)
+            norms, ((wqkv, tqkv), (wo, to), (w13, t13), (w2, t2)) = self._fused[i]
+            window = c.sliding_window if kind == "sliding" else 0
+            x = torch.ops.llmos.decode_layer(
+                x, *norms, wqkv, tqkv, wo, to, w13, t13, w2, t2, cache.k[i], cache.v[i], pos, cos, sin,
+                c.n_head, c.n_kv_head, c.head_dim, window or 0, c.norm_eps, c.attn_scale, c.gemma)
+        return x
 
     def _span(self, input_pos, kv_len: int, window: int | None, shared: bool, no_cache: bool):
         T = input_pos.shape[1]

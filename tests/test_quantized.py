@@ -115,7 +115,7 @@ def test_a_quantized_gguf_is_stored_as_blocks_and_runs_on_them(quantized_gguf):
     q = store.load_checkpoint(path)  # auto
     assert q.precision == "quantized"
     attn = q.model.blocks[0].attn.wqkv
-    assert isinstance(attn, QLinear) and attn._types == [2, 8]  # q and k fused (Q4_0), v (Q8_0)
+    assert isinstance(attn, QLinear) and attn.block_types == [2, 8]  # q and k fused (Q4_0), v (Q8_0)
     assert isinstance(q.model.embed, QEmbedding) and isinstance(q.model.lm_head, QLinear)
     exact = store.load_checkpoint(path, "fp32")
     ids = torch.tensor([list(range(3, 40))])
@@ -188,3 +188,56 @@ def test_quality_guard_on_the_bundled_model(smollm2_dir):
     ppl = {p: math.exp(F.cross_entropy(logits, targets).item()) for p, logits in runs.items()}
     assert agreement >= 0.98, agreement
     assert abs(ppl["quantized"] / ppl["fp32"] - 1) <= 0.02, ppl
+
+
+def quantized_copy(model, block_type: str = "Q8_0"):
+    """The model with every block's linear layers quantized (gguf-py) into QLinear modules."""
+    import gguf
+    from gguf import quants
+
+    from llmos.weights.quant import QLinear
+
+    qt = gguf.GGMLQuantizationType[block_type]
+    for block in model.blocks:
+        for owner, name in ((block.attn, "wqkv"), (block.attn, "wo"), (block.mlp, "w13"), (block.mlp, "w2")):
+            w = getattr(owner, name).weight.detach().numpy()
+            setattr(owner, name, QLinear([(int(qt), torch.from_numpy(quants.quantize(w, qt)))], w.shape[1]))
+    model._fused = None
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fused_decode_layers_match_the_module_path(arch):
+    """decode_layer (one C++ call per block) against Block.forward, on rows at their own
+    positions, past a sliding window for Gemma 3 (QK-norm, sandwich norms, GELU)."""
+    from llmos.model import KVCache, ModelConfig, Transformer
+
+    extra = dict(head_dim=32, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
+    config = ModelConfig(arch=arch, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=64, **extra)
+    torch.manual_seed(0)
+    model = quantized_copy(Transformer(config).eval())
+    if arch == "gemma3":
+        for n in model.modules():  # norms away from 1, so a wrong one shows
+            if type(n).__name__ == "RMSNorm":
+                n.weight.data = 1 + 0.3 * torch.randn_like(n.weight)
+    prompt = torch.randint(0, 96, (2, 9))
+
+    def decode(fused: bool):
+        import llmos.model as module
+
+        model._fused = None if fused else False
+        cache = KVCache.allocate(config, 2, 32)
+        out = []
+        with torch.inference_mode():
+            model(prompt, cache=cache, kv_len=9)
+            for step in range(5):  # row 1 runs two positions behind row 0
+                pos = torch.tensor([[9 + step], [7 + step]])
+                out.append(model(torch.tensor([[3 + step], [40 + step]]), input_pos=pos, cache=cache))
+            assert module._fast() and bool(model._fused) == fused
+        return torch.cat(out, 1), cache
+
+    (fused, fc), (plain, pc) = decode(True), decode(False)
+    assert torch.allclose(fused, plain, atol=2e-4 * plain.abs().max().item()), (fused - plain).abs().max()
+    for a, b in zip(fc.k + fc.v, pc.k + pc.v):  # the caches hold the same keys and values
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), (a - b).abs().max()

@@ -345,6 +345,130 @@ static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, 
   return out;
 }
 
+// ------------------------------------------------------------------------------------------
+// One transformer block for one new token per row, all in C++: what model.py's Block does for
+// decoding, without the few dozen PyTorch operations (and their dispatch) per layer.
+//
+// x (B, C) -> x after the block. Row b's token sits at position pos[b]: its key and value are
+// written into kc, vc (B, Hkv, max_len, D) there, and it attends to positions
+// [max(0, pos - window + 1), pos] (window 0: all of [0, pos]). RoPE in the rotate-half layout,
+// with model.py's tables (the sine's sign folded in). Optional: QK-norm, and the norms of each
+// sublayer's output before the residual add (Gemma); gelu selects GELU-tanh over SiLU.
+
+static void rms_rows(float* y, const float* x, const float* w, int64_t rows, int64_t d, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / d + eps);
+    for (int64_t i = 0; i < d; ++i) y[r * d + i] = xr[i] * inv * w[i];
+  }
+}
+
+static void rope(float* v, const float* cos, const float* sin, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = v[i], b = v[i + half];
+    v[i] = a * cos[i] + b * sin[i];
+    v[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
+                               const c10::optional<at::Tensor>& post_attn_norm,
+                               const c10::optional<at::Tensor>& post_mlp_norm, const c10::optional<at::Tensor>& q_norm,
+                               const c10::optional<at::Tensor>& k_norm, at::TensorList wqkv, at::IntArrayRef tqkv,
+                               at::TensorList wo, at::IntArrayRef to, at::TensorList w13, at::IntArrayRef t13,
+                               at::TensorList w2, at::IntArrayRef t2, const at::Tensor& kc, const at::Tensor& vc,
+                               const at::Tensor& pos_in, const at::Tensor& cos_t, const at::Tensor& sin_t,
+                               int64_t H, int64_t Hkv, int64_t D, int64_t window, double eps_d, double scale_d,
+                               bool gelu) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode_layer: x must be float32 (B, C)");
+  TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 &&
+                  kc.size(1) == Hkv && kc.size(3) == D && vc.sizes() == kc.sizes(),
+              "decode_layer: the caches must be contiguous float32 (B, Hkv, max_len, D)");
+  const at::Tensor x = x_in.contiguous(), pos = pos_in.to(at::kLong).contiguous();
+  const int64_t B = x.size(0), C = x.size(1), L = kc.size(2);
+  TORCH_CHECK(kc.size(0) == B && pos.numel() == B, "decode_layer: one position per row of x and of the caches");
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < L && pp[b] < cos_t.size(0), "decode_layer: position ", pp[b], " is outside the cache");
+  const float eps = static_cast<float>(eps_d), scale = static_cast<float>(scale_d);
+
+  at::Tensor h = at::empty({B, C}, x.options());
+  rms_rows(h.data_ptr<float>(), x.data_ptr<float>(), attn_norm.data_ptr<float>(), B, C, eps);
+  at::Tensor qkv = qmm(h, wqkv, tqkv);  // (B, (H + 2 Hkv) D)
+  TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D, "decode_layer: the q/k/v projection has the wrong width");
+  float* qp = qkv.data_ptr<float>();
+  const float *cp = cos_t.data_ptr<float>(), *sp = sin_t.data_ptr<float>();
+  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* row = qp + b * (H + 2 * Hkv) * D;
+    if (q_norm.has_value()) rms_rows(row, row, q_norm->data_ptr<float>(), H, D, eps);
+    if (k_norm.has_value()) rms_rows(row + H * D, row + H * D, k_norm->data_ptr<float>(), Hkv, D, eps);
+    const float* c = cp + pp[b] * D;
+    const float* s = sp + pp[b] * D;
+    for (int64_t h2 = 0; h2 < H + Hkv; ++h2) rope(row + h2 * D, c, s, D);
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t at_ = ((b * Hkv + g) * L + pp[b]) * D;
+      std::memcpy(kcp + at_, row + (H + g) * D, D * sizeof(float));
+      std::memcpy(vcp + at_, row + (H + Hkv + g) * D, D * sizeof(float));
+    }
+  }
+  at::Tensor att = at::empty({B, H * D}, x.options());
+  float* ap = att.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H, hh = i % H, g = hh / (H / Hkv);
+      const int64_t end = pp[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      const float* q = qp + b * (H + 2 * Hkv) * D + hh * D;
+      const float* kb = kcp + (b * Hkv + g) * L * D;
+      const float* vb = vcp + (b * Hkv + g) * L * D;
+      p.resize(end - start);
+      float mx = -INFINITY;
+      for (int64_t t = start; t < end; ++t) {
+        float dot = 0.0f;
+        for (int64_t j = 0; j < D; ++j) dot += q[j] * kb[t * D + j];
+        p[t - start] = dot * scale;
+        mx = std::max(mx, p[t - start]);
+      }
+      float total = 0.0f;
+      for (auto& v : p) total += (v = std::exp(v - mx));
+      float* o = ap + b * H * D + hh * D;
+      for (int64_t j = 0; j < D; ++j) o[j] = 0.0f;
+      for (int64_t t = start; t < end; ++t) {
+        const float w = p[t - start] / total;
+        for (int64_t j = 0; j < D; ++j) o[j] += w * vb[t * D + j];
+      }
+    }
+  });
+  at::Tensor out = qmm(att, wo, to);  // (B, C)
+  float* op = out.data_ptr<float>();
+  if (post_attn_norm.has_value()) rms_rows(op, op, post_attn_norm->data_ptr<float>(), B, C, eps);
+  at::Tensor y = x.clone();
+  float* yp = y.data_ptr<float>();
+  for (int64_t i = 0; i < B * C; ++i) yp[i] += op[i];
+  rms_rows(h.data_ptr<float>(), yp, mlp_norm.data_ptr<float>(), B, C, eps);
+  at::Tensor gu = qmm(h, w13, t13);  // (B, 2 F): gate, then up
+  const int64_t F = gu.size(1) / 2;
+  at::Tensor act = at::empty({B, F}, x.options());
+  const float* gp = gu.data_ptr<float>();
+  float* actp = act.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < F; ++i) {
+      const float g = gp[b * 2 * F + i], u = gp[b * 2 * F + F + i];
+      const float a = gelu ? 0.5f * g * (1.0f + std::tanh(0.7978845608f * (g + 0.044715f * g * g * g)))
+                           : g / (1.0f + std::exp(-g));
+      actp[b * F + i] = a * u;
+    }
+  at::Tensor down = qmm(act, w2, t2);
+  float* dp = down.data_ptr<float>();
+  if (post_mlp_norm.has_value()) rms_rows(dp, dp, post_mlp_norm->data_ptr<float>(), B, C, eps);
+  for (int64_t i = 0; i < B * C; ++i) yp[i] += dp[i];
+  return y;
+}
+
 static int64_t kernel_path() { return g_path; }
 
 // Tests compare the paths: a path the CPU lacks falls back to the best one it has.
@@ -361,6 +485,10 @@ TORCH_LIBRARY(llmos, m) {
   m.def("dequantize(Tensor w, int type, int K, Tensor? ids=None) -> Tensor", &llmos::dequantize);
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &llmos::rms_norm);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor", &llmos::decode_attention);
+  m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor mlp_norm, Tensor? post_attn_norm, Tensor? post_mlp_norm, "
+        "Tensor? q_norm, Tensor? k_norm, Tensor[] wqkv, int[] tqkv, Tensor[] wo, int[] to, Tensor[] w13, int[] t13, "
+        "Tensor[] w2, int[] t2, Tensor kc, Tensor vc, Tensor pos, Tensor cos, Tensor sin, int n_head, int n_kv_head, "
+        "int head_dim, int window, float eps, float scale, bool gelu) -> Tensor", &llmos::decode_layer);
   m.def("kernel_path() -> int", &llmos::kernel_path);
   m.def("set_kernel_path(int path) -> int", &llmos::set_kernel_path);
 }

@@ -68,19 +68,19 @@ class QLinear(nn.Module):
         super().__init__()
         self.groups, self.in_features = groups, in_features
         self.out_features = sum(w.shape[0] for _, w in groups)
-        self._weights = [w for _, w in groups]
-        self._types = [t for t, _ in groups]
+        self.block_weights = [w for _, w in groups]  # what the kernels take (model.py's fused decode too)
+        self.block_types = [t for t, _ in groups]
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= DEQUANTIZE_ROWS:
             y = torch.cat([x2.float() @ kernels.dequantize(w, t, self.in_features).T for t, w in self.groups], dim=-1)
         else:
-            y = kernels.qmm(x2, self._weights, self._types)
+            y = kernels.qmm(x2, self.block_weights, self.block_types)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):
-        kinds = "+".join(type_name(t) for t in self._types)
+        kinds = "+".join(type_name(t) for t in self.block_types)
         return f"in_features={self.in_features}, out_features={self.out_features}, blocks={kinds}"
 
 
