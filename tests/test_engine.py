@@ -253,3 +253,46 @@ def test_rows_that_end_together_leave_the_others_unchanged(model):
     assert [r.request for r in engine.rows] == [reqs[2], reqs[4]] or [r.request for r in engine.rows] == [reqs[4], reqs[2]]
     run_engine(engine)
     assert_same_traces([trace(r.sequences[0]) for r in reqs], alone)
+
+
+def test_prefix_cache_reuses_a_finished_sequence_and_changes_nothing(tiny_llm, monkeypatch):
+    """Turn 2's prompt begins with turn 1's prompt and reply (a chat): only the new tokens are
+    prefilled, and the output is the one a cold prefill gives."""
+    from llmos.engine import generate as engine
+
+    model = tiny_llm.model
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    first = list(range(5, 45))
+
+    def two_turns(budget: int):
+        monkeypatch.setitem(engine._PREFIXES, model, engine.PrefixCache(max_tokens=budget))
+        req1 = Request(first, greedy)
+        for _ in run(model, req1):
+            pass
+        reply = req1.sequences[0].output
+        req2 = Request(first + reply + [7, 8, 9], greedy)
+        for _ in run(model, req2):
+            pass
+        return req2, len(first) + len(reply) - 1  # the reply's last token never entered the cache
+
+    cold, _ = two_turns(0)
+    warm, known = two_turns(4096)
+    assert cold.timings.cached_tokens == 0
+    assert warm.timings.cached_tokens == known
+    assert warm.sequences[0].output == cold.sequences[0].output
+
+
+def test_prefix_cache_keeps_to_its_budget():
+    from llmos.engine.generate import PrefixCache
+    from llmos.model import KVCache, ModelConfig
+
+    config = ModelConfig(n_layer=1, n_head=2, d_model=16, max_seq_len=64)
+    cache = KVCache.allocate(config, 1, 64)
+    store = PrefixCache(max_tokens=50, min_tokens=4)
+    store.store(list(range(20)), cache, 0)
+    store.store(list(range(30)), cache, 0)  # extends the first: replaces it
+    assert list(map(len, store.entries)) == [30] and store.stored == 30
+    store.store(list(range(100, 130)), cache, 0)  # 60 > 50: the oldest goes
+    assert list(map(len, store.entries)) == [30] and next(iter(store.entries))[0] == 100
+    assert store.match(list(range(100, 110)))[0] == 9  # all but the last prompt token
+    assert store.match(list(range(3)) + [999])[0] == 0  # under min_tokens: not worth it

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -136,6 +137,7 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 @dataclass
 class Timings:
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache
     prefill_s: float = 0.0
     first_token_s: float = 0.0  # from the start of the prefill to the first sampled token
     decode_s: float = 0.0
@@ -150,6 +152,7 @@ class Timings:
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_tokens,
             "generated_tokens": self.generated_tokens,
             "prefill_s": round(self.prefill_s, 4),
             "time_to_first_token_s": round(self.first_token_s, 4),
@@ -251,6 +254,70 @@ def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions
     return model(torch.tensor(tokens)[:, None], input_pos=pos, cache=cache, kv_len=kv_len)[:, -1]
 
 
+class PrefixCache:
+    """Keys and values of recently finished sequences, kept after their rows are reused, so a
+    prompt that begins with one of them (a chat's history, a story's Memory and Lorebook) is
+    prefilled only from where it diverges. One per model, shared by every engine on it; least
+    recently used entries go first beyond `max_tokens` positions in all.
+    LLMOS_PREFIX_CACHE_TOKENS sets that budget (0 turns the cache off)."""
+
+    def __init__(self, max_tokens: int | None = None, min_tokens: int = 16):
+        if max_tokens is None:
+            max_tokens = int(os.environ.get("LLMOS_PREFIX_CACHE_TOKENS", "8192"))
+        self.max_tokens, self.min_tokens = max_tokens, min_tokens
+        self.entries: OrderedDict[tuple[int, ...], tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+        self.stored = 0
+        self.hits = 0
+
+    def match(self, prompt: list[int]) -> tuple[int, tuple[int, ...] | None]:
+        """(positions reusable, entry key): at most len(prompt) - 1, so the last prompt token
+        still runs and gives the next token's logits."""
+        best, key = 0, None
+        for tokens in self.entries:
+            n = min(len(tokens), len(prompt) - 1)
+            same = next((i for i in range(n) if tokens[i] != prompt[i]), n)
+            if same > best:
+                best, key = same, tokens
+        return (best, key) if best >= self.min_tokens else (0, None)
+
+    def load(self, key: tuple[int, ...], length: int, cache: KVCache, row: int):
+        ks, vs = self.entries[key]
+        self.entries.move_to_end(key)
+        for layer, (k, v) in enumerate(zip(ks, vs)):
+            cache.k[layer][row, :, :length] = k[:, :length]
+            cache.v[layer][row, :, :length] = v[:, :length]
+        self.hits += 1
+
+    def store(self, tokens: list[int], cache: KVCache, row: int):
+        """Keep cache row `row`'s first len(tokens) positions, the keys and values of `tokens`."""
+        n = len(tokens)
+        if n < self.min_tokens or n > self.max_tokens:
+            return
+        key = tuple(tokens)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        # An entry that is a prefix of this one says nothing more: it goes.
+        for old in [t for t in self.entries if len(t) <= n and key[: len(t)] == t]:
+            self.stored -= len(old)
+            del self.entries[old]
+        self.entries[key] = ([k[row, :, :n].clone() for k in cache.k], [v[row, :, :n].clone() for v in cache.v])
+        self.stored += n
+        while self.stored > self.max_tokens:
+            old, _ = self.entries.popitem(last=False)
+            self.stored -= len(old)
+
+
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prefix_cache(model: Transformer) -> PrefixCache:
+    """The model's prefix cache (made on first use)."""
+    if model not in _PREFIXES:
+        _PREFIXES[model] = PrefixCache()
+    return _PREFIXES[model]
+
+
 class Engine:
     """Continuous batching over one model and one KV cache. Call `add`, then `step` while
     `has_work`; each step returns the events it produced. `add` may be called from another
@@ -262,6 +329,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.cache = KVCache.allocate(model.config, max_batch, self.max_len, cache_dtype(model))
+        self.prefixes = prefix_cache(model)
         self.waiting: deque[Request] = deque()
         self.rows: list[Row] = []  # running, packed: row i is cache row i
         self.stats = {"requests": 0, "prompt_tokens": 0, "generated_tokens": 0, "steps": 0}
@@ -351,7 +419,14 @@ class Engine:
     def _prefill(self, req: Request, events: list[Event]):
         self._start(req)
         P, first, t0 = len(req.prompt), len(self.rows), time.perf_counter()
-        logits = prefill(self.model, self.cache.rows(first, first + 1), req.prompt)
+        reused, key = self.prefixes.match(req.prompt)
+        if reused:  # the keys and values of the prompt's first `reused` tokens are known
+            self.prefixes.load(key, reused, self.cache, first)
+            req.timings.cached_tokens = reused
+            logits = self.model(torch.tensor([req.prompt[reused:]]), cache=self.cache.rows(first, first + 1),
+                                kv_len=P, last_only=True)[:, -1]
+        else:
+            logits = prefill(self.model, self.cache.rows(first, first + 1), req.prompt)
         if req.n > 1:  # the candidates share the prefill
             self.cache.copy_rows(first, slice(first + 1, first + req.n), P)
         req.timings.prefill_s = time.perf_counter() - t0
@@ -423,6 +498,10 @@ class Engine:
                 if tail:
                     events.append(Event(req, row.index, text=tail))
             events.append(Event(req, row.index, finish_reason=row.sequence.finish_reason))
+        for row in ended:  # before other rows move into theirs: a later prompt may begin with it
+            seq, at = row.sequence, next((i for i, r in enumerate(self.rows) if r is row), None)
+            if row.index == 0 and seq.finish_reason not in ("error", "cancelled") and at is not None:
+                self.prefixes.store((seq.prompt + seq.output)[: row.pos], self.cache, at)
         gone = {id(r) for r in ended}
         keep = len(self.rows) - len(ended)
         holes = [i for i in range(keep) if id(self.rows[i]) in gone]
