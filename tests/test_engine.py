@@ -296,3 +296,26 @@ def test_prefix_cache_keeps_to_its_budget():
     assert list(map(len, store.entries)) == [30] and next(iter(store.entries))[0] == 100
     assert store.match(list(range(100, 110)))[0] == 9  # all but the last prompt token
     assert store.match(list(range(3)) + [999])[0] == 0  # under min_tokens: not worth it
+
+
+def test_lookahead_drafts_change_nothing_and_are_accepted(tiny_llm):
+    """Prompt-lookup drafts (greedy, one row): the same tokens as plain decoding, in fewer steps
+    once the text repeats itself (a small random model soon loops)."""
+    from llmos.engine.generate import draft_tokens
+
+    assert draft_tokens([1, 2, 3, 4, 5, 9, 1, 2, 3], 3) == [4, 5, 9]
+    assert draft_tokens([7, 1, 2, 8, 1, 2], 4) == [8, 1, 2]
+    assert draft_tokens([1, 2, 3], 2) == []
+    prompt = list(range(5, 30)) * 2
+    outs = {}
+    for lookahead in (0, 8):
+        req = Request(prompt, SamplingParams(temperature=0, max_tokens=60, lookahead=lookahead))
+        for _ in run(tiny_llm.model, req):
+            pass
+        outs[lookahead] = req
+    plain, drafted = outs[0], outs[8]
+    assert drafted.sequences[0].output == plain.sequences[0].output
+    assert drafted.timings.accepted_tokens > 0 and drafted.timings.drafted_tokens >= drafted.timings.accepted_tokens
+    assert drafted.timings.decode_steps < plain.timings.decode_steps
+    with pytest.raises(ValueError, match="lookahead"):
+        SamplingParams(lookahead=17)

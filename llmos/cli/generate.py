@@ -28,6 +28,7 @@ def generate(
     no_repeat_ngram: Annotated[Optional[int], typer.Option(help="Never repeat an n-gram of this size (0 = off).")] = None,
     ban: Annotated[list[str], typer.Option(help="A word or phrase never to produce (repeatable).")] = [],
     seed: Annotated[Optional[int], typer.Option(help="Make sampling reproducible.")] = None,
+    lookahead: Annotated[Optional[int], typer.Option(help="Greedy only: check up to this many tokens copied from earlier in the text per step (prompt-lookup speculative decoding; same output, faster when the output copies the prompt, as rewrites do; 0 = off).")] = None,
     n: Annotated[int, typer.Option("-n", help="Number of candidates (they share one prefill).")] = 1,
     stop: Annotated[list[str], typer.Option(help="Stop when this text appears (repeatable).")] = [],
     beams: Annotated[int, typer.Option(help="Beam search with this many beams (deterministic; 0 = off).")] = 0,
@@ -79,7 +80,7 @@ def generate(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed,
-        logprobs=logprobs, banned_sequences=banned_sequences(llm, ban) or None,
+        logprobs=logprobs, banned_sequences=banned_sequences(llm, ban) or None, lookahead=lookahead,
     ))
     result = Result("", 0, [])
     try:

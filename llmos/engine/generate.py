@@ -144,6 +144,8 @@ class Timings:
     decode_steps: int = 0
     generated_tokens: int = 0
     decode_tokens: int = 0  # tokens sampled after the first step, i.e. those decode_s paid for
+    drafted_tokens: int = 0  # prompt-lookup draft tokens checked (lookahead)
+    accepted_tokens: int = 0  # of those, the ones the model agreed with
     # time.monotonic() stamps: when the request was made, got its first token, ended
     submitted: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
@@ -159,6 +161,8 @@ class Timings:
             "decode_s": round(self.decode_s, 4),
             "prefill_tok_s": round(self.prompt_tokens / self.prefill_s, 2) if self.prefill_s else None,
             "decode_tok_s": round(self.decode_tokens / self.decode_s, 2) if self.decode_s else None,
+            **({"drafted_tokens": self.drafted_tokens, "accepted_tokens": self.accepted_tokens}
+               if self.drafted_tokens else {}),
         }
 
 
@@ -252,6 +256,20 @@ def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions
     kv_len = max(positions) + 1
     pos = None if min(positions) == kv_len - 1 else torch.tensor(positions)[:, None]
     return model(torch.tensor(tokens)[:, None], input_pos=pos, cache=cache, kv_len=kv_len)[:, -1]
+
+
+def draft_tokens(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup: the (up to k) tokens that followed the latest earlier occurrence of the
+    history's last n tokens, for n from max_ngram down to 1; [] when none recurs."""
+    end = len(history)
+    for n in range(max_ngram, 0, -1):
+        if end <= n:
+            continue
+        tail, last = history[end - n :], history[-1]
+        for start in range(end - 2, n - 2, -1):  # start: where an earlier copy of the tail ends
+            if history[start] == last and history[start - n + 1 : start + 1] == tail:
+                return history[start + 1 : start + 1 + k]
+    return []
 
 
 class PrefixCache:
@@ -447,6 +465,12 @@ class Engine:
         if not self.rows:
             return
         n = len(self.rows)
+        row = self.rows[0]
+        if n == 1 and row.sequence.params.lookahead and row.sequence.params.greedy:
+            k = min(row.sequence.params.lookahead, self.max_len - row.pos - 1)
+            draft = draft_tokens(row.sequence.history, k) if k > 0 else []
+            if draft:
+                return self._decode_draft(row, draft, events)
         logits = decode_step(self.model, self.cache.rows(0, n), [r.token for r in self.rows],
                              [r.pos for r in self.rows])
         self.stats["steps"] += 1
@@ -457,6 +481,24 @@ class Engine:
         for req in requests.values():
             req.timings.decode_steps += 1
         self._sample(list(self.rows), logits, events)
+
+    def _decode_draft(self, row: Row, draft: list[int], events: list[Event]):
+        """One forward pass over the row's next token and a draft of those after it; tokens
+        are then sampled one by one from its logits, as plain decoding would, for as long as
+        each sampled token is the draft's (the logits after a wrong draft token mean nothing)."""
+        tokens = [row.token] + draft
+        logits = self.model(torch.tensor([tokens]), cache=self.cache.rows(0, 1), kv_len=row.pos + len(tokens))[0]
+        self.stats["steps"] += 1
+        t = row.request.timings
+        t.decode_steps += 1
+        t.drafted_tokens += len(draft)
+        for j in range(len(tokens)):
+            if j:
+                if row.sequence.done or row.token != tokens[j]:
+                    break
+                t.accepted_tokens += 1
+            row.pos += 1
+            self._sample([row], logits[j : j + 1], events)
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, events: list[Event], prefill_start: float | None = None):
         """Sample each row's next token, turn it into events, and end the rows that finished."""

@@ -49,6 +49,10 @@ class SamplingParams:
     dry_base: float = 1.75
     dry_allowed_length: int = 2
     constraint: Constraint | None = None  # a state machine that masks tokens (poetic forms)
+    # Prompt-lookup speculative decoding (greedy, one running row): up to this many tokens that
+    # followed the latest earlier occurrence of the text's last few tokens are checked in one
+    # forward pass. Output is unchanged; rewrites and edits, which copy their input, run faster.
+    lookahead: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -63,6 +67,8 @@ class SamplingParams:
         check(self.temperature >= 0,
               f"temperature must be >= 0, got {self.temperature} (use 0 for greedy decoding)")
         check(self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}")
+        check(isinstance(self.lookahead, int) and 0 <= self.lookahead <= 16,
+              f"lookahead must be a whole number from 0 (off) to 16, got {self.lookahead}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p} (1 turns it off)")
         check(0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p} (0 turns it off)")
         check(0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}")
