@@ -304,6 +304,7 @@ def test_lookahead_drafts_change_nothing_and_are_accepted(tiny_llm):
     from llmos.engine.generate import draft_tokens
 
     assert draft_tokens([1, 2, 3, 4, 5, 9, 1, 2, 3], 3) == [4, 5, 9]
+    assert draft_tokens([5, 6, 7, 5], 2) == []  # one recurring token is too weak a hint
     assert draft_tokens([7, 1, 2, 8, 1, 2], 4) == [8, 1, 2]
     assert draft_tokens([1, 2, 3], 2) == []
     prompt = list(range(5, 30)) * 2

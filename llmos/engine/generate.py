@@ -224,6 +224,8 @@ class Row:
     index: int
     pos: int  # position of the token to feed next
     token: int = 0  # the token to feed next
+    misses: int = 0  # lookahead: drafts in a row the model rejected outright
+    pause: int = 0  # lookahead: plain steps to take before drafting again (2 ** misses)
 
     @property
     def sequence(self) -> Sequence:
@@ -258,11 +260,11 @@ def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions
     return model(torch.tensor(tokens)[:, None], input_pos=pos, cache=cache, kv_len=kv_len)[:, -1]
 
 
-def draft_tokens(history: list[int], k: int, max_ngram: int = 3) -> list[int]:
+def draft_tokens(history: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Prompt lookup: the (up to k) tokens that followed the latest earlier occurrence of the
-    history's last n tokens, for n from max_ngram down to 1; [] when none recurs."""
+    history's last n tokens, for n from max_ngram down to min_ngram; [] when none recurs."""
     end = len(history)
-    for n in range(max_ngram, 0, -1):
+    for n in range(max_ngram, min_ngram - 1, -1):
         if end <= n:
             continue
         tail, last = history[end - n :], history[-1]
@@ -468,8 +470,9 @@ class Engine:
         row = self.rows[0]
         if n == 1 and row.sequence.params.lookahead and row.sequence.params.greedy:
             k = min(row.sequence.params.lookahead, self.max_len - row.pos - 1)
-            draft = draft_tokens(row.sequence.history, k) if k > 0 else []
-            if draft:
+            if row.pause:  # recent drafts were wrong: a checked draft costs more than a plain step
+                row.pause -= 1
+            elif k > 0 and (draft := draft_tokens(row.sequence.history, k)):
                 return self._decode_draft(row, draft, events)
         logits = decode_step(self.model, self.cache.rows(0, n), [r.token for r in self.rows],
                              [r.pos for r in self.rows])
@@ -492,13 +495,17 @@ class Engine:
         t = row.request.timings
         t.decode_steps += 1
         t.drafted_tokens += len(draft)
+        accepted = 0
         for j in range(len(tokens)):
             if j:
                 if row.sequence.done or row.token != tokens[j]:
                     break
-                t.accepted_tokens += 1
+                accepted += 1
             row.pos += 1
             self._sample([row], logits[j : j + 1], events)
+        t.accepted_tokens += accepted
+        row.misses = 0 if accepted else min(row.misses + 1, 5)
+        row.pause = 2**row.misses if row.misses else 0
 
     def _sample(self, rows: list[Row], logits: torch.Tensor, events: list[Event], prefill_start: float | None = None):
         """Sample each row's next token, turn it into events, and end the rows that finished."""
