@@ -46,6 +46,9 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
     from llmos.engine.sampling import SamplingParams
     from llmos.weights.store import load_checkpoint, resolve
 
+    import os
+
+    os.environ["LLMOS_PREFIX_CACHE_TOKENS"] = "0"  # every repeat prefills its prompt cold
     path = resolve(model)
     loads = []
     for _ in range(repeats):  # the median of several loads (page cache warm after the first)
