@@ -63,12 +63,16 @@ class ModelConfig:
     causal: bool = True  # False gives bidirectional attention, for masked-LM training
     dropout: float = 0.0
     layer_types: list[str] = field(default_factory=list)  # derived: "global" | "sliding"
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen 2)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen 3; Gemma 3 always)
 
     def __post_init__(self):
         if self.arch not in ("llama", "gemma3"):
             raise ValueError(f"unknown architecture {self.arch!r}: use 'llama' or 'gemma3'")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.arch == "gemma3":
+            self.qk_norm = True
         if self.head_dim is None:
             if self.d_model % self.n_head:
                 raise ValueError(
@@ -257,9 +261,9 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # One matmul for q, k and v: fewer, larger kernels matter on a CPU.
-        self.wqkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=False)
+        self.wqkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(q_dim, config.d_model, bias=False)
-        if config.gemma:
+        if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
@@ -267,7 +271,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         nh, nkv = self.n_head, self.n_kv_head
         qkv = self.wqkv(x).view(B, T, nh + 2 * nkv, self.head_dim)
-        if self.config.gemma:
+        if self.config.qk_norm:
             q, k, v = qkv.split([nh, nkv, nkv], dim=2)
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         else:
@@ -437,7 +441,7 @@ class Transformer(nn.Module):
                 linears = (block.attn.wqkv, block.attn.wo, block.mlp.w13, block.mlp.w2)
                 norms = [block.attn_norm, block.mlp_norm, block.post_attn_norm, block.post_mlp_norm,
                          getattr(block.attn, "q_norm", None), getattr(block.attn, "k_norm", None)]
-                if not all(hasattr(m, "block_types") for m in linears) or any(
+                if not all(hasattr(m, "block_types") and getattr(m, "bias", None) is None for m in linears) or any(
                         n is not None and n.weight.dtype != torch.float32 for n in norms):
                     self._fused = False
                     break

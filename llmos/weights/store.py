@@ -387,6 +387,57 @@ def _gguf_store_name(path: Path) -> str:
     return f"gguf-{path.stem}-{h.hexdigest()[:10]}"
 
 
+def _hf_store_name(path: Path) -> str:
+    """A stable store name for a Hugging Face folder: its name plus a hash of its files' sizes."""
+    from llmos.weights.hf import weight_files
+
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in weight_files(path):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"hf-{path.name}-{h.hexdigest()[:10]}"
+
+
+def convert_hf(folder: Path, out_dir: Path, meta: dict) -> Path:
+    """A Hugging Face folder of the llama family -> a checkpoint folder, atomically."""
+    from safetensors.torch import save_file
+
+    from llmos.weights import hf
+
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        config = hf.config_from_hf(cfg)
+        if not (folder / "tokenizer.json").is_file():
+            raise hf.HFError("it has no tokenizer.json (the fast tokenizer file)")
+        state = hf.hf_state_dict(folder, config)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
+        info, template = hf.hf_tokenizer_info(folder)
+        full = {
+            "model": config.to_dict(), "store_format": STORE_FORMAT, "quantization": "F32",
+            "name": meta.get("name", folder.name), "license": cfg.get("license", "unknown"),
+            "description": f"{cfg.get('model_type')} model from {folder}", "source": str(folder.resolve()),
+            "tokenizer": {**info, "stop_tokens": []},
+            "prompt_style": {"kind": "chat" if template else "completion", "chat_template": template},
+            "generation": {},
+        }
+        from llmos.weights.gguf import write_json_atomic
+
+        write_json_atomic(tmp / "config.json", full)
+    except (hf.HFError, ValueError, KeyError, TypeError, OSError) as e:
+        raise ModelError(f"{folder}: {e}") from None
+    except Exception as e:  # safetensors' own errors for corrupt files
+        raise ModelError(f"{folder} cannot be converted ({type(e).__name__}: {e})") from None
+    finally:
+        if not (tmp / "config.json").exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
 def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False) -> Path:
     """A checkpoint folder for a bundled name, a checkpoint path or a .gguf path; bundled
     models are pulled and GGUF files converted on first use."""
@@ -400,6 +451,20 @@ def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False)
             path = target
             break
     if path.is_dir():
+        from llmos.weights.hf import is_hf_folder
+
+        if is_hf_folder(path):  # converted into the store once, like a GGUF file
+            from llmos.weights.hf import HFError, config_from_hf
+
+            try:
+                config_from_hf(json.loads((path / "config.json").read_text()))  # supported, before anything else
+                out = models_dir() / _hf_store_name(path)
+            except HFError as e:
+                raise ModelError(f"{path}: {e}") from None
+            if not is_checkpoint(out):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                convert_hf(path, out, {"name": out.name})
+            return out
         if not is_checkpoint(path):
             raise ModelError(f"{path} is not a checkpoint folder: it needs config.json and model.safetensors "
                              f"(or adapter.safetensors)")

@@ -1,0 +1,138 @@
+"""A Hugging Face model folder (config.json, safetensors weights, tokenizer.json) -> an LLMOS
+checkpoint folder, for the llama family: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5 and Qwen 3.
+
+The folder's weights may be one model.safetensors or shards listed in
+model.safetensors.index.json; only safetensors are read (never pickled .bin files). Names map
+onto model.py, q/k/v and gate/up are fused. What the architecture needs beyond plain Llama is a
+config field: biases on q/k/v (Qwen 2), per-head QK-norm (Qwen 3), a sliding window (Mistral).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from llmos.model import ModelConfig
+
+FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class HFError(ValueError):
+    """The folder is not a model this importer supports (the caller names the folder)."""
+
+
+def is_hf_folder(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "model_type" in cfg and "model" not in cfg
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    kind = cfg.get("model_type")
+    if kind not in FAMILY:
+        raise HFError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILY)} "
+                      f"(and GGUF files of llama and gemma3)")
+    scaling = cfg.get("rope_scaling")
+    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
+        raise HFError(f"rope_scaling {scaling.get('rope_type') or scaling.get('type')!r} is not supported yet")
+    try:
+        n_head = int(cfg["num_attention_heads"])
+        window = cfg.get("sliding_window") if kind == "mistral" or cfg.get("use_sliding_window") else None
+        n_layer = int(cfg["num_hidden_layers"])
+        return ModelConfig(
+            arch="llama", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=n_head,
+            n_kv_head=int(cfg.get("num_key_value_heads") or n_head), d_model=int(cfg["hidden_size"]),
+            head_dim=cfg.get("head_dim"), d_ff=int(cfg["intermediate_size"]),
+            max_seq_len=int(cfg.get("max_position_embeddings", 2048)), rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=int(window) if window else None, global_every=n_layer + 1,
+            qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)), qk_norm=kind == "qwen3",
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError(f"its config.json does not describe a {kind} model ({type(e).__name__}: {e})") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise HFError(f"model.safetensors.index.json cannot be read ({type(e).__name__}: {e})") from None
+        files = [path / n for n in names]
+        if any(Path(n).name != n or not f.is_file() for n, f in zip(names, files)):
+            raise HFError("model.safetensors.index.json names shards that are not in the folder")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise HFError("it has no model.safetensors (nor an index of shards); .bin weights are not read")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_SIMPLE = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "mlp_norm.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
+}
+
+
+def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    raw: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        raw.update(load_file(str(f)))
+    state, parts = {}, {}
+    for name, w in raw.items():
+        w = w.float()
+        if name == "model.embed_tokens.weight":
+            state["embed.weight"] = w
+        elif name == "model.norm.weight":
+            state["norm.weight"] = w
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:
+                state["lm_head.weight"] = w
+        elif m := _LAYER.fullmatch(name):
+            layer, rest = int(m.group(1)), m.group(2)
+            if rest in _SIMPLE:
+                state[f"blocks.{layer}.{_SIMPLE[rest]}"] = w
+            elif rest.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                parts.setdefault(layer, {})[rest] = w
+            elif not rest.endswith("rotary_emb.inv_freq"):
+                raise HFError(f"unexpected tensor {name}")
+        else:
+            raise HFError(f"unexpected tensor {name}")
+    for layer, p in parts.items():
+        try:
+            state[f"blocks.{layer}.attn.wqkv.weight"] = torch.cat(
+                [p[f"self_attn.{n}_proj.weight"] for n in "qkv"])
+            if config.qkv_bias:
+                state[f"blocks.{layer}.attn.wqkv.bias"] = torch.cat([p[f"self_attn.{n}_proj.bias"] for n in "qkv"])
+            state[f"blocks.{layer}.mlp.w13.weight"] = torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])
+        except KeyError as e:
+            raise HFError(f"layer {layer} lacks {e.args[0]}") from None
+    return state
+
+
+def hf_tokenizer_info(path: Path) -> tuple[dict, str | None]:
+    """Special tokens and the chat template, from tokenizer_config.json (when there is one)."""
+    try:
+        tc = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        tc = {}
+
+    def text(v):
+        return v.get("content") if isinstance(v, dict) else v
+
+    info = {"bos_token": text(tc.get("bos_token")), "eos_token": text(tc.get("eos_token")),
+            "add_bos_token": bool(tc.get("add_bos_token", False))}
+    template = tc.get("chat_template")
+    return info, template if isinstance(template, str) else None

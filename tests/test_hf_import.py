@@ -1,0 +1,100 @@
+"""Hugging Face folders of the llama family (Llama, Mistral, Qwen 2, Qwen 3): tiny random models
+written by transformers itself, converted into the store, and compared with transformers'
+logits in float32."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import byte_level_vocab
+from llmos.weights import store
+
+FAMILIES = {
+    "llama": dict(cls="LlamaForCausalLM", config="LlamaConfig", extra=dict(rope_theta=10000.0)),
+    "mistral": dict(cls="MistralForCausalLM", config="MistralConfig", extra=dict(sliding_window=5)),
+    "qwen2": dict(cls="Qwen2ForCausalLM", config="Qwen2Config", extra=dict(use_sliding_window=False)),
+    "qwen3": dict(cls="Qwen3ForCausalLM", config="Qwen3Config", extra=dict(head_dim=24)),
+}
+
+
+def write_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tokens, merges = byte_level_vocab()
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split()) for m in merges]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "bos_token": None}))
+    return len(tokens)
+
+
+def tiny_hf(kind: str, folder, tie: bool, shards: bool = False):
+    import transformers
+
+    spec = FAMILIES[kind]
+    vocab = write_tokenizer(folder)
+    config = getattr(transformers, spec["config"])(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie,
+        **spec["extra"])
+    torch.manual_seed(0)
+    model = getattr(transformers, spec["cls"])(config).eval()
+    with torch.no_grad():  # norms and biases away from their initial 1 and 0, so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size="100KB" if shards else "5GB")
+    return model
+
+
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False)])
+def test_hf_folder_matches_transformers(kind, tie, tmp_path):
+    folder = tmp_path / kind
+    folder.mkdir()
+    ref = tiny_hf(kind, folder, tie, shards=kind == "llama")
+    if kind == "llama":
+        assert (folder / "model.safetensors.index.json").exists()  # sharded
+    loaded = store.load_checkpoint(store.resolve(str(folder)), "fp32")
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = loaded.model(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    cfg = loaded.config
+    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    assert cfg.tie_embeddings == tie and (cfg.sliding_window == 5) == (kind == "mistral")
+
+
+def test_hf_folder_generates_through_the_default_path(tmp_path):
+    from llmos.llm import LLM
+
+    folder = tmp_path / "qwen3"
+    folder.mkdir()
+    tiny_hf("qwen3", folder, tie=True)
+    llm = LLM.load(str(folder))  # auto precision: float weights, fp16-packed
+    assert llm.loaded.precision == "fp16"
+    result = llm.generate("the cat", llm.sampling(temperature=0, max_tokens=6))
+    assert 1 <= len(result.completions[0].token_ids) <= 6
+
+
+def test_unsupported_hf_models_are_one_line_errors(tmp_path):
+    folder = tmp_path / "phi"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
+    with pytest.raises(store.ModelError, match="model_type 'phi3' is not supported; supported: llama, mistral"):
+        store.resolve(str(folder))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(store.ModelError, match="does not describe a llama model.*num_attention_heads"):
+        store.resolve(str(folder))
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    tiny_hf("llama", pickled, tie=True)
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")  # as old checkpoints ship
+    with pytest.raises(store.ModelError, match="no model.safetensors.*.bin weights are not read"):
+        store.resolve(str(pickled))
+    assert not list(store.models_dir().glob("hf-*")) or all((p / "config.json").exists()
+                                                             for p in store.models_dir().glob("hf-*"))
