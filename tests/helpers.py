@@ -52,6 +52,9 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     w.add_rope_dimension_count(d_model // n_head)
+    if arch == "qwen3":
+        w.add_key_length(d_model // n_head)
+        w.add_value_length(d_model // n_head)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -97,6 +100,12 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
         matrix(f"blk.{i}.attn_k.weight", "attn_k", t(n_kv_head * hd, d_model))
         matrix(f"blk.{i}.attn_v.weight", "attn_v", t(n_kv_head * hd, d_model))
         matrix(f"blk.{i}.attn_output.weight", "attn_output", t(d_model, n_head * hd))
+        if arch == "qwen2":  # biases on q, k and v
+            for kind, rows in (("attn_q", n_head * hd), ("attn_k", n_kv_head * hd), ("attn_v", n_kv_head * hd)):
+                w.add_tensor(f"blk.{i}.{kind}.bias", t(rows, scale=0.3))
+        if arch == "qwen3":  # per-head QK-norm
+            w.add_tensor(f"blk.{i}.attn_q_norm.weight", 1 + t(hd, scale=0.2))
+            w.add_tensor(f"blk.{i}.attn_k_norm.weight", 1 + t(hd, scale=0.2))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + t(d_model, scale=0.1))
         matrix(f"blk.{i}.ffn_gate.weight", "ffn_gate", t(d_ff, d_model))
         matrix(f"blk.{i}.ffn_up.weight", "ffn_up", t(d_ff, d_model))

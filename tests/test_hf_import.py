@@ -98,3 +98,41 @@ def test_unsupported_hf_models_are_one_line_errors(tmp_path):
         store.resolve(str(pickled))
     assert not list(store.models_dir().glob("hf-*")) or all((p / "config.json").exists()
                                                              for p in store.models_dir().glob("hf-*"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
+    """The same tiny GGUF loaded by transformers (its own GGUF reader) and by LLMOS, in float32:
+    llama's q/k row permutation undone, Qwen's left alone, Qwen 2's biases, Qwen 3's QK-norm."""
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from helpers import write_tiny_gguf
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    # transformers' GGUF reader takes Qwen 3's head size from its own default (128), not the file
+    size = dict(d_model=512, n_head=4) if arch == "qwen3" else {}
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, seed=5, quantize_embeddings=False, **size)
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ours = store.load_checkpoint(store.resolve(str(path)), "fp32")
+    ids = torch.randint(0, ours.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want, got = ref(ids).logits, ours.model(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    assert ours.config.qkv_bias == (arch == "qwen2") and ours.config.qk_norm == (arch == "qwen3")
+
+
+def test_quantized_qwen2_gguf_keeps_its_biases(tmp_path):
+    from helpers import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "q.gguf", arch="qwen2", seed=6, layer_types={"*": "Q8_0"})
+    folder = store.resolve(str(path))
+    q, exact = store.load_checkpoint(folder), store.load_checkpoint(folder, "fp32")
+    assert q.precision == "quantized" and q.model.blocks[0].attn.wqkv.bias is not None
+    ids = torch.tensor([list(range(3, 20))])
+    with torch.inference_mode():
+        a, b = q.model(ids[:, :8]), exact.model(ids[:, :8])
+    assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item())

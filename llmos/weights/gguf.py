@@ -24,7 +24,7 @@ import torch
 
 from llmos.model import ModelConfig
 
-SUPPORTED_ARCHS = ("llama", "gemma3")
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # Mistral's GGUFs say "llama"
 
 # What a GGUF may declare. Real models stay far below: Gemma 3 has 262144 tokens, a 32768-token
 # context and ~800k metadata array items (its tokenizer), and a few hundred tensors.
@@ -214,7 +214,7 @@ def config_from_gguf(meta: dict) -> ModelConfig:
         )
     required = ["block_count", "embedding_length", "attention.head_count", "feed_forward_length",
                 "context_length", "attention.layer_norm_rms_epsilon"]
-    if arch == "gemma3":
+    if arch in ("gemma3", "qwen3"):
         required.append("attention.key_length")
     missing = [f"{arch}.{key}" for key in required if meta.get(f"{arch}.{key}") is None]
     if missing:
@@ -234,7 +234,7 @@ def config_from_gguf(meta: dict) -> ModelConfig:
 
     n_head = count("attention.head_count")
     common = dict(
-        arch=arch,
+        arch="gemma3" if arch == "gemma3" else "llama",  # Qwen: the llama computation, two options on
         n_layer=count("block_count", limit=MAX_LAYERS),
         n_head=n_head,
         n_kv_head=count("attention.head_count_kv", n_head),
@@ -244,6 +244,10 @@ def config_from_gguf(meta: dict) -> ModelConfig:
         rope_theta=positive("rope.freq_base", 10000.0),
         norm_eps=positive("attention.layer_norm_rms_epsilon"),
     )
+    if arch == "qwen2":
+        common.update(qkv_bias=True)
+    if arch == "qwen3":
+        common.update(qk_norm=True, head_dim=count("attention.key_length"))
     if arch == "gemma3":
         head_dim = count("attention.key_length")
         # Gemma 3 text models: every 6th layer global (RoPE base from the file), the others a
@@ -259,6 +263,11 @@ def config_from_gguf(meta: dict) -> ModelConfig:
         raise ConversionError(f"its hyperparameters do not fit together: {e}") from None
 
 
+def gguf_arch(reader) -> str:
+    field = reader.fields.get("general.architecture")
+    return field.contents() if field is not None else "?"
+
+
 def check_tensors(reader, config: ModelConfig):
     """Every tensor named and shaped as the config says (and the vocabulary sizes agreeing),
     checked before any tensor is dequantized."""
@@ -268,9 +277,10 @@ def check_tensors(reader, config: ModelConfig):
     vocab = shapes["token_embd.weight"][0]
     if vocab > MAX_VOCAB:
         raise ConversionError(f"its vocabulary has {vocab} tokens; at most {MAX_VOCAB} are supported")
-    declared = reader.fields.get(f"{config.arch}.vocab_size")
+    arch = gguf_arch(reader)
+    declared = reader.fields.get(f"{arch}.vocab_size")
     if declared is not None and declared.contents() != vocab:
-        raise ConversionError(f"{config.arch}.vocab_size is {declared.contents()!r}, but token_embd.weight "
+        raise ConversionError(f"{arch}.vocab_size is {declared.contents()!r}, but token_embd.weight "
                               f"has {vocab} rows")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     if tokens is None:
@@ -281,15 +291,19 @@ def check_tensors(reader, config: ModelConfig):
     q, kv = config.n_head * hd, config.n_kv_head * hd
     per_layer = dict(attn_norm=(d,), attn_q=(q, d), attn_k=(kv, d), attn_v=(kv, d), attn_output=(d, q),
                      ffn_norm=(d,), ffn_gate=(ff, d), ffn_up=(ff, d), ffn_down=(d, ff))
+    if config.qk_norm:
+        per_layer.update(attn_q_norm=(hd,), attn_k_norm=(hd,))
     if config.arch == "gemma3":
-        per_layer.update(attn_q_norm=(hd,), attn_k_norm=(hd,), post_attention_norm=(d,), post_ffw_norm=(d,))
+        per_layer.update(post_attention_norm=(d,), post_ffw_norm=(d,))
     expected = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
     for i in range(config.n_layer):
         expected.update({f"blk.{i}.{kind}.weight": shape for kind, shape in per_layer.items()})
+        if config.qkv_bias:
+            expected.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (kv,), f"blk.{i}.attn_v.bias": (kv,)})
     for name, shape in shapes.items():
         want = expected.get(name) or ((vocab, d) if name == "output.weight" else None)
         if want is None:
-            raise ConversionError(f"unexpected tensor {name} in a {config.arch} GGUF with {config.n_layer} layers")
+            raise ConversionError(f"unexpected tensor {name} in a {arch} GGUF with {config.n_layer} layers")
         if shape != want:
             raise ConversionError(f"tensor {name} has shape {list(shape)}, but the metadata calls for {list(want)}")
     missing = [name for name in expected if name not in shapes]
@@ -305,6 +319,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)\.weight")
+_BIAS = re.compile(r"blk\.(\d+)\.(attn_[qkv])\.bias")
 _SIMPLE = {
     "attn_norm": "attn_norm.weight",
     "ffn_norm": "mlp_norm.weight",
@@ -353,6 +368,7 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
     gate/up projections become the row groups of one fused weight.
     """
     check_tensors(reader, config)
+    arch = gguf_arch(reader)
     parts: dict[int, dict[str, tuple]] = {}
     state: dict[str, torch.Tensor] = {}
     quant: dict[str, list] = {}
@@ -371,24 +387,31 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
             put("norm.weight", kind, w)
         elif t.name == "output.weight":
             put("lm_head.weight", kind, w)
+        elif m := _BIAS.fullmatch(t.name):
+            parts.setdefault(int(m.group(1)), {})[m.group(2) + "_bias"] = (kind, w)
         elif m := _BLOCK.fullmatch(t.name):
             layer, name = int(m.group(1)), m.group(2)
             if name in _SIMPLE:
                 put(f"blocks.{layer}.{_SIMPLE[name]}", kind, w)
             elif name in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
                 # A row permutation: it applies to quantized rows as it does to float ones.
-                if config.arch == "llama" and name == "attn_q":
+                if arch == "llama" and name == "attn_q":  # llama.cpp permutes llama's q/k only
                     w = _unpermute(w, config.n_head)
-                elif config.arch == "llama" and name == "attn_k":
+                elif arch == "llama" and name == "attn_k":
                     w = _unpermute(w, config.n_kv_head)
                 parts.setdefault(layer, {})[name] = (kind, w)
             else:
-                raise ConversionError(f"unexpected tensor {t.name} in a {config.arch} GGUF")
+                raise ConversionError(f"unexpected tensor {t.name} in a {arch} GGUF")
         else:
-            raise ConversionError(f"unexpected tensor {t.name} in a {config.arch} GGUF")
+            raise ConversionError(f"unexpected tensor {t.name} in a {arch} GGUF")
         if progress:
             progress(1)
     for layer, p in parts.items():
+        if config.qkv_bias:
+            biases = [p.get(f"attn_{n}_bias") for n in "qkv"]
+            if any(b is None or b[0] is not None for b in biases):
+                raise ConversionError(f"layer {layer}'s q/k/v biases are missing or not float")
+            state[f"blocks.{layer}.attn.wqkv.bias"] = torch.from_numpy(np.concatenate([b[1] for b in biases]))
         for fused, names in (("attn.wqkv", ("attn_q", "attn_k", "attn_v")), ("mlp.w13", ("ffn_gate", "ffn_up"))):
             try:
                 pieces = [p[n] for n in names]

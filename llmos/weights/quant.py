@@ -64,9 +64,9 @@ DEQUANTIZE_ROWS = 32
 class QLinear(nn.Module):
     """y = x @ W^T for a block-quantized W (no bias)."""
 
-    def __init__(self, groups: Groups, in_features: int):
+    def __init__(self, groups: Groups, in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
-        self.groups, self.in_features = groups, in_features
+        self.groups, self.in_features, self.bias = groups, in_features, bias
         self.out_features = sum(w.shape[0] for _, w in groups)
         self.block_weights = [w for _, w in groups]  # what the kernels take (model.py's fused decode too)
         self.block_types = [t for t, _ in groups]
@@ -77,6 +77,8 @@ class QLinear(nn.Module):
             y = torch.cat([x2.float() @ kernels.dequantize(w, t, self.in_features).T for t, w in self.groups], dim=-1)
         else:
             y = kernels.qmm(x2, self.block_weights, self.block_types)
+        if self.bias is not None:
+            y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self):

@@ -711,7 +711,10 @@ def _install_quantized(model: Transformer, quant: dict):
             if config.tie_embeddings:
                 model.lm_head = QLinear(groups, k)
         else:
-            setattr(owner, attr, QLinear(groups, k))
+            bias = old.bias if old.bias is not None and not old.bias.is_meta else None
+            if old.bias is not None and bias is None:
+                raise ValueError(f"{name} has a bias the checkpoint lacks")
+            setattr(owner, attr, QLinear(groups, k, bias))
     if config.tie_embeddings and "embed.weight" not in quant and quant:
         model.lm_head.weight = model.embed.weight
 
