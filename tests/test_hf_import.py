@@ -75,8 +75,10 @@ def test_hf_folder_generates_through_the_default_path(tmp_path):
     folder = tmp_path / "qwen3"
     folder.mkdir()
     tiny_hf("qwen3", folder, tie=True)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
     llm = LLM.load(str(folder))  # auto precision: float weights, fp16-packed
     assert llm.loaded.precision == "fp16"
+    assert llm.loaded.meta["tokenizer"]["stop_tokens"] == ["<|im_end|>", "<|im_start|>"]
     result = llm.generate("the cat", llm.sampling(temperature=0, max_tokens=6))
     assert 1 <= len(result.completions[0].token_ids) <= 6
 
@@ -123,6 +125,8 @@ def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
         want, got = ref(ids).logits, ours.model(ids)
     assert (got - want).abs().max().item() < 1e-4
     assert ours.config.qkv_bias == (arch == "qwen2") and ours.config.qk_norm == (arch == "qwen3")
+    listed = {r["path"]: r for r in store.list_models()}[str(ours.path)]
+    assert listed["architecture"] == arch
 
 
 def test_quantized_qwen2_gguf_keeps_its_biases(tmp_path):

@@ -122,6 +122,19 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+def stop_tokens(path: Path) -> list[str]:
+    """The tokens that end a reply: generation_config.json's eos_token_id (one id or a list)."""
+    from tokenizers import Tokenizer
+
+    try:
+        ids = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return []
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    ids = ids if isinstance(ids, list) else [ids]
+    return [t for t in (tok.id_to_token(i) for i in ids if isinstance(i, int)) if t]
+
+
 def hf_tokenizer_info(path: Path) -> tuple[dict, str | None]:
     """Special tokens and the chat template, from tokenizer_config.json (when there is one)."""
     try:

@@ -266,6 +266,7 @@ def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     full = {
         "model": config.to_dict(),
         "store_format": STORE_FORMAT,
+        "architecture": gmeta.get("general.architecture"),
         "quantization": block_summary(quant) if quant else "F32",
         "name": meta.get("name", gguf_path.stem),
         "license": meta.get("license") or gmeta.get("general.license", "unknown"),
@@ -417,9 +418,10 @@ def convert_hf(folder: Path, out_dir: Path, meta: dict) -> Path:
         info, template = hf.hf_tokenizer_info(folder)
         full = {
             "model": config.to_dict(), "store_format": STORE_FORMAT, "quantization": "F32",
+            "architecture": cfg.get("model_type"),
             "name": meta.get("name", folder.name), "license": cfg.get("license", "unknown"),
             "description": f"{cfg.get('model_type')} model from {folder}", "source": str(folder.resolve()),
-            "tokenizer": {**info, "stop_tokens": []},
+            "tokenizer": {**info, "stop_tokens": hf.stop_tokens(folder)},
             "prompt_style": {"kind": "chat" if template else "completion", "chat_template": template},
             "generation": {},
         }
@@ -504,7 +506,7 @@ def list_models() -> list[dict]:
         meta = json.loads((path / "config.json").read_text())
         cfg = ModelConfig.from_dict(meta["model"])
         rows.append(dict(
-            name=path.name, architecture=cfg.arch, parameters=count_parameters(cfg),
+            name=path.name, architecture=meta.get("architecture") or cfg.arch, parameters=count_parameters(cfg),
             quantization=meta.get("quantization", "F32"), context=cfg.max_seq_len,
             size_bytes=folder_size(path), license=meta.get("license", "unknown"),
             description=meta.get("description", ""), installed=True, path=str(path),
