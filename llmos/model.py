@@ -65,10 +65,12 @@ class ModelConfig:
     layer_types: list[str] = field(default_factory=list)  # derived: "global" | "sliding"
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen 2)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen 3; Gemma 3 always)
+    attn_softcap: float | None = None  # attention scores squashed to (-c, c) by c * tanh(s / c) (Gemma 2)
+    final_softcap: float | None = None  # the same for the output logits (Gemma 2)
 
     def __post_init__(self):
-        if self.arch not in ("llama", "gemma3"):
-            raise ValueError(f"unknown architecture {self.arch!r}: use 'llama' or 'gemma3'")
+        if self.arch not in ("llama", "gemma2", "gemma3"):
+            raise ValueError(f"unknown architecture {self.arch!r}: use 'llama', 'gemma2' or 'gemma3'")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.arch == "gemma3":
@@ -128,7 +130,8 @@ class ModelConfig:
 
     @property
     def gemma(self) -> bool:
-        return self.arch == "gemma3"
+        """Gemma 2 and 3: scaled embeddings, sandwich norms, GELU gates."""
+        return self.arch in ("gemma2", "gemma3")
 
 
 class RMSNorm(nn.Module):
@@ -282,7 +285,9 @@ class Attention(nn.Module):
             cache.write(self.layer, k, v, input_pos, span)
             k = cache.k[self.layer][:, :, span.start : span.end]
             v = cache.v[self.layer][:, :, span.start : span.end]
-        if T == 1 and span.mask is None and q.dtype == torch.float32 and _fast():
+        if self.config.attn_softcap:
+            y = softcapped_attention(q, k, v, span, self.config.attn_scale, self.config.attn_softcap)
+        elif T == 1 and span.mask is None and q.dtype == torch.float32 and _fast():
             y = torch.ops.llmos.decode_attention(q, k, v, self.config.attn_scale)  # (B, nh, 1, hs)
         else:
             y = F.scaled_dot_product_attention(
@@ -291,6 +296,21 @@ class Attention(nn.Module):
                 scale=self.config.attn_scale, enable_gqa=nh != nkv,
             )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def softcapped_attention(q, k, v, span: AttnSpan, scale: float, cap: float):
+    """Attention with scores c * tanh(s / c) before the softmax (SDPA has no such hook)."""
+    if k.shape[1] != q.shape[1]:  # grouped-query: each key/value head serves several query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = torch.tanh((q @ k.transpose(-2, -1)).float() * scale / cap) * cap  # (B, nh, T, S)
+    if span.mask is not None:
+        scores = scores + (span.mask if span.mask.dtype != torch.bool else
+                           torch.zeros_like(scores).masked_fill(~span.mask, float("-inf")))
+    elif span.causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v)
 
 
 class MLP(nn.Module):
@@ -414,7 +434,7 @@ class Transformer(nn.Module):
             x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)
         if cache is not None and T == 1 and c.causal and _fast() and self._fused_blocks():
             x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache)[:, None]
-            return self.norm(x) if return_hidden else self.lm_head(self.norm(x)).float()
+            return self.norm(x) if return_hidden else self._logits(x)
         plan = {}
         for kind in set(c.layer_types):
             cos, sin = self._rope(kind == "sliding", idx.device)
@@ -430,11 +450,19 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         if return_hidden:
             return self.norm(x)
-        return self.lm_head(self.norm(x)).float()
+        return self._logits(x)
+
+    def _logits(self, x):
+        logits = self.lm_head(self.norm(x)).float()
+        if self.config.final_softcap:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits
 
     def _fused_blocks(self) -> bool:
         """Whether every block can decode in one C++ call: block-quantized projections, float32
         norms (the C++ kernels' `decode_layer`)."""
+        if self._fused is None and self.config.attn_softcap:
+            self._fused = False  # decode_layer has no softcapping: the module path
         if self._fused is None:
             args = []
             for block in self.blocks:

@@ -17,6 +17,10 @@ FAMILIES = {
     "mistral": dict(cls="MistralForCausalLM", config="MistralConfig", extra=dict(sliding_window=5)),
     "qwen2": dict(cls="Qwen2ForCausalLM", config="Qwen2Config", extra=dict(use_sliding_window=False)),
     "qwen3": dict(cls="Qwen3ForCausalLM", config="Qwen3Config", extra=dict(head_dim=24)),
+    "phi3": dict(cls="Phi3ForCausalLM", config="Phi3Config", extra=dict(sliding_window=7, pad_token_id=0)),
+    "gemma2": dict(cls="Gemma2ForCausalLM", config="Gemma2Config",
+                   extra=dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                              final_logit_softcapping=3.0, attn_implementation="eager")),
 }
 
 
@@ -51,7 +55,8 @@ def tiny_hf(kind: str, folder, tie: bool, shards: bool = False):
     return model
 
 
-@pytest.mark.parametrize("kind,tie", [("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False)])
+@pytest.mark.parametrize("kind,tie", [("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False),
+                                      ("phi3", False), ("gemma2", True)])
 def test_hf_folder_matches_transformers(kind, tie, tmp_path):
     folder = tmp_path / kind
     folder.mkdir()
@@ -66,7 +71,7 @@ def test_hf_folder_matches_transformers(kind, tie, tmp_path):
     assert (got - want).abs().max().item() < 1e-4
     cfg = loaded.config
     assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
-    assert cfg.tie_embeddings == tie and (cfg.sliding_window == 5) == (kind == "mistral")
+    assert cfg.tie_embeddings == tie and cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 6}.get(kind)
 
 
 def test_hf_folder_generates_through_the_default_path(tmp_path):
@@ -86,8 +91,8 @@ def test_hf_folder_generates_through_the_default_path(tmp_path):
 def test_unsupported_hf_models_are_one_line_errors(tmp_path):
     folder = tmp_path / "phi"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
-    with pytest.raises(store.ModelError, match="model_type 'phi3' is not supported; supported: llama, mistral"):
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"]}))
+    with pytest.raises(store.ModelError, match="model_type 'gpt_neox' is not supported; supported: llama, mistral"):
         store.resolve(str(folder))
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(store.ModelError, match="does not describe a llama model.*num_attention_heads"):

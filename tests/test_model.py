@@ -8,6 +8,9 @@ from llmos.model import PRESETS, KVCache, ModelConfig, Transformer
 LLAMA = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128)
 GEMMA = dict(arch="gemma3", vocab_size=97, n_layer=3, n_head=4, n_kv_head=1, d_model=64, head_dim=32,
              max_seq_len=128, sliding_window=8, global_every=3, rope_local_theta=10000.0)
+GEMMA2 = dict(arch="gemma2", vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=16,
+              max_seq_len=128, sliding_window=8, layer_types=["sliding", "global"], attn_softcap=1.5, final_softcap=4.0)
+QWEN = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128, qkv_bias=True, qk_norm=True)
 
 
 def tiny(kwargs, seed=0):
@@ -45,7 +48,7 @@ def test_unknown_preset_lists_presets():
         ModelConfig.from_name("huge")
 
 
-@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA, GEMMA2, QWEN], ids=["llama", "gemma3", "gemma2-softcap", "qwen"])
 def test_incremental_decoding_matches_full_forward(kwargs):
     m = tiny(kwargs)
     ids = torch.randint(0, 97, (2, 40))
@@ -58,7 +61,7 @@ def test_incremental_decoding_matches_full_forward(kwargs):
     assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA], ids=["llama", "gemma3"])
+@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA, GEMMA2], ids=["llama", "gemma3", "gemma2-softcap"])
 def test_rows_at_different_positions(kwargs):
     """Continuous batching: each row of one batch at its own position gives the logits that row
     gets when run alone."""

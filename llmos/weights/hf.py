@@ -1,5 +1,5 @@
 """A Hugging Face model folder (config.json, safetensors weights, tokenizer.json) -> an LLMOS
-checkpoint folder, for the llama family: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5 and Qwen 3.
+checkpoint folder, for the llama family: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5, Qwen 3 and Phi-3.
 
 The folder's weights may be one model.safetensors or shards listed in
 model.safetensors.index.json; only safetensors are read (never pickled .bin files). Names map
@@ -17,7 +17,7 @@ import torch
 
 from llmos.model import ModelConfig
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3")
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 
 
 class HFError(ValueError):
@@ -37,12 +37,16 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     if kind not in FAMILY:
         raise HFError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILY)} "
                       f"(and GGUF files of llama and gemma3)")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not supported yet")
     scaling = cfg.get("rope_scaling")
     if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
         raise HFError(f"rope_scaling {scaling.get('rope_type') or scaling.get('type')!r} is not supported yet")
+    if kind == "gemma2":
+        return _gemma2_config(cfg)
     try:
         n_head = int(cfg["num_attention_heads"])
-        window = cfg.get("sliding_window") if kind == "mistral" or cfg.get("use_sliding_window") else None
+        window = cfg.get("sliding_window") if kind in ("mistral", "phi3") or cfg.get("use_sliding_window") else None
         n_layer = int(cfg["num_hidden_layers"])
         return ModelConfig(
             arch="llama", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=n_head,
@@ -55,6 +59,25 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         )
     except (KeyError, TypeError, ValueError) as e:
         raise HFError(f"its config.json does not describe a {kind} model ({type(e).__name__}: {e})") from None
+
+
+def _gemma2_config(cfg: dict) -> ModelConfig:
+    """Gemma 2: sandwich norms, GELU, a sliding window on alternate layers, soft-capped scores."""
+    try:
+        n_layer = int(cfg["num_hidden_layers"])
+        kinds = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]
+        return ModelConfig(
+            arch="gemma2", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=int(cfg["num_attention_heads"]),
+            n_kv_head=int(cfg["num_key_value_heads"]), d_model=int(cfg["hidden_size"]), head_dim=int(cfg["head_dim"]),
+            d_ff=int(cfg["intermediate_size"]), max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), sliding_window=int(cfg["sliding_window"]),
+            layer_types=["sliding" if k == "sliding_attention" else "global" for k in kinds],
+            attn_scale=float(cfg.get("query_pre_attn_scalar", cfg["head_dim"])) ** -0.5,
+            attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError(f"its config.json does not describe a gemma2 model ({type(e).__name__}: {e})") from None
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -84,6 +107,16 @@ _SIMPLE = {
 }
 
 
+_GEMMA2 = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "post_attn_norm.weight",
+    "pre_feedforward_layernorm.weight": "mlp_norm.weight",
+    "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
+    "self_attn.o_proj.weight": "attn.wo.weight",
+    "mlp.down_proj.weight": "mlp.w2.weight",
+}
+
+
 def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -91,8 +124,11 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     for f in weight_files(path):
         raw.update(load_file(str(f)))
     state, parts = {}, {}
+    simple = _GEMMA2 if config.arch == "gemma2" else _SIMPLE
     for name, w in raw.items():
         w = w.float()
+        if config.arch == "gemma2" and name.endswith("norm.weight"):
+            w = w + 1  # Gemma's RMSNorm scales by (1 + weight); model.py's by weight
         if name == "model.embed_tokens.weight":
             state["embed.weight"] = w
         elif name == "model.norm.weight":
@@ -102,8 +138,12 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
                 state["lm_head.weight"] = w
         elif m := _LAYER.fullmatch(name):
             layer, rest = int(m.group(1)), m.group(2)
-            if rest in _SIMPLE:
-                state[f"blocks.{layer}.{_SIMPLE[rest]}"] = w
+            if rest in simple:
+                state[f"blocks.{layer}.{simple[rest]}"] = w
+            elif rest == "self_attn.qkv_proj.weight":  # Phi-3: already fused, in q, k, v order
+                state[f"blocks.{layer}.attn.wqkv.weight"] = w
+            elif rest == "mlp.gate_up_proj.weight":  # Phi-3: gate rows, then up rows
+                state[f"blocks.{layer}.mlp.w13.weight"] = w
             elif rest.rsplit(".", 2)[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
                 parts.setdefault(layer, {})[rest] = w
             elif not rest.endswith("rotary_emb.inv_freq"):
