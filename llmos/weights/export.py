@@ -82,6 +82,9 @@ def export(checkpoint: Path, out: Path, fmt: str = "hf") -> Path:
     if cfg.arch != "llama" or cfg.sliding_window is not None:
         raise ExportError(f"--format hf exports llama-architecture models; this one is {cfg.arch}"
                           + (" with a sliding window" if cfg.sliding_window else ""))
+    if cfg.qkv_bias or cfg.qk_norm:
+        raise ExportError(f"--format hf exports plain Llama models; this one has "
+                          f"{'q/k/v biases (Qwen 2)' if cfg.qkv_bias else 'QK-norm (Qwen 3)'}")
     if not cfg.causal:
         raise ExportError("this is a masked-LM encoder (bidirectional), not a causal LM; it cannot become LlamaForCausalLM")
     if abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-9:
