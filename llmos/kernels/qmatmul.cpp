@@ -6,9 +6,11 @@
 // (one float scale per block, and the block's sum, which folds each format's offset or minimum
 // into a single term): about 15 bits, so the result is within float rounding of the dequantized
 // product, where 8-bit activations alone move one next-token choice in thirty. Every 32 weights
-// are unpacked into bytes once and multiplied with the M activation rows in integer arithmetic. Three code paths, chosen when the library loads: AVX-512 VNNI, AVX2, and plain
+// are unpacked into bytes once and multiplied with the M activation rows in integer
+// arithmetic. Three code paths, chosen when the library loads: AVX-512 VNNI, AVX2, and plain
 // C++ (dequantize a row, then a float dot product) for any other CPU; the last one is also
-// the reference the tests compare the others with.
+// the reference the tests compare the others with. decode_layer (below) runs a whole
+// transformer block for one new token per row on these products.
 //
 // Block layouts (ggml's, as GGUF stores them): Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 hold 32 weights
 // per block with a float16 scale (and minimum); Q4_K, Q5_K, Q6_K hold 256 weights per block
@@ -169,8 +171,8 @@ static void matmul_reference(const float* x, int64_t M, int64_t K, const uint8_t
   });
 }
 
-// Activations in blocks of 32, x = 128 * d * (q + r / 128): q and r (M, K), and per block the
-// scale d (already divided by 128) and the sum of x.
+// Activations in blocks of 32, x = d * (128 q + r): q and r (M, K), and per block that d (the
+// block's 8-bit scale divided by 128) and the exact sum of x.
 struct Activations {
   int64_t M, K;
   std::vector<int8_t> q, r;
