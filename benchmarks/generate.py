@@ -79,6 +79,40 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
     return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib())
 
 
+def profile_llmos(model: str, steps: int = 64) -> dict:
+    """Where a decode step's time goes: torch.profiler over `steps` single-token steps after a
+    128-token prefill, self CPU time per operation, in ms per step."""
+    import os
+
+    import torch
+    from torch.profiler import profile
+
+    from llmos.model import KVCache
+    from llmos.weights.store import load_checkpoint, resolve
+
+    os.environ["LLMOS_PREFIX_CACHE_TOKENS"] = "0"
+    loaded = load_checkpoint(resolve(model), "auto")
+    m, ids = loaded.model, prompt_ids(loaded.tokenizer.encode)
+    cache = KVCache.allocate(m.config, 1, len(ids) + steps + 8)
+    with torch.inference_mode():
+        m(torch.tensor([ids]), cache=cache, kv_len=len(ids))
+        def decode():
+            for i in range(steps):
+                m(torch.tensor([[ids[i % len(ids)]]]), cache=cache, kv_len=len(ids) + 1 + i)
+
+        decode()  # warm-up (the same positions are written again below)
+        t0 = time.perf_counter()
+        decode()
+        wall = (time.perf_counter() - t0) / steps * 1e3  # without the profiler's own cost
+        with profile() as prof:
+            decode()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops) / steps / 1e3
+    rows = [dict(op=e.key, ms_per_step=e.self_cpu_time_total / steps / 1e3, calls_per_step=e.count / steps)
+            for e in ops[:8]]
+    return dict(steps=steps, wall_ms_per_step=wall, profiled_ms_per_step=total, ops=rows)
+
+
 def run_llamacpp(model: str, repeats: int) -> dict:
     import numpy as np
     import torch
@@ -168,6 +202,8 @@ def main():
                     help="rows to run, comma-separated, from: llamacpp, llmos, llmos_n8, llmos_fp16, "
                          "llmos_fp16_n8, llmos_fp32, hf_fp32; the ratio column needs llamacpp")
     ap.add_argument("--child", choices=["llmos", "hf", "llamacpp"])
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: where a default-precision decode step's time goes, per operation")
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
     args = ap.parse_args()
     if args.child == "llmos":
@@ -181,6 +217,17 @@ def main():
         return
 
     import torch
+
+    if args.profile:
+        out = {"threads": torch.get_num_threads(), "cpu": cpu_name(), "revision": revision(), "models": {}}
+        for model in args.models.split(","):
+            p = out["models"][model] = profile_llmos(model)
+            print(f"\n{model}: {p['wall_ms_per_step']:.1f} ms per decode step "
+                  f"({p['profiled_ms_per_step']:.1f} ms under the profiler)")
+            print_table(["operation", "ms per step", "calls per step"],
+                        [[r["op"], f"{r['ms_per_step']:.2f}", f"{r['calls_per_step']:.0f}"] for r in p["ops"]])
+        write_json(args.out if args.out != str(RESULTS / "generate.json") else RESULTS / "generate_profile.json", out)
+        return
 
     rows, results = [], {"prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(),
                          "cpu": cpu_name(), "revision": revision(), "models": {}}
