@@ -186,13 +186,20 @@ def test_lora_options_and_adapters_that_cannot_load(sft_data, tiny_dir, tmp_path
     run = tmp_path / "run"
     Trainer(sft_data, run, lora_config(base, max_steps=2, eval_interval=2)).run()
     ckpt = run / (run / "LATEST").read_text()
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    with safe_open(str(base / "model.safetensors"), "pt") as f:
+        stored_as = f.metadata()  # which tensors are quantized blocks
     state = load_file(str(base / "model.safetensors"))
     state["norm.weight"] = state["norm.weight"] + 1
-    save_file(state, str(base / "model.safetensors"))
+    save_file(state, str(base / "model.safetensors"), metadata=stored_as)
     with pytest.raises(ModelError, match="another version of the model"):
         load_checkpoint(ckpt, "fp32")
+    # a base re-converted by a newer store lists its earlier hash: the adapter fits again
+    trained_on = json.loads((ckpt / "config.json").read_text())["adapter"]["base"]["sha256"]
+    (base / "config.json").write_text(json.dumps({**meta, "name": "my-base", "earlier_sha256": [trained_on]}))
+    assert load_checkpoint(ckpt, "fp32").model is not None
     shutil.rmtree(base)
     meta = json.loads((ckpt / "config.json").read_text())
     meta["adapter"]["base"]["name"] = "no-such-model"

