@@ -488,7 +488,7 @@ class Transformer(nn.Module):
             window = c.sliding_window if kind == "sliding" else 0
             x = torch.ops.llmos.decode_layer(
                 x, *norms, wqkv, tqkv, wo, to, w13, t13, w2, t2, cache.k[i], cache.v[i], pos, cos, sin,
-                c.n_head, c.n_kv_head, c.head_dim, window or 0, c.norm_eps, c.attn_scale, c.gemma)
+                c.n_head, c.n_kv_head, c.head_dim, window, c.norm_eps, c.attn_scale, c.gemma)
         return x
 
     def _span(self, input_pos, kv_len: int, window: int | None, shared: bool, no_cache: bool):

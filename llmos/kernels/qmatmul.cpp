@@ -280,6 +280,40 @@ static at::Tensor dequantize(const at::Tensor& w, int64_t type, int64_t K, const
   return out;
 }
 
+// y = x / rms(x) * w for `rows` rows of d values (y may be x).
+static void rms_rows(float* y, const float* x, const float* w, int64_t rows, int64_t d, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.0f / std::sqrt(ss / d + eps);
+    for (int64_t i = 0; i < d; ++i) y[r * d + i] = xr[i] * inv * w[i];
+  }
+}
+
+// One query (D values) against keys and values at positions [start, end), position t's at
+// k + t * ks and v + t * vs: o = softmax(scale * q . k) . v. p is scratch space.
+static void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t start,
+                   int64_t end, int64_t D, float scale, float* o, std::vector<float>& p) {
+  p.resize(end - start);
+  float mx = -INFINITY;
+  for (int64_t t = start; t < end; ++t) {
+    const float* kt = k + t * ks;
+    float dot = 0.0f;
+    for (int64_t j = 0; j < D; ++j) dot += q[j] * kt[j];
+    p[t - start] = dot * scale;
+    mx = std::max(mx, p[t - start]);
+  }
+  float total = 0.0f;
+  for (auto& x : p) total += (x = std::exp(x - mx));
+  for (int64_t j = 0; j < D; ++j) o[j] = 0.0f;
+  for (int64_t t = start; t < end; ++t) {
+    const float* vt = v + t * vs;
+    const float w = p[t - start] / total;
+    for (int64_t j = 0; j < D; ++j) o[j] += w * vt[j];
+  }
+}
+
 // y = x / rms(x) * w over the last dimension, in one pass (inference: no autograd).
 static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: float32 only");
@@ -290,13 +324,7 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, doubl
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * d;
-      float ss = 0.0f;
-      for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / d + static_cast<float>(eps));
-      for (int64_t i = 0; i < d; ++i) yp[r * d + i] = xr[i] * inv * wp[i];
-    }
+    rms_rows(yp + r0 * d, xp + r0 * d, wp, r1 - r0, d, static_cast<float>(eps));
   });
   return y;
 }
@@ -319,29 +347,11 @@ static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, 
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
   const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(L);
+    std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, h = i % H, g = h / (H / Hkv);
-      const float* qi = qp + i * D;
-      const float* kb = kp + b * ks0 + g * ks1;
-      const float* vb = vp + b * vs0 + g * vs1;
-      float mx = -INFINITY;
-      for (int64_t t = 0; t < L; ++t) {
-        const float* kt = kb + t * ks2;
-        float s = 0.0f;
-        for (int64_t j = 0; j < D; ++j) s += qi[j] * kt[j];
-        p[t] = s * static_cast<float>(scale);
-        mx = std::max(mx, p[t]);
-      }
-      float total = 0.0f;
-      for (int64_t t = 0; t < L; ++t) total += (p[t] = std::exp(p[t] - mx));
-      float* o = op + i * D;
-      for (int64_t j = 0; j < D; ++j) o[j] = 0.0f;
-      for (int64_t t = 0; t < L; ++t) {
-        const float* vt = vb + t * vs2;
-        const float pt = p[t] / total;
-        for (int64_t j = 0; j < D; ++j) o[j] += pt * vt[j];
-      }
+      const int64_t b = i / H, g = (i % H) / (H / Hkv);
+      attend(qp + i * D, kp + b * ks0 + g * ks1, ks2, vp + b * vs0 + g * vs1, vs2, 0, L, D,
+             static_cast<float>(scale), op + i * D, p);
     }
   });
   return out;
@@ -356,16 +366,6 @@ static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, 
 // [max(0, pos - window + 1), pos] (window 0: all of [0, pos]). RoPE in the rotate-half layout,
 // with model.py's tables (the sine's sign folded in). Optional: QK-norm, and the norms of each
 // sublayer's output before the residual add (Gemma); gelu selects GELU-tanh over SiLU.
-
-static void rms_rows(float* y, const float* x, const float* w, int64_t rows, int64_t d, float eps) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * d;
-    float ss = 0.0f;
-    for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.0f / std::sqrt(ss / d + eps);
-    for (int64_t i = 0; i < d; ++i) y[r * d + i] = xr[i] * inv * w[i];
-  }
-}
 
 static void rope(float* v, const float* cos, const float* sin, int64_t D) {
   const int64_t half = D / 2;
@@ -424,25 +424,8 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, hh = i % H, g = hh / (H / Hkv);
       const int64_t end = pp[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      const float* q = qp + b * (H + 2 * Hkv) * D + hh * D;
-      const float* kb = kcp + (b * Hkv + g) * L * D;
-      const float* vb = vcp + (b * Hkv + g) * L * D;
-      p.resize(end - start);
-      float mx = -INFINITY;
-      for (int64_t t = start; t < end; ++t) {
-        float dot = 0.0f;
-        for (int64_t j = 0; j < D; ++j) dot += q[j] * kb[t * D + j];
-        p[t - start] = dot * scale;
-        mx = std::max(mx, p[t - start]);
-      }
-      float total = 0.0f;
-      for (auto& v : p) total += (v = std::exp(v - mx));
-      float* o = ap + b * H * D + hh * D;
-      for (int64_t j = 0; j < D; ++j) o[j] = 0.0f;
-      for (int64_t t = start; t < end; ++t) {
-        const float w = p[t - start] / total;
-        for (int64_t j = 0; j < D; ++j) o[j] += w * vb[t * D + j];
-      }
+      attend(qp + b * (H + 2 * Hkv) * D + hh * D, kcp + (b * Hkv + g) * L * D, D, vcp + (b * Hkv + g) * L * D, D,
+             start, end, D, scale, ap + b * H * D + hh * D, p);
     }
   });
   at::Tensor out = qmm(att, wo, to);  // (B, C)

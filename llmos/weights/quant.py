@@ -62,7 +62,7 @@ DEQUANTIZE_ROWS = 32
 
 
 class QLinear(nn.Module):
-    """y = x @ W^T for a block-quantized W (no bias)."""
+    """y = x @ W^T (+ bias) for a block-quantized W."""
 
     def __init__(self, groups: Groups, in_features: int, bias: torch.Tensor | None = None):
         super().__init__()
