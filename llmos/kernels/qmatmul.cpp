@@ -5,7 +5,7 @@
 // The activations are quantized in blocks of 32 to two 8-bit levels, x = d * (q + r / 128)
 // (one float scale per block, and the block's sum, which folds each format's offset or minimum
 // into a single term): about 15 bits, so the result is within float rounding of the dequantized
-// product, where 8-bit activations alone move one next-token choice in thirty. Every 32 weights
+// product, where 8-bit activations alone change noticeably more next-token choices. Every 32 weights
 // are unpacked into bytes once and multiplied with the M activation rows in integer
 // arithmetic. Three code paths, chosen when the library loads: AVX-512 VNNI, AVX2, and plain
 // C++ (dequantize a row, then a float dot product) for any other CPU; the last one is also
