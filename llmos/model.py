@@ -67,6 +67,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen 3; Gemma 3 always)
     attn_softcap: float | None = None  # attention scores squashed to (-c, c) by c * tanh(s / c) (Gemma 2)
     final_softcap: float | None = None  # the same for the output logits (Gemma 2)
+    # RoPE stretched past the pretraining context: {"type": "linear" | "llama3" | "yarn" |
+    # "longrope" | "factors", ...}; see rope_frequencies. Gemma 3's sliding layers keep plain RoPE.
+    rope_scaling: dict | None = None
 
     def __post_init__(self):
         if self.arch not in ("llama", "gemma2", "gemma3"):
@@ -106,6 +109,8 @@ class ModelConfig:
             ]
         if len(self.layer_types) != self.n_layer:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layer} layers")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling, self.head_dim)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> ModelConfig:
@@ -153,12 +158,87 @@ def _fast() -> bool:
     return not torch.is_grad_enabled() and kernels.ready()
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hd/2)
+ROPE_SCALING_KEYS = {
+    "linear": ("factor",),  # every frequency divided by factor (position interpolation)
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
+    "factors": ("factors",),  # one divisor per frequency, as GGUF files store Llama 3.1's scaling
+}
+
+
+def check_rope_scaling(scaling: dict, head_dim: int):
+    kind = scaling.get("type") if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported; supported: {', '.join(ROPE_SCALING_KEYS)}")
+    for key in ROPE_SCALING_KEYS[kind]:
+        value = scaling.get(key)
+        if key in ("factors", "short_factor", "long_factor"):
+            if not isinstance(value, list) or len(value) != head_dim // 2 or not all(
+                    isinstance(v, (int, float)) and v > 0 for v in value):
+                raise ValueError(f"rope_scaling {key} must be {head_dim // 2} positive numbers (one per frequency)")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"rope_scaling {kind} needs a positive number {key}, got {value!r}")
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
+                     long: bool = False) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim/2,), factor on cos and sin) for RoPE base theta, stretched
+    as `scaling` says. The formulas are those of the models' reference code: Llama 3.1's
+    smoothed low-frequency division, YaRN's ramp between interpolated and extrapolated
+    frequencies, LongRoPE's per-frequency factors (the long set when `long`)."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / theta**exponents
+    kind = (scaling or {}).get("type")
+    if kind is None:
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "factors":
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32), 1.0
+    if kind == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+        return 1.0 / (factors * theta**exponents), float(scaling["attention_factor"])
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+        smooth = (context / wavelen - low) / (high - low)
+        medium = ~(wavelen < context / high) & ~(wavelen > context / low)
+        return torch.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+    # YaRN: frequencies that turn fewer than beta_slow times over the original context are
+    # interpolated, more than beta_fast times kept, a linear ramp between.
+    factor, context = scaling["factor"], scaling["original_max_position_embeddings"]
+
+    def dim_of(rotations):
+        return head_dim * math.log(context / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling["beta_fast"]), dim_of(scaling["beta_slow"])
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(scaling["attention_factor"])
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    positions = torch.arange(max_len, dtype=torch.float32)
+    inv_freq, factor = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(positions, inv_freq)  # (T, hd/2)
+    if (scaling or {}).get("type") == "longrope":
+        # Positions past the original context turn at the long factors' rates, as the reference
+        # code does once a sequence grows that long (what is cached before keeps its rotation).
+        start = int(scaling["original_max_position_embeddings"])
+        if start < max_len:
+            angles[start:] = torch.outer(positions[start:], rope_frequencies(head_dim, theta, scaling, long=True)[0])
     # The "rotate half" layout: dimension i pairs with i + hd/2. The sign of the rotation is
     # folded into the sine table, which saves a negation per call in apply_rope.
-    cos, sin = angles.cos(), angles.sin()
+    cos, sin = angles.cos() * factor, angles.sin() * factor
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)  # (T, hd)
 
 
@@ -384,10 +464,11 @@ class Transformer(nn.Module):
 
     def _rope(self, local: bool, device):
         c = self.config
-        theta = c.rope_local_theta if local and c.rope_local_theta else c.rope_theta
-        key = (theta, device)
+        plain = local and c.rope_local_theta  # Gemma 3's sliding layers: their own base, never scaled
+        theta, scaling = (c.rope_local_theta, None) if plain else (c.rope_theta, c.rope_scaling)
+        key = (theta, bool(scaling), device)
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_tables(c.head_dim, c.max_seq_len, theta)
+            self._rope_cache[key] = rope_tables(c.head_dim, c.max_seq_len, theta, scaling)
             self._rope_cache[key] = tuple(t.to(device) for t in self._rope_cache[key])
         return self._rope_cache[key]
 

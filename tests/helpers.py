@@ -33,9 +33,11 @@ def byte_level_vocab() -> tuple[list[str], list[str]]:
 
 def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96,
                     context=512, seed=0, quantize_embeddings=True, arch="llama",
-                    layer_types: dict[str, str] | None = None) -> Path:
+                    layer_types: dict[str, str] | None = None, rope_freqs: np.ndarray | None = None,
+                    rope_scaling: tuple[str, float] | None = None) -> Path:
     """layer_types: GGUF block type per layer tensor kind ({"attn_q": "Q4_0", ...}; "*" for
-    every kind); the rest stay float32."""
+    every kind); the rest stay float32. rope_freqs: Llama 3.1's per-frequency RoPE divisors;
+    rope_scaling: (llama.cpp's scaling type, factor), such as ("linear", 4.0)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -52,6 +54,9 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
     w.add_rope_dimension_count(d_model // n_head)
+    if rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        w.add_rope_scaling_factor(rope_scaling[1])
     if arch == "qwen3":
         w.add_key_length(d_model // n_head)
         w.add_value_length(d_model // n_head)
@@ -78,6 +83,8 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     else:
         w.add_tensor("token_embd.weight", emb)
     w.add_tensor("output_norm.weight", 1 + t(d_model, scale=0.1))
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
 
     def matrix(name: str, kind: str, value: np.ndarray):
         block_type = (layer_types or {}).get(kind) or (layer_types or {}).get("*")

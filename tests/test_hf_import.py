@@ -5,7 +5,9 @@ logits in float32."""
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,7 +38,7 @@ def write_tokenizer(folder):
     return len(tokens)
 
 
-def tiny_hf(kind: str, folder, tie: bool, shards: bool = False):
+def tiny_hf(kind: str, folder, tie: bool, shards: bool = False, extra: dict | None = None):
     import transformers
 
     spec = FAMILIES[kind]
@@ -44,7 +46,7 @@ def tiny_hf(kind: str, folder, tie: bool, shards: bool = False):
     config = getattr(transformers, spec["config"])(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-        **spec["extra"])
+        **{**spec["extra"], **(extra or {})})
     torch.manual_seed(0)
     model = getattr(transformers, spec["cls"])(config).eval()
     with torch.no_grad():  # norms and biases away from their initial 1 and 0, so a wrong mapping shows
@@ -72,6 +74,59 @@ def test_hf_folder_matches_transformers(kind, tie, tmp_path):
     cfg = loaded.config
     assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
     assert cfg.tie_embeddings == tie and cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 6}.get(kind)
+
+
+SCALINGS = {  # model type, rope_scaling as the files on the Hub write it
+    "linear": ("llama", {"rope_type": "linear", "factor": 4.0}),
+    "llama3": ("llama", {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32}),
+    "yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+    "longrope": ("phi3", {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
+                          "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
+                          "original_max_position_embeddings": 32}),
+}
+
+
+@pytest.mark.parametrize("scaling", list(SCALINGS))
+def test_rope_scaling_matches_transformers(scaling, tmp_path):
+    """Stretched RoPE as each family's config says, in float32 against transformers: Llama 3.1's
+    smoothed factors, YaRN's ramp and attention factor, LongRoPE's short factors (the prompt stays
+    within the original context, where both use them), plain linear interpolation."""
+    kind, rope = SCALINGS[scaling]
+    folder = tmp_path / scaling
+    folder.mkdir()
+    extra = {"rope_parameters": {**rope, "rope_theta": 10000.0}}
+    if scaling == "longrope":
+        extra["original_max_position_embeddings"] = 32
+    ref = tiny_hf(kind, folder, tie=True, extra=extra)
+    loaded = store.load_checkpoint(store.resolve(str(folder)), "fp32")
+    assert loaded.config.rope_scaling["type"] == scaling
+    length = 30 if scaling == "longrope" else 60  # past the original 32 positions where it matters
+    ids = torch.randint(0, ref.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want, got = ref(ids).logits, loaded.model(ids)
+        loaded.model.config.rope_scaling, loaded.model._rope_cache = None, {}
+        plain = loaded.model(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    assert (plain - want).abs().max().item() > 1e-3  # the scaling changed something
+
+
+def test_rope_scaling_old_style_keys_and_unsupported_kinds(tmp_path):
+    from llmos.weights.hf import HFError, config_from_hf
+
+    base = dict(model_type="llama", vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=4096)
+    cfg = config_from_hf({**base, "rope_theta": 500000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}})  # Llama 3.2's config.json
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["factor"] == 32.0
+    yarn = config_from_hf({**base, "rope_scaling": {"type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 1024}})
+    assert yarn.rope_scaling["attention_factor"] == pytest.approx(0.1 * math.log(4.0) + 1)
+    with pytest.raises(HFError, match="rope_scaling 'dynamic' is not supported; supported: linear, llama3"):
+        config_from_hf({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    with pytest.raises(HFError, match="rope_scaling 'llama3' lacks low_freq_factor"):
+        config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 
 
 def test_hf_folder_generates_through_the_default_path(tmp_path):
@@ -145,3 +200,48 @@ def test_quantized_qwen2_gguf_keeps_its_biases(tmp_path):
     with torch.inference_mode():
         a, b = q.model(ids[:, :8]), exact.model(ids[:, :8])
     assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item())
+
+
+def test_gguf_rope_scaling_llama3_factors_and_linear(tmp_path):
+    """Llama 3.1 GGUFs carry their stretched RoPE as rope_freqs (one divisor per frequency, as
+    llama.cpp's converter derives them); that must compute what the llama3 formula does. A
+    linear factor in the metadata becomes the same linear scaling as a config.json's."""
+    from helpers import write_tiny_gguf
+
+    hd, context, factor, low, high = 16, 32, 8.0, 1.0, 4.0
+    divisors = []
+    for freq in 1.0 / 10000.0 ** (np.arange(0, hd, 2) / hd):
+        wavelen = 2 * math.pi / freq
+        if wavelen < context / high:
+            divisors.append(1.0)
+        elif wavelen > context / low:
+            divisors.append(factor)
+        else:
+            smooth = (context / wavelen - low) / (high - low)
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    plain = store.load_checkpoint(store.resolve(str(write_tiny_gguf(tmp_path / "p.gguf", seed=7))), "fp32")
+    freqs = store.load_checkpoint(store.resolve(str(write_tiny_gguf(tmp_path / "f.gguf", seed=7, rope_freqs=np.array(divisors)))), "fp32")
+    linear = store.load_checkpoint(store.resolve(str(write_tiny_gguf(tmp_path / "l.gguf", seed=7, rope_scaling=("linear", 4.0)))), "fp32")
+    assert freqs.config.rope_scaling["type"] == "factors"
+    assert linear.config.rope_scaling == {"type": "linear", "factor": 4.0}
+    ids = torch.randint(0, plain.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        unscaled = plain.model(ids)
+        got_f, got_l = freqs.model(ids), linear.model(ids)
+        plain.model.config.rope_scaling, plain.model._rope_cache = {
+            "type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+            "original_max_position_embeddings": context}, {}
+        want_f = plain.model(ids)
+        plain.model.config.rope_scaling, plain.model._rope_cache = {"type": "linear", "factor": 4.0}, {}
+        want_l = plain.model(ids)
+    assert (got_f - want_f).abs().max().item() < 1e-4 and (got_l - want_l).abs().max().item() < 1e-4
+    assert (got_f - unscaled).abs().max().item() > 1e-3
+
+
+def test_unsupported_gguf_rope_scaling_is_a_one_line_error(tmp_path):
+    from helpers import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "yarn.gguf", seed=8, rope_scaling=("yarn", 4.0))
+    with pytest.raises(store.ModelError, match="llama.rope.scaling.type is 'yarn'; supported: linear"):
+        store.resolve(str(path))
+    assert not [p for p in store.models_dir().iterdir() if p.name.startswith("gguf-yarn")]  # nothing half-built left

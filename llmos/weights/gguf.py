@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmos.model import ModelConfig
+from llmos.model import ModelConfig, check_rope_scaling
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # Mistral's GGUFs say "llama"
 
@@ -244,6 +244,12 @@ def config_from_gguf(meta: dict) -> ModelConfig:
         rope_theta=positive("rope.freq_base", 10000.0),
         norm_eps=positive("attention.layer_norm_rms_epsilon"),
     )
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        common.update(rope_scaling={"type": "linear", "factor": positive("rope.scaling.factor")})
+    elif scaling not in (None, "none"):
+        raise ConversionError(f"{arch}.rope.scaling.type is {scaling!r}; supported: linear, and Llama 3.1's "
+                              f"per-frequency factors (a rope_freqs tensor)")
     if arch == "qwen2":
         common.update(qkv_bias=True)
     if arch == "qwen3":
@@ -296,12 +302,13 @@ def check_tensors(reader, config: ModelConfig):
     if config.arch == "gemma3":
         per_layer.update(post_attention_norm=(d,), post_ffw_norm=(d,))
     expected = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
+    optional = {"output.weight": (vocab, d), "rope_freqs.weight": (hd // 2,)}
     for i in range(config.n_layer):
         expected.update({f"blk.{i}.{kind}.weight": shape for kind, shape in per_layer.items()})
         if config.qkv_bias:
             expected.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (kv,), f"blk.{i}.attn_v.bias": (kv,)})
     for name, shape in shapes.items():
-        want = expected.get(name) or ((vocab, d) if name == "output.weight" else None)
+        want = expected.get(name) or optional.get(name)
         if want is None:
             raise ConversionError(f"unexpected tensor {name} in a {arch} GGUF with {config.n_layer} layers")
         if shape != want:
@@ -387,6 +394,14 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
             put("norm.weight", kind, w)
         elif t.name == "output.weight":
             put("lm_head.weight", kind, w)
+        elif t.name == "rope_freqs.weight":  # Llama 3.1's stretched RoPE: a divisor per frequency
+            if kind is not None:
+                raise ConversionError("rope_freqs.weight must be stored as floats")
+            config.rope_scaling = {"type": "factors", "factors": [float(v) for v in np.asarray(w).reshape(-1)]}
+            try:
+                check_rope_scaling(config.rope_scaling, config.head_dim)
+            except ValueError as e:
+                raise ConversionError(f"rope_freqs.weight: {e}") from None
         elif m := _BIAS.fullmatch(t.name):
             parts.setdefault(int(m.group(1)), {})[m.group(2) + "_bias"] = (kind, w)
         elif m := _BLOCK.fullmatch(t.name):

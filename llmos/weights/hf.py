@@ -10,6 +10,7 @@ config field: biases on q/k/v (Qwen 2), per-head QK-norm (Qwen 3), a sliding win
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -39,12 +40,10 @@ def config_from_hf(cfg: dict) -> ModelConfig:
                       f"(and GGUF files of llama and gemma3)")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not supported yet")
-    scaling = cfg.get("rope_scaling")
-    if scaling and (scaling.get("rope_type") or scaling.get("type")) not in (None, "default"):
-        raise HFError(f"rope_scaling {scaling.get('rope_type') or scaling.get('type')!r} is not supported yet")
     if kind == "gemma2":
         return _gemma2_config(cfg)
     try:
+        theta, scaling = rope_from_hf(cfg)
         n_head = int(cfg["num_attention_heads"])
         window = cfg.get("sliding_window") if kind in ("mistral", "phi3") or cfg.get("use_sliding_window") else None
         n_layer = int(cfg["num_hidden_layers"])
@@ -52,11 +51,13 @@ def config_from_hf(cfg: dict) -> ModelConfig:
             arch="llama", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=n_head,
             n_kv_head=int(cfg.get("num_key_value_heads") or n_head), d_model=int(cfg["hidden_size"]),
             head_dim=cfg.get("head_dim"), d_ff=int(cfg["intermediate_size"]),
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)), rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            max_seq_len=int(cfg.get("max_position_embeddings", 2048)), rope_theta=theta, rope_scaling=scaling,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=int(window) if window else None, global_every=n_layer + 1,
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)), qk_norm=kind == "qwen3",
         )
+    except HFError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise HFError(f"its config.json does not describe a {kind} model ({type(e).__name__}: {e})") from None
 
@@ -64,20 +65,76 @@ def config_from_hf(cfg: dict) -> ModelConfig:
 def _gemma2_config(cfg: dict) -> ModelConfig:
     """Gemma 2: sandwich norms, GELU, a sliding window on alternate layers, soft-capped scores."""
     try:
+        theta, scaling = rope_from_hf(cfg)
         n_layer = int(cfg["num_hidden_layers"])
         kinds = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]
         return ModelConfig(
             arch="gemma2", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=int(cfg["num_attention_heads"]),
             n_kv_head=int(cfg["num_key_value_heads"]), d_model=int(cfg["hidden_size"]), head_dim=int(cfg["head_dim"]),
             d_ff=int(cfg["intermediate_size"]), max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta, rope_scaling=scaling, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), sliding_window=int(cfg["sliding_window"]),
             layer_types=["sliding" if k == "sliding_attention" else "global" for k in kinds],
             attn_scale=float(cfg.get("query_pre_attn_scalar", cfg["head_dim"])) ** -0.5,
             attn_softcap=cfg.get("attn_logit_softcapping"), final_softcap=cfg.get("final_logit_softcapping"),
         )
+    except HFError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise HFError(f"its config.json does not describe a gemma2 model ({type(e).__name__}: {e})") from None
+
+
+def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+    """(RoPE base, model.py's rope_scaling) from a config.json: `rope_theta` and `rope_scaling` as
+    older files write them, or `rope_parameters` as transformers 5 does. Defaults the reference
+    code derives (YaRN's and LongRoPE's attention factor, the original context) are made explicit
+    here, so model.py needs nothing but the dict."""
+    params = cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict) or any(isinstance(v, dict) for v in params.values()):
+        raise HFError("rope_parameters per layer type are not supported for this model type")
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    given = cfg.get("rope_scaling") or params
+    kind = given.get("rope_type") or given.get("type") or "default"
+    if kind == "default":
+        return theta, None
+
+    def get(key, default=None):
+        value = given.get(key, cfg.get(key, default))
+        if value is None:
+            raise HFError(f"rope_scaling {kind!r} lacks {key}")
+        return value
+
+    max_len = int(cfg.get("max_position_embeddings", 2048))
+    if kind == "linear":
+        return theta, {"type": "linear", "factor": float(get("factor"))}
+    if kind == "llama3":
+        return theta, {"type": "llama3", **{k: float(get(k)) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    if kind == "yarn":
+        original = int(get("original_max_position_embeddings"))
+        factor = float(given.get("factor") or max_len / original)
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = given.get("attention_factor")
+        if attention is None:
+            m, m_all = given.get("mscale"), given.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+        return theta, {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                       "beta_fast": float(given.get("beta_fast") or 32), "beta_slow": float(given.get("beta_slow") or 1),
+                       "attention_factor": float(attention), "truncate": bool(given.get("truncate", True))}
+    if kind == "longrope":
+        original = int(get("original_max_position_embeddings"))
+        factor = float(given.get("factor") or max_len / original)
+        attention = given.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+        return theta, {"type": "longrope", "short_factor": [float(v) for v in get("short_factor")],
+                       "long_factor": [float(v) for v in get("long_factor")],
+                       "original_max_position_embeddings": original, "attention_factor": float(attention)}
+    raise HFError(f"rope_scaling {kind!r} is not supported; supported: linear, llama3, yarn, longrope"
+                  + (" (dynamic NTK rescales with each sequence's length)" if kind == "dynamic" else ""))
 
 
 def weight_files(path: Path) -> list[Path]:
