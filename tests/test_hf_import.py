@@ -109,6 +109,15 @@ def test_rope_scaling_matches_transformers(scaling, tmp_path):
         plain = loaded.model(ids)
     assert (got - want).abs().max().item() < 1e-4
     assert (plain - want).abs().max().item() > 1e-3  # the scaling changed something
+    if scaling in ("linear", "llama3"):  # `llmos export --format hf` writes the scaling back
+        from transformers import AutoModelForCausalLM
+
+        from llmos.weights.export import export
+
+        out = export(loaded.path, tmp_path / "exported")
+        again = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert (again(ids).logits - want).abs().max().item() < 1e-4
 
 
 def test_rope_scaling_old_style_keys_and_unsupported_kinds(tmp_path):

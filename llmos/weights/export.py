@@ -39,7 +39,9 @@ def hf_config(cfg: ModelConfig, meta: dict, tokenizer) -> dict:
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta} if not cfg.rope_scaling else
+        {**{k: v for k, v in cfg.rope_scaling.items() if k != "type"}, "rope_type": cfg.rope_scaling["type"],
+         "rope_theta": cfg.rope_theta},
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -85,6 +87,8 @@ def export(checkpoint: Path, out: Path, fmt: str = "hf") -> Path:
     if cfg.qkv_bias or cfg.qk_norm:
         raise ExportError(f"--format hf exports plain Llama models; this one has "
                           f"{'q/k/v biases (Qwen 2)' if cfg.qkv_bias else 'QK-norm (Qwen 3)'}")
+    if cfg.rope_scaling and cfg.rope_scaling["type"] not in ("linear", "llama3"):
+        raise ExportError(f"RoPE scaling {cfg.rope_scaling['type']!r} is not exported yet (linear and llama3 are)")
     if not cfg.causal:
         raise ExportError("this is a masked-LM encoder (bidirectional), not a causal LM; it cannot become LlamaForCausalLM")
     if abs(cfg.attn_scale - cfg.head_dim**-0.5) > 1e-9:
