@@ -42,9 +42,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+ARCHS = ("llama", "gemma2", "gemma3", "gpt2")
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # "llama": pre-norm SwiGLU blocks; "gemma3": sandwich norms, QK-norm, GELU
+    # "llama": pre-norm SwiGLU blocks, RoPE; "gemma2"/"gemma3": sandwich norms, GELU gates (and
+    # QK-norm in 3); "gpt2": learned positions, LayerNorm, a plain GELU MLP, biases everywhere
+    arch: str = "llama"
     vocab_size: int = 256
     n_layer: int = 4
     n_head: int = 4
@@ -72,12 +77,16 @@ class ModelConfig:
     rope_scaling: dict | None = None
 
     def __post_init__(self):
-        if self.arch not in ("llama", "gemma2", "gemma3"):
-            raise ValueError(f"unknown architecture {self.arch!r}: use 'llama', 'gemma2' or 'gemma3'")
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r}: use one of {', '.join(ARCHS)}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.arch == "gemma3":
             self.qk_norm = True
+        if self.arch == "gpt2":
+            self.qkv_bias = True
+            if self.d_ff is None:
+                self.d_ff = 4 * self.d_model
         if self.head_dim is None:
             if self.d_model % self.n_head:
                 raise ValueError(
@@ -134,6 +143,15 @@ class ModelConfig:
         return asdict(self)
 
     @property
+    def gated(self) -> bool:
+        """A gated MLP (gate and up fused in w13); GPT-2's w13 is its one input projection."""
+        return self.arch != "gpt2"
+
+    @property
+    def rope(self) -> bool:
+        return self.arch != "gpt2"  # GPT-2 learns a vector per position instead
+
+    @property
     def gemma(self) -> bool:
         """Gemma 2 and 3: scaled embeddings, sandwich norms, GELU gates."""
         return self.arch in ("gemma2", "gemma3")
@@ -151,6 +169,11 @@ class RMSNorm(nn.Module):
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and _fast():
             return torch.ops.llmos.rms_norm(x, self.weight, self.eps)  # one pass instead of six ops
         return F.rms_norm(x.float(), self.shape, self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    """RMSNorm, or GPT-2's LayerNorm (mean removed, with a bias)."""
+    return nn.LayerNorm(dim, eps=config.norm_eps) if config.arch == "gpt2" else RMSNorm(dim, config.norm_eps)
 
 
 def _fast() -> bool:
@@ -345,7 +368,7 @@ class Attention(nn.Module):
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         # One matmul for q, k and v: fewer, larger kernels matter on a CPU.
         self.wqkv = nn.Linear(config.d_model, q_dim + 2 * kv_dim, bias=config.qkv_bias)
-        self.wo = nn.Linear(q_dim, config.d_model, bias=False)
+        self.wo = nn.Linear(q_dim, config.d_model, bias=not config.gated)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -359,7 +382,7 @@ class Attention(nn.Module):
             qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
         else:
             qk, v = qkv.split([nh + nkv, nkv], dim=2)
-        q, k = apply_rope(qk, *rope).split([nh, nkv], dim=2)  # (B, T, nh, hs)
+        q, k = (apply_rope(qk, *rope) if rope else qk).split([nh, nkv], dim=2)  # (B, T, nh, hs)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
             cache.write(self.layer, k, v, input_pos, span)
@@ -396,11 +419,14 @@ def softcapped_attention(q, k, v, span: AttnSpan, scale: float, cap: float):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.w13 = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.gemma = config.gemma
+        # Gate and up, fused (GPT-2: up alone, with biases).
+        self.w13 = nn.Linear(config.d_model, (2 if config.gated else 1) * config.d_ff, bias=not config.gated)
+        self.w2 = nn.Linear(config.d_ff, config.d_model, bias=not config.gated)
+        self.gemma, self.gated = config.gemma, config.gated
 
     def forward(self, x):
+        if not self.gated:
+            return self.w2(F.gelu(self.w13(x), approximate="tanh"))
         gate, up = self.w13(x).chunk(2, dim=-1)
         gate = F.gelu(gate, approximate="tanh") if self.gemma else F.silu(gate)
         return self.w2(gate * up)
@@ -409,9 +435,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config, config.d_model)
         self.attn = Attention(config, layer)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_norm = make_norm(config, config.d_model)
         self.mlp = MLP(config)
         self.post_attn_norm = self.post_mlp_norm = None
         if config.gemma:  # Gemma normalises each sublayer's output too, before the residual add
@@ -442,8 +468,11 @@ class Transformer(nn.Module):
         # the meta device, where it would drag in sympy for seconds).
         self.embed = nn.Embedding(config.vocab_size, config.d_model,
                                   _weight=torch.empty(config.vocab_size, config.d_model))
+        if not config.rope:
+            self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model,
+                                          _weight=torch.empty(config.max_seq_len, config.d_model))
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -513,13 +542,17 @@ class Transformer(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         if c.gemma:
             x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)
+        if not c.rope:
+            x = x + self.pos_embed(input_pos)
         if cache is not None and T == 1 and c.causal and _fast() and self._fused_blocks():
             x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache)[:, None]
             return self.norm(x) if return_hidden else self._logits(x)
         plan = {}
         for kind in set(c.layer_types):
-            cos, sin = self._rope(kind == "sliding", idx.device)
-            rope = (cos[input_pos][:, :, None].to(x.dtype), sin[input_pos][:, :, None].to(x.dtype))  # (B|1, T, 1, hd)
+            rope = None
+            if c.rope:
+                cos, sin = self._rope(kind == "sliding", idx.device)
+                rope = (cos[input_pos][:, :, None].to(x.dtype), sin[input_pos][:, :, None].to(x.dtype))  # (B|1, T, 1, hd)
             window = c.sliding_window if kind == "sliding" else None
             if segments is not None:
                 plan[kind] = (rope, segment_span(segments, window, c.causal))
@@ -542,8 +575,8 @@ class Transformer(nn.Module):
     def _fused_blocks(self) -> bool:
         """Whether every block can decode in one C++ call: block-quantized projections, float32
         norms (the C++ kernels' `decode_layer`)."""
-        if self._fused is None and self.config.attn_softcap:
-            self._fused = False  # decode_layer has no softcapping: the module path
+        if self._fused is None and (self.config.attn_softcap or not self.config.rope):
+            self._fused = False  # decode_layer has no softcapping, no LayerNorm: the module path
         if self._fused is None:
             args = []
             for block in self.blocks:

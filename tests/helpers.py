@@ -49,11 +49,14 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     w.add_block_count(n_layer)
     w.add_feed_forward_length(d_ff)
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv_head)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
+    if arch == "gpt2":  # no RoPE, LayerNorm
+        w.add_layer_norm_eps(1e-5)
+    else:
+        w.add_head_count_kv(n_kv_head)
+        w.add_rope_freq_base(10000.0)
+        w.add_layer_norm_rms_eps(1e-5)
+        w.add_rope_dimension_count(d_model // n_head)
     w.add_vocab_size(vocab)
-    w.add_rope_dimension_count(d_model // n_head)
     if rope_scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
         w.add_rope_scaling_factor(rope_scaling[1])
@@ -101,7 +104,18 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
             data = rng.integers(0, 256, (value.shape[0], value.shape[1] // block * size), dtype=np.uint8)
         w.add_tensor(name, data, raw_dtype=qt)
 
-    for i in range(n_layer):
+    if arch == "gpt2":  # learned positions; fused q/k/v, LayerNorms and biases everywhere
+        w.add_tensor("output_norm.bias", t(d_model, scale=0.1))
+        w.add_tensor("position_embd.weight", t(context, d_model, scale=0.3))
+        for i in range(n_layer):
+            for kind, rows, cols in (("attn_qkv", 3 * d_model, d_model), ("attn_output", d_model, d_model),
+                                     ("ffn_up", d_ff, d_model), ("ffn_down", d_model, d_ff)):
+                matrix(f"blk.{i}.{kind}.weight", kind, t(rows, cols))
+                w.add_tensor(f"blk.{i}.{kind}.bias", t(rows, scale=0.1))
+            for kind in ("attn_norm", "ffn_norm"):
+                w.add_tensor(f"blk.{i}.{kind}.weight", 1 + t(d_model, scale=0.1))
+                w.add_tensor(f"blk.{i}.{kind}.bias", t(d_model, scale=0.1))
+    for i in range(n_layer if arch != "gpt2" else 0):
         w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + t(d_model, scale=0.1))
         matrix(f"blk.{i}.attn_q.weight", "attn_q", t(n_head * hd, d_model))
         matrix(f"blk.{i}.attn_k.weight", "attn_k", t(n_kv_head * hd, d_model))

@@ -23,6 +23,7 @@ FAMILIES = {
     "gemma2": dict(cls="Gemma2ForCausalLM", config="Gemma2Config",
                    extra=dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                               final_logit_softcapping=3.0, attn_implementation="eager")),
+    "gpt2": dict(cls="GPT2LMHeadModel", config="GPT2Config", extra={}),
 }
 
 
@@ -43,10 +44,14 @@ def tiny_hf(kind: str, folder, tie: bool, shards: bool = False, extra: dict | No
 
     spec = FAMILIES[kind]
     vocab = write_tokenizer(folder)
+    if kind == "gpt2":  # its own names; no grouped-query attention
+        sizes = dict(n_embd=64, n_inner=96, n_layer=3, n_head=4, n_positions=128, layer_norm_epsilon=1e-5,
+                     bos_token_id=None, eos_token_id=None)
+    else:
+        sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
     config = getattr(transformers, spec["config"])(
-        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=tie,
-        **{**spec["extra"], **(extra or {})})
+        vocab_size=vocab, tie_word_embeddings=tie, **sizes, **{**spec["extra"], **(extra or {})})
     torch.manual_seed(0)
     model = getattr(transformers, spec["cls"])(config).eval()
     with torch.no_grad():  # norms and biases away from their initial 1 and 0, so a wrong mapping shows
@@ -58,7 +63,7 @@ def tiny_hf(kind: str, folder, tie: bool, shards: bool = False, extra: dict | No
 
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False),
-                                      ("phi3", False), ("gemma2", True)])
+                                      ("phi3", False), ("gemma2", True), ("gpt2", True), ("gpt2", False)])
 def test_hf_folder_matches_transformers(kind, tie, tmp_path):
     folder = tmp_path / kind
     folder.mkdir()
@@ -72,7 +77,7 @@ def test_hf_folder_matches_transformers(kind, tie, tmp_path):
         got = loaded.model(ids)
     assert (got - want).abs().max().item() < 1e-4
     cfg = loaded.config
-    assert cfg.qkv_bias == (kind == "qwen2") and cfg.qk_norm == (kind == "qwen3")
+    assert cfg.qkv_bias == (kind in ("qwen2", "gpt2")) and cfg.qk_norm == (kind == "qwen3")
     assert cfg.tie_embeddings == tie and cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 6}.get(kind)
 
 
@@ -171,7 +176,7 @@ def test_unsupported_hf_models_are_one_line_errors(tmp_path):
                                                              for p in store.models_dir().glob("hf-*"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
     """The same tiny GGUF loaded by transformers (its own GGUF reader) and by LLMOS, in float32:
     llama's q/k row permutation undone, Qwen's left alone, Qwen 2's biases, Qwen 3's QK-norm."""
@@ -186,6 +191,8 @@ def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # transformers' GGUF reader takes Qwen 3's head size from its own default (128), not the file
     size = dict(d_model=512, n_head=4) if arch == "qwen3" else {}
+    if arch == "gpt2":  # transformers' reader sizes GPT-2's MLP and positions from its defaults
+        size = dict(d_ff=256, context=1024)
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, seed=5, quantize_embeddings=False, **size)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     ours = store.load_checkpoint(store.resolve(str(path)), "fp32")
@@ -193,22 +200,35 @@ def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
     with torch.no_grad():
         want, got = ref(ids).logits, ours.model(ids)
     assert (got - want).abs().max().item() < 1e-4
-    assert ours.config.qkv_bias == (arch == "qwen2") and ours.config.qk_norm == (arch == "qwen3")
+    assert ours.config.qkv_bias == (arch in ("qwen2", "gpt2")) and ours.config.qk_norm == (arch == "qwen3")
     listed = {r["path"]: r for r in store.list_models()}[str(ours.path)]
     assert listed["architecture"] == arch
 
 
-def test_quantized_qwen2_gguf_keeps_its_biases(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_quantized_gguf_keeps_its_biases(arch, tmp_path):
     from helpers import write_tiny_gguf
+    from llmos.engine.generate import generate
 
-    path = write_tiny_gguf(tmp_path / "q.gguf", arch="qwen2", seed=6, layer_types={"*": "Q8_0"})
+    path = write_tiny_gguf(tmp_path / "q.gguf", arch=arch, seed=6, layer_types={"*": "Q8_0"})
     folder = store.resolve(str(path))
     q, exact = store.load_checkpoint(folder), store.load_checkpoint(folder, "fp32")
     assert q.precision == "quantized" and q.model.blocks[0].attn.wqkv.bias is not None
+    if arch == "gpt2":
+        assert q.model.blocks[0].mlp.w2.bias is not None and q.model.blocks[0].attn.wo.bias is not None
     ids = torch.tensor([list(range(3, 20))])
     with torch.inference_mode():
         a, b = q.model(ids[:, :8]), exact.model(ids[:, :8])
     assert torch.allclose(a, b, atol=1e-3 * b.abs().max().item())
+    # Cached decoding (one token at a time, positions from the cache) picks what a full pass does.
+    from llmos.engine.sampling import SamplingParams
+
+    out = generate(exact.model, list(range(3, 11)), SamplingParams(temperature=0, max_tokens=6))
+    tokens = list(range(3, 11))
+    with torch.inference_mode():
+        for _ in range(6):
+            tokens.append(int(exact.model(torch.tensor([tokens]))[0, -1].argmax()))
+    assert out[0].output == tokens[8:]
 
 
 def test_gguf_rope_scaling_llama3_factors_and_linear(tmp_path):

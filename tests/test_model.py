@@ -10,6 +10,7 @@ GEMMA = dict(arch="gemma3", vocab_size=97, n_layer=3, n_head=4, n_kv_head=1, d_m
              max_seq_len=128, sliding_window=8, global_every=3, rope_local_theta=10000.0)
 GEMMA2 = dict(arch="gemma2", vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, head_dim=16,
               max_seq_len=128, sliding_window=8, layer_types=["sliding", "global"], attn_softcap=1.5, final_softcap=4.0)
+GPT2 = dict(arch="gpt2", vocab_size=97, n_layer=2, n_head=4, d_model=64, max_seq_len=128)
 QWEN = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128, qkv_bias=True, qk_norm=True)
 
 
@@ -48,7 +49,7 @@ def test_unknown_preset_lists_presets():
         ModelConfig.from_name("huge")
 
 
-@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA, GEMMA2, QWEN], ids=["llama", "gemma3", "gemma2-softcap", "qwen"])
+@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA, GEMMA2, QWEN, GPT2], ids=["llama", "gemma3", "gemma2-softcap", "qwen", "gpt2"])
 def test_incremental_decoding_matches_full_forward(kwargs):
     m = tiny(kwargs)
     ids = torch.randint(0, 97, (2, 40))
@@ -61,7 +62,7 @@ def test_incremental_decoding_matches_full_forward(kwargs):
     assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA, GEMMA2], ids=["llama", "gemma3", "gemma2-softcap"])
+@pytest.mark.parametrize("kwargs", [LLAMA, GEMMA, GEMMA2, GPT2], ids=["llama", "gemma3", "gemma2-softcap", "gpt2"])
 def test_rows_at_different_positions(kwargs):
     """Continuous batching: each row of one batch at its own position gives the logits that row
     gets when run alone."""

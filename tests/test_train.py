@@ -78,9 +78,11 @@ def test_resume_continues_exactly(shake, tmp_path, optimizer):
     assert fa["val_loss"] == pytest.approx(fb["val_loss"], abs=1e-5)
 
 
-def test_muon_learns(shake, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_muon_learns(shake, tmp_path, arch):
     run = tmp_path / "run"
-    final = Trainer(shake, run, config(max_steps=40, eval_interval=20, optimizer="muon")).run()
+    final = Trainer(shake, run, config(max_steps=40, eval_interval=20, optimizer="muon",
+                                       model=dict(TINY, arch=arch))).run()
     first_val = next(r["val_loss"] for r in metrics(run) if "val_loss" in r)
     assert final["val_loss"] < first_val - 0.5
 

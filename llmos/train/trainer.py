@@ -124,7 +124,7 @@ def configure_optimizer(model: Transformer, cfg: TrainConfig, device) -> torch.o
     c = model.config if hasattr(model, "config") else model.model.config  # a Transformer, or with heads
     q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     # Fused projections are orthogonalized matrix by matrix: q, k, v; gate and up.
-    splits = {p: [q, kv, kv] if name.endswith("wqkv.weight") else [c.d_ff, c.d_ff]
+    splits = {p: [q, kv, kv] if name.endswith("wqkv.weight") else [c.d_ff] * (2 if c.gated else 1)
               for name, p in hidden.items() if name.endswith(("wqkv.weight", "w13.weight"))}
     muon = Muon(list(hidden.values()), lr=cfg.lr, weight_decay=cfg.weight_decay, splits=splits)
     return Optimizers(muon, adamw)

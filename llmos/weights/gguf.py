@@ -24,7 +24,7 @@ import torch
 
 from llmos.model import ModelConfig, check_rope_scaling
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")  # Mistral's GGUFs say "llama"
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")  # Mistral's GGUFs say "llama"
 
 # What a GGUF may declare. Real models stay far below: Gemma 3 has 262144 tokens, a 32768-token
 # context and ~800k metadata array items (its tokenizer), and a few hundred tensors.
@@ -212,8 +212,9 @@ def config_from_gguf(meta: dict) -> ModelConfig:
         raise ConversionError(
             f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHS)}"
         )
+    norm_eps = "attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon"
     required = ["block_count", "embedding_length", "attention.head_count", "feed_forward_length",
-                "context_length", "attention.layer_norm_rms_epsilon"]
+                "context_length", norm_eps]
     if arch in ("gemma3", "qwen3"):
         required.append("attention.key_length")
     missing = [f"{arch}.{key}" for key in required if meta.get(f"{arch}.{key}") is None]
@@ -234,7 +235,7 @@ def config_from_gguf(meta: dict) -> ModelConfig:
 
     n_head = count("attention.head_count")
     common = dict(
-        arch="gemma3" if arch == "gemma3" else "llama",  # Qwen: the llama computation, two options on
+        arch=arch if arch in ("gemma3", "gpt2") else "llama",  # Qwen: the llama computation, two options on
         n_layer=count("block_count", limit=MAX_LAYERS),
         n_head=n_head,
         n_kv_head=count("attention.head_count_kv", n_head),
@@ -242,7 +243,7 @@ def config_from_gguf(meta: dict) -> ModelConfig:
         d_ff=count("feed_forward_length"),
         max_seq_len=count("context_length", limit=MAX_CONTEXT),
         rope_theta=positive("rope.freq_base", 10000.0),
-        norm_eps=positive("attention.layer_norm_rms_epsilon"),
+        norm_eps=positive(norm_eps),
     )
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
@@ -295,18 +296,31 @@ def check_tensors(reader, config: ModelConfig):
         raise ConversionError(f"its tokenizer has {len(tokens.data)} tokens, but token_embd.weight only {vocab} rows")
     d, hd, ff = config.d_model, config.head_dim, config.d_ff
     q, kv = config.n_head * hd, config.n_kv_head * hd
+    if config.arch == "gpt2":  # fused q/k/v, LayerNorms and biases everywhere, learned positions
+        layer = {"attn_norm": (d,), "attn_qkv": (q + 2 * kv, d), "attn_output": (d, q), "ffn_norm": (d,),
+                 "ffn_up": (ff, d), "ffn_down": (d, ff)}
+        per_layer = {**{f"{k}.weight": v for k, v in layer.items()}, **{f"{k}.bias": v[:1] for k, v in layer.items()}}
+        expected = {"token_embd.weight": (vocab, d), "position_embd.weight": (config.max_seq_len, d),
+                    "output_norm.weight": (d,), "output_norm.bias": (d,)}
+        return _check_shapes(shapes, expected, per_layer, {"output.weight": (vocab, d)}, config, arch)
     per_layer = dict(attn_norm=(d,), attn_q=(q, d), attn_k=(kv, d), attn_v=(kv, d), attn_output=(d, q),
                      ffn_norm=(d,), ffn_gate=(ff, d), ffn_up=(ff, d), ffn_down=(d, ff))
     if config.qk_norm:
         per_layer.update(attn_q_norm=(hd,), attn_k_norm=(hd,))
     if config.arch == "gemma3":
         per_layer.update(post_attention_norm=(d,), post_ffw_norm=(d,))
+    per_layer = {f"{kind}.weight": shape for kind, shape in per_layer.items()}
+    if config.qkv_bias:
+        per_layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
     expected = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
     optional = {"output.weight": (vocab, d), "rope_freqs.weight": (hd // 2,)}
+    _check_shapes(shapes, expected, per_layer, optional, config, arch)
+
+
+def _check_shapes(shapes: dict, expected: dict, per_layer: dict, optional: dict, config: ModelConfig, arch: str):
+    """Every tensor expected (globally, or per layer as blk.N.<name>) present, nothing else."""
     for i in range(config.n_layer):
-        expected.update({f"blk.{i}.{kind}.weight": shape for kind, shape in per_layer.items()})
-        if config.qkv_bias:
-            expected.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (kv,), f"blk.{i}.attn_v.bias": (kv,)})
+        expected.update({f"blk.{i}.{name}": shape for name, shape in per_layer.items()})
     for name, shape in shapes.items():
         want = expected.get(name) or optional.get(name)
         if want is None:
@@ -339,6 +353,9 @@ _SIMPLE = {
 }
 
 
+_GPT2_TENSOR = re.compile(r"blk\.(\d+)\.(attn_norm|attn_qkv|attn_output|ffn_norm|ffn_up|ffn_down)\.(weight|bias)")
+_GPT2 = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_qkv": "attn.wqkv", "attn_output": "attn.wo",
+         "ffn_up": "mlp.w13", "ffn_down": "mlp.w2"}
 FLOAT_TYPES = {0: "F32", 1: "F16", 30: "BF16"}
 
 
@@ -390,8 +407,14 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
         kind, w = _tensor(t)
         if t.name == "token_embd.weight":
             put("embed.weight", kind, w)
-        elif t.name == "output_norm.weight":
-            put("norm.weight", kind, w)
+        elif t.name in ("output_norm.weight", "output_norm.bias"):
+            put("norm." + t.name.rsplit(".", 1)[1], kind, w)
+        elif t.name == "position_embd.weight":
+            put("pos_embed.weight", kind, w)
+        elif arch == "gpt2" and (m := _GPT2_TENSOR.fullmatch(t.name)):
+            if m.group(3) == "bias" and kind is not None:
+                raise ConversionError(f"{t.name} must be stored as floats")
+            put(f"blocks.{m.group(1)}.{_GPT2[m.group(2)]}.{m.group(3)}", kind, w)
         elif t.name == "output.weight":
             put("lm_head.weight", kind, w)
         elif t.name == "rope_freqs.weight":  # Llama 3.1's stretched RoPE: a divisor per frequency

@@ -1,10 +1,11 @@
 """A Hugging Face model folder (config.json, safetensors weights, tokenizer.json) -> an LLMOS
-checkpoint folder, for the llama family: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5, Qwen 3 and Phi-3.
+checkpoint folder: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5, Qwen 3, Phi-3, Gemma 2 and GPT-2.
 
 The folder's weights may be one model.safetensors or shards listed in
 model.safetensors.index.json; only safetensors are read (never pickled .bin files). Names map
 onto model.py, q/k/v and gate/up are fused. What the architecture needs beyond plain Llama is a
-config field: biases on q/k/v (Qwen 2), per-head QK-norm (Qwen 3), a sliding window (Mistral).
+config field: biases on q/k/v (Qwen 2), per-head QK-norm (Qwen 3), a sliding window (Mistral),
+soft-capping and sandwich norms (Gemma 2), stretched RoPE; GPT-2 is its own `arch`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from llmos.model import ModelConfig
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2")
 
 
 class HFError(ValueError):
@@ -36,12 +37,13 @@ def is_hf_folder(path: Path) -> bool:
 def config_from_hf(cfg: dict) -> ModelConfig:
     kind = cfg.get("model_type")
     if kind not in FAMILY:
-        raise HFError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILY)} "
-                      f"(and GGUF files of llama and gemma3)")
+        raise HFError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILY)}")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not supported yet")
     if kind == "gemma2":
         return _gemma2_config(cfg)
+    if kind == "gpt2":
+        return _gpt2_config(cfg)
     try:
         theta, scaling = rope_from_hf(cfg)
         n_head = int(cfg["num_attention_heads"])
@@ -82,6 +84,27 @@ def _gemma2_config(cfg: dict) -> ModelConfig:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise HFError(f"its config.json does not describe a gemma2 model ({type(e).__name__}: {e})") from None
+
+
+def _gpt2_config(cfg: dict) -> ModelConfig:
+    """GPT-2: learned positions, LayerNorm, GELU (tanh form), fused c_attn, biases everywhere."""
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise HFError(f"activation_function {act!r} is not supported for gpt2 (gelu_new is)")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if cfg.get(flag):
+            raise HFError(f"{flag} is not supported")
+    if cfg.get("scale_attn_weights") is False:
+        raise HFError("scale_attn_weights false (unscaled attention) is not supported")
+    try:
+        d = int(cfg["n_embd"])
+        return ModelConfig(
+            arch="gpt2", vocab_size=int(cfg["vocab_size"]), n_layer=int(cfg["n_layer"]), n_head=int(cfg["n_head"]),
+            d_model=d, d_ff=int(cfg.get("n_inner") or 4 * d), max_seq_len=int(cfg["n_positions"]),
+            norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise HFError(f"its config.json does not describe a gpt2 model ({type(e).__name__}: {e})") from None
 
 
 def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
@@ -180,6 +203,8 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     raw: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         raw.update(load_file(str(f)))
+    if config.arch == "gpt2":
+        return _gpt2_state_dict(raw, config)
     state, parts = {}, {}
     simple = _GEMMA2 if config.arch == "gemma2" else _SIMPLE
     for name, w in raw.items():
@@ -216,6 +241,35 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
             state[f"blocks.{layer}.mlp.w13.weight"] = torch.cat([p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"]])
         except KeyError as e:
             raise HFError(f"layer {layer} lacks {e.args[0]}") from None
+    return state
+
+
+_GPT2_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\.(.+)")
+_GPT2 = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "attn.wqkv", "attn.c_proj": "attn.wo",
+         "mlp.c_fc": "mlp.w13", "mlp.c_proj": "mlp.w2"}
+
+
+def _gpt2_state_dict(raw: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2's names (with or without the `transformer.` prefix); its Conv1D matrices are stored
+    (in, out) and become (out, in) like any nn.Linear."""
+    state = {}
+    for name, w in raw.items():
+        w = w.float()
+        short = name.removeprefix("transformer.")
+        if short in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+            state[{"wte": "embed", "wpe": "pos_embed", "ln_f": "norm"}[short.split(".")[0]] + "." + short.split(".")[1]] = w
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:
+                state["lm_head.weight"] = w
+        elif m := _GPT2_LAYER.fullmatch(name):
+            layer, rest = int(m.group(1)), m.group(2)
+            module, _, leaf = rest.rpartition(".")
+            if module in _GPT2 and leaf in ("weight", "bias"):
+                state[f"blocks.{layer}.{_GPT2[module]}.{leaf}"] = w.t().contiguous() if leaf == "weight" and "." in module else w
+            elif rest not in ("attn.bias", "attn.masked_bias"):  # causal-mask buffers of old checkpoints
+                raise HFError(f"unexpected tensor {name}")
+        else:
+            raise HFError(f"unexpected tensor {name}")
     return state
 
 

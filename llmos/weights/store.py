@@ -728,7 +728,7 @@ def _install_quantized(model: Transformer, quant: dict):
                              f"the config calls for {rows} x {k}")
         if isinstance(old, torch.nn.Embedding):
             setattr(owner, attr, QEmbedding(groups, k))
-            if config.tie_embeddings:
+            if config.tie_embeddings and name == "embed.weight":
                 model.lm_head = QLinear(groups, k)
         else:
             bias = old.bias if old.bias is not None and not old.bias.is_meta else None
