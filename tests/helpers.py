@@ -34,10 +34,12 @@ def byte_level_vocab() -> tuple[list[str], list[str]]:
 def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96,
                     context=512, seed=0, quantize_embeddings=True, arch="llama",
                     layer_types: dict[str, str] | None = None, rope_freqs: np.ndarray | None = None,
-                    rope_scaling: tuple[str, float] | None = None) -> Path:
+                    rope_scaling: tuple[str, float] | None = None, head_dim: int | None = None,
+                    window: int | None = None, longrope: tuple[list, list, int] | None = None) -> Path:
     """layer_types: GGUF block type per layer tensor kind ({"attn_q": "Q4_0", ...}; "*" for
     every kind); the rest stay float32. rope_freqs: Llama 3.1's per-frequency RoPE divisors;
-    rope_scaling: (llama.cpp's scaling type, factor), such as ("linear", 4.0)."""
+    rope_scaling: (llama.cpp's scaling type, factor), such as ("linear", 4.0). window: a sliding
+    window (phi3, gemma2). longrope: Phi-3's (long factors, short factors, original context)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -60,9 +62,17 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     if rope_scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
         w.add_rope_scaling_factor(rope_scaling[1])
-    if arch == "qwen3":
-        w.add_key_length(d_model // n_head)
-        w.add_value_length(d_model // n_head)
+    hd = head_dim or d_model // n_head
+    if arch in ("qwen3", "gemma2"):
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if window:
+        w.add_sliding_window(window)
+    if arch == "gemma2":
+        w.add_attn_logit_softcapping(50.0)
+        w.add_final_logit_softcapping(30.0)
+    if longrope:
+        w.add_rope_scaling_orig_ctx_len(longrope[2])
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
@@ -70,9 +80,9 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     w.add_token_types([3] * len(SPECIALS) + [1] * (vocab - len(SPECIALS)))
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
+    w.add_pad_token_id(0)  # transformers sizes Phi-3's padding row from it (its default is past this vocabulary)
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
-    hd = d_model // n_head
 
     def t(*shape, scale=0.08):
         return (rng.standard_normal(shape) * scale).astype(np.float32)
@@ -88,6 +98,9 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
     w.add_tensor("output_norm.weight", 1 + t(d_model, scale=0.1))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", np.asarray(rope_freqs, dtype=np.float32))
+    if longrope:
+        w.add_tensor("rope_factors_long.weight", np.asarray(longrope[0], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(longrope[1], dtype=np.float32))
 
     def matrix(name: str, kind: str, value: np.ndarray):
         block_type = (layer_types or {}).get(kind) or (layer_types or {}).get("*")
@@ -117,9 +130,12 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
                 w.add_tensor(f"blk.{i}.{kind}.bias", t(d_model, scale=0.1))
     for i in range(n_layer if arch != "gpt2" else 0):
         w.add_tensor(f"blk.{i}.attn_norm.weight", 1 + t(d_model, scale=0.1))
-        matrix(f"blk.{i}.attn_q.weight", "attn_q", t(n_head * hd, d_model))
-        matrix(f"blk.{i}.attn_k.weight", "attn_k", t(n_kv_head * hd, d_model))
-        matrix(f"blk.{i}.attn_v.weight", "attn_v", t(n_kv_head * hd, d_model))
+        if arch == "phi3":  # q/k/v fused
+            matrix(f"blk.{i}.attn_qkv.weight", "attn_qkv", t((n_head + 2 * n_kv_head) * hd, d_model))
+        else:
+            matrix(f"blk.{i}.attn_q.weight", "attn_q", t(n_head * hd, d_model))
+            matrix(f"blk.{i}.attn_k.weight", "attn_k", t(n_kv_head * hd, d_model))
+            matrix(f"blk.{i}.attn_v.weight", "attn_v", t(n_kv_head * hd, d_model))
         matrix(f"blk.{i}.attn_output.weight", "attn_output", t(d_model, n_head * hd))
         if arch == "qwen2":  # biases on q, k and v
             for kind, rows in (("attn_q", n_head * hd), ("attn_k", n_kv_head * hd), ("attn_v", n_kv_head * hd)):
@@ -127,9 +143,15 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
         if arch == "qwen3":  # per-head QK-norm
             w.add_tensor(f"blk.{i}.attn_q_norm.weight", 1 + t(hd, scale=0.2))
             w.add_tensor(f"blk.{i}.attn_k_norm.weight", 1 + t(hd, scale=0.2))
+        if arch == "gemma2":  # sandwich norms
+            w.add_tensor(f"blk.{i}.post_attention_norm.weight", 1 + t(d_model, scale=0.1))
+            w.add_tensor(f"blk.{i}.post_ffw_norm.weight", 1 + t(d_model, scale=0.1))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", 1 + t(d_model, scale=0.1))
-        matrix(f"blk.{i}.ffn_gate.weight", "ffn_gate", t(d_ff, d_model))
-        matrix(f"blk.{i}.ffn_up.weight", "ffn_up", t(d_ff, d_model))
+        if arch == "phi3":  # gate and up fused
+            matrix(f"blk.{i}.ffn_up.weight", "ffn_up", t(2 * d_ff, d_model))
+        else:
+            matrix(f"blk.{i}.ffn_gate.weight", "ffn_gate", t(d_ff, d_model))
+            matrix(f"blk.{i}.ffn_up.weight", "ffn_up", t(d_ff, d_model))
         matrix(f"blk.{i}.ffn_down.weight", "ffn_down", t(d_model, d_ff))
     w.write_header_to_file()
     w.write_kv_data_to_file()

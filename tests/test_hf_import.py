@@ -176,7 +176,7 @@ def test_unsupported_hf_models_are_one_line_errors(tmp_path):
                                                              for p in store.models_dir().glob("hf-*"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gpt2"])
 def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
     """The same tiny GGUF loaded by transformers (its own GGUF reader) and by LLMOS, in float32:
     llama's q/k row permutation undone, Qwen's left alone, Qwen 2's biases, Qwen 3's QK-norm."""
@@ -193,10 +193,14 @@ def test_gguf_of_each_architecture_matches_transformers(arch, tmp_path):
     size = dict(d_model=512, n_head=4) if arch == "qwen3" else {}
     if arch == "gpt2":  # transformers' reader sizes GPT-2's MLP and positions from its defaults
         size = dict(d_ff=256, context=1024)
+    if arch == "gemma2":  # and scales Gemma 2's queries by its default 256**-0.5 (llama.cpp: head_dim)
+        size = dict(head_dim=256, window=4)
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, seed=5, quantize_embeddings=False, **size)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
     ours = store.load_checkpoint(store.resolve(str(path)), "fp32")
     ids = torch.randint(0, ours.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(2))
+    if arch == "gemma2":
+        assert ours.config.layer_types[:2] == ["sliding", "global"] and ours.config.sliding_window == 4
     with torch.no_grad():
         want, got = ref(ids).logits, ours.model(ids)
     assert (got - want).abs().max().item() < 1e-4
@@ -265,6 +269,25 @@ def test_gguf_rope_scaling_llama3_factors_and_linear(tmp_path):
         want_l = plain.model(ids)
     assert (got_f - want_f).abs().max().item() < 1e-4 and (got_l - want_l).abs().max().item() < 1e-4
     assert (got_f - unscaled).abs().max().item() > 1e-3
+
+
+def test_phi3_gguf_longrope(tmp_path):
+    """Phi-3 128k GGUFs carry LongRoPE as two factor tensors and the original context; the
+    attention factor, absent here, is derived as the reference code does."""
+    from helpers import write_tiny_gguf
+
+    long, short = [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0], [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8]
+    path = write_tiny_gguf(tmp_path / "phi.gguf", arch="phi3", seed=9, context=128, longrope=(long, short, 32))
+    plain = write_tiny_gguf(tmp_path / "plain.gguf", arch="phi3", seed=9, context=128)
+    ours, ref = (store.load_checkpoint(store.resolve(str(p)), "fp32") for p in (path, plain))
+    want = {"type": "longrope", "long_factor": pytest.approx(long), "short_factor": pytest.approx(short), "original_max_position_embeddings": 32,
+            "attention_factor": pytest.approx(math.sqrt(1 + math.log(4) / math.log(32)))}
+    assert ours.config.rope_scaling == want
+    ids = torch.randint(0, ours.config.vocab_size, (1, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = ours.model(ids)
+        ref.model.config.rope_scaling, ref.model._rope_cache = dict(ours.config.rope_scaling), {}
+        assert (got - ref.model(ids)).abs().max().item() < 1e-5
 
 
 def test_unsupported_gguf_rope_scaling_is_a_one_line_error(tmp_path):

@@ -24,7 +24,7 @@ import torch
 
 from llmos.model import ModelConfig, check_rope_scaling
 
-SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")  # Mistral's GGUFs say "llama"
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")  # Mistral's GGUFs say "llama"
 
 # What a GGUF may declare. Real models stay far below: Gemma 3 has 262144 tokens, a 32768-token
 # context and ~800k metadata array items (its tokenizer), and a few hundred tensors.
@@ -215,7 +215,7 @@ def config_from_gguf(meta: dict) -> ModelConfig:
     norm_eps = "attention.layer_norm_epsilon" if arch == "gpt2" else "attention.layer_norm_rms_epsilon"
     required = ["block_count", "embedding_length", "attention.head_count", "feed_forward_length",
                 "context_length", norm_eps]
-    if arch in ("gemma3", "qwen3"):
+    if arch in ("gemma2", "gemma3", "qwen3"):
         required.append("attention.key_length")
     missing = [f"{arch}.{key}" for key in required if meta.get(f"{arch}.{key}") is None]
     if missing:
@@ -235,7 +235,7 @@ def config_from_gguf(meta: dict) -> ModelConfig:
 
     n_head = count("attention.head_count")
     common = dict(
-        arch=arch if arch in ("gemma3", "gpt2") else "llama",  # Qwen: the llama computation, two options on
+        arch=arch if arch in ("gemma2", "gemma3", "gpt2") else "llama",  # Qwen, Phi-3: llama, options on
         n_layer=count("block_count", limit=MAX_LAYERS),
         n_head=n_head,
         n_kv_head=count("attention.head_count_kv", n_head),
@@ -253,6 +253,20 @@ def config_from_gguf(meta: dict) -> ModelConfig:
                               f"per-frequency factors (a rope_freqs tensor)")
     if arch == "qwen2":
         common.update(qkv_bias=True)
+    if arch == "phi3" and meta.get("phi3.attention.sliding_window") is not None:  # every layer windowed
+        common.update(sliding_window=count("attention.sliding_window", limit=MAX_CONTEXT),
+                      global_every=common["n_layer"] + 1)
+    if arch == "gemma2":
+        head_dim, n_layer = count("attention.key_length"), common["n_layer"]
+        # Even layers see a sliding window, odd ones everything; scores and logits soft-capped.
+        # The query scale is not in the file: llama.cpp uses 1/sqrt(head_dim), and for the 27B
+        # model (46 layers) 1/sqrt(width / heads), which is what each model's config says.
+        scale = (common["d_model"] / n_head) ** -0.5 if n_layer == 46 else head_dim**-0.5
+        common.update(
+            head_dim=head_dim, sliding_window=count("attention.sliding_window", 4096, MAX_CONTEXT),
+            layer_types=["sliding" if i % 2 == 0 else "global" for i in range(n_layer)], attn_scale=scale,
+            attn_softcap=positive("attn_logit_softcapping", 50.0), final_softcap=positive("final_logit_softcapping", 30.0),
+        )
     if arch == "qwen3":
         common.update(qk_norm=True, head_dim=count("attention.key_length"))
     if arch == "gemma3":
@@ -303,17 +317,22 @@ def check_tensors(reader, config: ModelConfig):
         expected = {"token_embd.weight": (vocab, d), "position_embd.weight": (config.max_seq_len, d),
                     "output_norm.weight": (d,), "output_norm.bias": (d,)}
         return _check_shapes(shapes, expected, per_layer, {"output.weight": (vocab, d)}, config, arch)
-    per_layer = dict(attn_norm=(d,), attn_q=(q, d), attn_k=(kv, d), attn_v=(kv, d), attn_output=(d, q),
-                     ffn_norm=(d,), ffn_gate=(ff, d), ffn_up=(ff, d), ffn_down=(d, ff))
+    if arch == "phi3":  # q/k/v fused in attn_qkv, gate and up in ffn_up
+        per_layer = dict(attn_norm=(d,), attn_qkv=(q + 2 * kv, d), attn_output=(d, q), ffn_norm=(d,),
+                         ffn_up=(2 * ff, d), ffn_down=(d, ff))
+    else:
+        per_layer = dict(attn_norm=(d,), attn_q=(q, d), attn_k=(kv, d), attn_v=(kv, d), attn_output=(d, q),
+                         ffn_norm=(d,), ffn_gate=(ff, d), ffn_up=(ff, d), ffn_down=(d, ff))
     if config.qk_norm:
         per_layer.update(attn_q_norm=(hd,), attn_k_norm=(hd,))
-    if config.arch == "gemma3":
+    if config.gemma:
         per_layer.update(post_attention_norm=(d,), post_ffw_norm=(d,))
     per_layer = {f"{kind}.weight": shape for kind, shape in per_layer.items()}
     if config.qkv_bias:
         per_layer.update({"attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,)})
     expected = {"token_embd.weight": (vocab, d), "output_norm.weight": (d,)}
-    optional = {"output.weight": (vocab, d), "rope_freqs.weight": (hd // 2,)}
+    optional = {"output.weight": (vocab, d), "rope_freqs.weight": (hd // 2,),
+                "rope_factors_long.weight": (hd // 2,), "rope_factors_short.weight": (hd // 2,)}
     _check_shapes(shapes, expected, per_layer, optional, config, arch)
 
 
@@ -394,6 +413,7 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
     check_tensors(reader, config)
     arch = gguf_arch(reader)
     parts: dict[int, dict[str, tuple]] = {}
+    longrope: dict[str, list[float]] = {}
     state: dict[str, torch.Tensor] = {}
     quant: dict[str, list] = {}
 
@@ -421,16 +441,18 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
             if kind is not None:
                 raise ConversionError("rope_freqs.weight must be stored as floats")
             config.rope_scaling = {"type": "factors", "factors": [float(v) for v in np.asarray(w).reshape(-1)]}
-            try:
-                check_rope_scaling(config.rope_scaling, config.head_dim)
-            except ValueError as e:
-                raise ConversionError(f"rope_freqs.weight: {e}") from None
+        elif t.name in ("rope_factors_long.weight", "rope_factors_short.weight"):  # Phi-3's LongRoPE
+            if kind is not None:
+                raise ConversionError(f"{t.name} must be stored as floats")
+            longrope[t.name.split("_")[2].split(".")[0]] = [float(v) for v in np.asarray(w).reshape(-1)]
         elif m := _BIAS.fullmatch(t.name):
             parts.setdefault(int(m.group(1)), {})[m.group(2) + "_bias"] = (kind, w)
         elif m := _BLOCK.fullmatch(t.name):
             layer, name = int(m.group(1)), m.group(2)
             if name in _SIMPLE:
                 put(f"blocks.{layer}.{_SIMPLE[name]}", kind, w)
+            elif arch == "phi3" and name in ("attn_qkv", "ffn_up"):  # already fused, in our order
+                put(f"blocks.{layer}.{'attn.wqkv' if name == 'attn_qkv' else 'mlp.w13'}.weight", kind, w)
             elif name in ("attn_q", "attn_k", "attn_v", "ffn_gate", "ffn_up"):
                 # A row permutation: it applies to quantized rows as it does to float ones.
                 if arch == "llama" and name == "attn_q":  # llama.cpp permutes llama's q/k only
@@ -464,9 +486,35 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
                 from llmos.weights.quant import fuse
 
                 quant[name] = fuse([(kind, torch.from_numpy(np.array(w))) for kind, w in pieces])
+    if longrope:
+        config.rope_scaling = _longrope(reader, arch, config, longrope)
+    if config.rope_scaling:
+        try:
+            check_rope_scaling(config.rope_scaling, config.head_dim)
+        except ValueError as e:
+            raise ConversionError(f"its RoPE scaling: {e}") from None
     config.vocab_size = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
     config.tie_embeddings = "lm_head.weight" not in state and "lm_head.weight" not in quant
     return state, quant
+
+
+def _longrope(reader, arch: str, config: ModelConfig, factors: dict) -> dict:
+    """Phi-3's LongRoPE from a GGUF: the factor tensors, the original context and the
+    attention factor from the metadata (derived as the reference code does when absent)."""
+    if len(factors) != 2:
+        raise ConversionError("a GGUF with LongRoPE needs both rope_factors_long and rope_factors_short")
+    field = reader.fields.get(f"{arch}.rope.scaling.original_context_length")
+    original = field.contents() if field is not None else None
+    if not isinstance(original, int) or not 1 <= original <= config.max_seq_len:
+        raise ConversionError(f"{arch}.rope.scaling.original_context_length is {original!r}; LongRoPE needs the "
+                              f"pretraining context (at most the context length)")
+    field = reader.fields.get(f"{arch}.rope.scaling.attn_factor")
+    attention = field.contents() if field is not None else None
+    if attention is None:
+        factor = config.max_seq_len / original
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {"type": "longrope", "long_factor": factors["long"], "short_factor": factors["short"],
+            "original_max_position_embeddings": original, "attention_factor": float(attention)}
 
 
 def gguf_tokenizer(gguf_path: Path) -> tuple[object, dict]:
