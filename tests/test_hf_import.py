@@ -23,6 +23,12 @@ FAMILIES = {
     "gemma2": dict(cls="Gemma2ForCausalLM", config="Gemma2Config",
                    extra=dict(head_dim=16, sliding_window=6, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                               final_logit_softcapping=3.0, attn_implementation="eager")),
+    "gemma3_text": dict(cls="Gemma3ForCausalLM", config="Gemma3TextConfig",
+                        extra=dict(head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+                                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                                    "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                       "rope_theta": 1000000.0}})),
     "gpt2": dict(cls="GPT2LMHeadModel", config="GPT2Config", extra={}),
 }
 
@@ -63,7 +69,8 @@ def tiny_hf(kind: str, folder, tie: bool, shards: bool = False, extra: dict | No
 
 
 @pytest.mark.parametrize("kind,tie", [("llama", False), ("mistral", True), ("qwen2", True), ("qwen3", False),
-                                      ("phi3", False), ("gemma2", True), ("gpt2", True), ("gpt2", False)])
+                                      ("phi3", False), ("gemma2", True), ("gemma3_text", True), ("gpt2", True),
+                                      ("gpt2", False)])
 def test_hf_folder_matches_transformers(kind, tie, tmp_path):
     folder = tmp_path / kind
     folder.mkdir()
@@ -77,8 +84,8 @@ def test_hf_folder_matches_transformers(kind, tie, tmp_path):
         got = loaded.model(ids)
     assert (got - want).abs().max().item() < 1e-4
     cfg = loaded.config
-    assert cfg.qkv_bias == (kind in ("qwen2", "gpt2")) and cfg.qk_norm == (kind == "qwen3")
-    assert cfg.tie_embeddings == tie and cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 6}.get(kind)
+    assert cfg.qkv_bias == (kind in ("qwen2", "gpt2")) and cfg.qk_norm == (kind in ("qwen3", "gemma3_text"))
+    assert cfg.tie_embeddings == tie and cfg.sliding_window == {"mistral": 5, "phi3": 7, "gemma2": 6, "gemma3_text": 4}.get(kind)
 
 
 SCALINGS = {  # model type, rope_scaling as the files on the Hub write it
@@ -137,6 +144,12 @@ def test_rope_scaling_old_style_keys_and_unsupported_kinds(tmp_path):
     yarn = config_from_hf({**base, "rope_scaling": {"type": "yarn", "factor": 4.0,
                                                     "original_max_position_embeddings": 1024}})
     assert yarn.rope_scaling["attention_factor"] == pytest.approx(0.1 * math.log(4.0) + 1)
+    gemma3 = config_from_hf({**base, "model_type": "gemma3_text", "num_hidden_layers": 12, "num_key_value_heads": 1,
+                             "head_dim": 16, "sliding_window": 512, "query_pre_attn_scalar": 256,
+                             "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
+                             "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window_pattern": 6})
+    assert gemma3.layer_types == (["sliding"] * 5 + ["global"]) * 2  # Gemma 3 4B's config.json, shrunk
+    assert (gemma3.rope_theta, gemma3.rope_local_theta, gemma3.rope_scaling) == (1e6, 1e4, {"type": "linear", "factor": 8.0})
     with pytest.raises(HFError, match="rope_scaling 'dynamic' is not supported; supported: linear, llama3"):
         config_from_hf({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
     with pytest.raises(HFError, match="rope_scaling 'llama3' lacks low_freq_factor"):

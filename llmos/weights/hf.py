@@ -19,7 +19,7 @@ import torch
 
 from llmos.model import ModelConfig
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2")
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2")
 
 
 class HFError(ValueError):
@@ -40,8 +40,8 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise HFError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILY)}")
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not supported yet")
-    if kind == "gemma2":
-        return _gemma2_config(cfg)
+    if kind in ("gemma2", "gemma3_text"):
+        return _gemma_config(cfg, kind)
     if kind == "gpt2":
         return _gpt2_config(cfg)
     try:
@@ -64,15 +64,32 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         raise HFError(f"its config.json does not describe a {kind} model ({type(e).__name__}: {e})") from None
 
 
-def _gemma2_config(cfg: dict) -> ModelConfig:
-    """Gemma 2: sandwich norms, GELU, a sliding window on alternate layers, soft-capped scores."""
+def _gemma_config(cfg: dict, kind: str) -> ModelConfig:
+    """Gemma 2: sandwich norms, GELU, a sliding window on alternate layers, soft-capped scores.
+    Gemma 3 (text): five sliding layers to one global, QK-norm, and a RoPE base (and scaling) of
+    the global layers' own."""
     try:
-        theta, scaling = rope_from_hf(cfg)
         n_layer = int(cfg["num_hidden_layers"])
-        kinds = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layer)]
+        local = None
+        if kind == "gemma2":
+            theta, scaling = rope_from_hf(cfg)
+            pattern = 2
+        else:
+            params = cfg.get("rope_parameters")
+            if isinstance(params, dict) and "full_attention" in params:  # transformers 5: per layer type
+                theta, scaling = rope_from_hf({**cfg, "rope_parameters": params["full_attention"]})
+                local, local_scaling = rope_from_hf({**cfg, "rope_parameters": params.get("sliding_attention", {})})
+                if local_scaling:
+                    raise HFError("RoPE scaling on Gemma 3's sliding-window layers is not supported")
+            else:
+                theta, scaling = rope_from_hf({"rope_theta": 1_000_000.0, **cfg})
+                local = float(cfg.get("rope_local_base_freq", 10_000.0))
+            pattern = int(cfg.get("sliding_window_pattern") or cfg.get("_sliding_window_pattern") or 6)
+        kinds = cfg.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                           for i in range(n_layer)]
         return ModelConfig(
-            arch="gemma2", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=int(cfg["num_attention_heads"]),
-            n_kv_head=int(cfg["num_key_value_heads"]), d_model=int(cfg["hidden_size"]), head_dim=int(cfg["head_dim"]),
+            arch="gemma2" if kind == "gemma2" else "gemma3", rope_local_theta=local, vocab_size=int(cfg["vocab_size"]),
+            n_layer=n_layer, n_head=int(cfg["num_attention_heads"]), n_kv_head=int(cfg["num_key_value_heads"]), d_model=int(cfg["hidden_size"]), head_dim=int(cfg["head_dim"]),
             d_ff=int(cfg["intermediate_size"]), max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), sliding_window=int(cfg["sliding_window"]),
@@ -83,7 +100,7 @@ def _gemma2_config(cfg: dict) -> ModelConfig:
     except HFError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise HFError(f"its config.json does not describe a gemma2 model ({type(e).__name__}: {e})") from None
+        raise HFError(f"its config.json does not describe a {kind} model ({type(e).__name__}: {e})") from None
 
 
 def _gpt2_config(cfg: dict) -> ModelConfig:
@@ -187,13 +204,15 @@ _SIMPLE = {
 }
 
 
-_GEMMA2 = {
+_GEMMA = {  # Gemma 2 and 3
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "post_attn_norm.weight",
     "pre_feedforward_layernorm.weight": "mlp_norm.weight",
     "post_feedforward_layernorm.weight": "post_mlp_norm.weight",
     "self_attn.o_proj.weight": "attn.wo.weight",
     "mlp.down_proj.weight": "mlp.w2.weight",
+    "self_attn.q_norm.weight": "attn.q_norm.weight",
+    "self_attn.k_norm.weight": "attn.k_norm.weight",
 }
 
 
@@ -206,10 +225,10 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     if config.arch == "gpt2":
         return _gpt2_state_dict(raw, config)
     state, parts = {}, {}
-    simple = _GEMMA2 if config.arch == "gemma2" else _SIMPLE
+    simple = _GEMMA if config.gemma else _SIMPLE
     for name, w in raw.items():
         w = w.float()
-        if config.arch == "gemma2" and name.endswith("norm.weight"):
+        if config.gemma and name.endswith("norm.weight"):
             w = w + 1  # Gemma's RMSNorm scales by (1 + weight); model.py's by weight
         if name == "model.embed_tokens.weight":
             state["embed.weight"] = w
