@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from llmos.fast_bpe import FastBPE
+
 # Base models have no chat template: a plain transcript lets them take part in chats anyway.
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -22,21 +24,28 @@ PLAIN_CHAT_STOPS = ["\nUser:"]
 
 
 class Tokenizer:
+    """tokenizer: a `tokenizers` object, or None with `fast` (a FastBPE) and `path` (the
+    tokenizer.json it stands for, loaded only if something needs more than ids and text)."""
+
     def __init__(
         self,
-        tokenizer: HFTokenizer,
+        tokenizer: HFTokenizer | None,
         bos_token: str | None = None,
         eos_token: str | None = None,
         add_bos: bool = False,
         stop_tokens: Iterable[str] = (),
         chat_template: str | None = None,
+        fast: FastBPE | None = None,
+        path: Path | None = None,
     ):
-        self.hf = tokenizer
+        if tokenizer is None and (fast is None or path is None):
+            raise ValueError("a Tokenizer needs a `tokenizers` object, or a FastBPE and its tokenizer.json")
+        self._hf, self.fast, self._path = tokenizer, fast, path
         self.bos_token, self.eos_token, self.add_bos = bos_token, eos_token, add_bos
-        self.bos_id = tokenizer.token_to_id(bos_token) if bos_token else None
-        self.eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.bos_id = self.token_to_id(bos_token) if bos_token else None
+        self.eos_id = self.token_to_id(eos_token) if eos_token else None
         names = [eos_token, *stop_tokens]
-        self.stop_ids = sorted({i for t in names if t and (i := tokenizer.token_to_id(t)) is not None})
+        self.stop_ids = sorted({i for t in names if t and (i := self.token_to_id(t)) is not None})
         self.chat_template = chat_template
         self._template = None
 
@@ -46,8 +55,11 @@ class Tokenizer:
         if meta is None:
             meta = json.loads((path / "config.json").read_text())
         info = meta.get("tokenizer", {})
+        # Gemma's tokenizer.json takes seconds to parse; its cached arrays, milliseconds.
+        fast = FastBPE.load(path)
         return cls(
-            HFTokenizer.from_file(str(path / "tokenizer.json")),
+            None if fast else HFTokenizer.from_file(str(path / "tokenizer.json")),
+            fast=fast, path=path / "tokenizer.json",
             bos_token=info.get("bos_token"),
             eos_token=info.get("eos_token"),
             add_bos=info.get("add_bos_token", False),
@@ -56,7 +68,16 @@ class Tokenizer:
         )
 
     @property
+    def hf(self) -> HFTokenizer:
+        """The `tokenizers` object (parsed on first use when the fast form serves the rest)."""
+        if self._hf is None:
+            self._hf = HFTokenizer.from_file(str(self._path))
+        return self._hf
+
+    @property
     def vocab_size(self) -> int:
+        if self.fast:
+            return self.fast.size
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     @property
@@ -64,20 +85,22 @@ class Tokenizer:
         return self.chat_template is not None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        ids = self.fast.encode(text) if self.fast else self.hf.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids = [self.bos_id, *ids]
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        if self.fast:
+            return self.fast.decode(ids, skip_special)
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token on its own (partial UTF-8 pieces show as U+FFFD)."""
-        return self.hf.decode([token_id], skip_special_tokens=False)
+        return self.decode([token_id], skip_special=False)
 
     def token_to_id(self, token: str) -> int | None:
-        return self.hf.token_to_id(token)
+        return self.fast.token_to_id(token) if self.fast else self.hf.token_to_id(token)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model expects to read it (its chat template, rendered in a

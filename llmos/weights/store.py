@@ -23,6 +23,7 @@ import torch
 
 from llmos.model import ModelConfig, Transformer
 from llmos.settings import models_dir
+from llmos.fast_bpe import FastBPE
 from llmos.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -269,6 +270,7 @@ def _convert_into(gguf_path: Path, tmp: Path, meta: dict, progress):
     except Exception as e:  # transformers raises many types for tokenizers it cannot convert
         raise convert.ConversionError(f"its tokenizer cannot be converted ({e})") from None
     hf_tok.save(str(tmp / "tokenizer.json"))
+    FastBPE.load(tmp)  # the fast-loading form, when the tokenizer has one (Gemma's)
     report("Converting tokenizer", 1, 1)
     chat_template = tok_info.pop("chat_template")
     full = {
@@ -446,6 +448,7 @@ def _convert_hf_into(folder: Path, tmp: Path, meta: dict):
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(folder / "tokenizer.json", tmp / "tokenizer.json")
+    FastBPE.load(tmp)
     info, template = hf.hf_tokenizer_info(folder)
     write_json_atomic(tmp / "config.json", {
         "model": config.to_dict(), "store_format": STORE_FORMAT, "quantization": "F32",
