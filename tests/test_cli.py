@@ -84,7 +84,7 @@ def test_corrupt_and_unsupported_gguf(tmp_path):
     import gguf
 
     other = tmp_path / "other.gguf"
-    w = gguf.GGUFWriter(str(other), "gpt2")
+    w = gguf.GGUFWriter(str(other), "bloom")
     w.add_block_count(1)
     w.write_header_to_file()
     w.write_kv_data_to_file()
