@@ -124,3 +124,13 @@ def test_gemma_tokenizer_matches_tokenizers(gemma3_dir):
     assert tok.fast is not None and tok._hf is None
     assert tok.stop_ids and tok.bos_id == hf.token_to_id("<bos>")
     assert tok.hf.get_vocab_size() == tok.vocab_size  # the `tokenizers` object, parsed on demand
+
+
+def test_gemma_token_table_is_the_same_from_either_form(gemma3_dir):
+    """Constrained writing (forms) reads every token's bytes; the fast form gives the same."""
+    from llmos.writing.tokens import TokenTable
+
+    fast = LLMOSTokenizer.from_dir(gemma3_dir)
+    slow = LLMOSTokenizer(Tokenizer.from_file(str(gemma3_dir / "tokenizer.json")), eos_token="<eos>")
+    a, b = TokenTable(fast), TokenTable(slow)
+    assert a.size == b.size and a.pieces == b.pieces

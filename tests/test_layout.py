@@ -11,7 +11,7 @@ PACKAGE = REPO / "llmos"
 # corpus -> tokens -> model -> engine -> text -> writing/chat -> CLI/server, bottom first
 LAYERS = [
     {"settings", "languages", "db", "kernels"},
-    {"tokenizer", "model", "cards"},
+    {"tokenizer", "fast_bpe", "model", "cards"},
     {"data", "weights"},
     {"engine", "embedder"},
     {"llm", "remote", "train"},

@@ -73,19 +73,23 @@ _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 class TokenTable:
     def __init__(self, tokenizer: Tokenizer):
-        spec = json.loads(tokenizer.hf.to_str())
-        decoder = json.dumps(spec.get("decoder") or {})
-        special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-        byte_level = '"ByteLevel"' in decoder
-        metaspace = "▁" in decoder or '"Metaspace"' in decoder
+        if tokenizer.fast is not None:  # SentencePiece-style BPE: "▁" spaces, <0xNN> bytes
+            special, byte_level, metaspace = tokenizer.fast.special, False, True
+            size, token_text = tokenizer.fast.size, tokenizer.fast.text
+        else:
+            spec = json.loads(tokenizer.hf.to_str())
+            decoder = json.dumps(spec.get("decoder") or {}, ensure_ascii=False)  # "▁" as itself
+            special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+            byte_level = '"ByteLevel"' in decoder
+            metaspace = "▁" in decoder or '"Metaspace"' in decoder
+            size, token_text = tokenizer.hf.get_vocab_size(with_added_tokens=True), tokenizer.hf.id_to_token
         inverse = _byte_decoder() if byte_level else None
-        size = tokenizer.hf.get_vocab_size(with_added_tokens=True)
         self.size = size
         self.pieces: list[Piece | None] = [None] * size
         for i in range(size):
             if i in special:
                 continue
-            tok = tokenizer.hf.id_to_token(i)
+            tok = token_text(i)
             if tok is None:
                 continue
             if byte_level:
