@@ -491,15 +491,19 @@ class Transformer(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # parameters() skips the tied copy
 
-    def _rope(self, local: bool, device):
+    def _rope(self, local: bool, device, length: int):
+        """cos and sin tables covering positions [0, length) at least. They grow by doubling as
+        sequences get longer: sized for the whole context at once, Gemma's would take 134 MB."""
         c = self.config
         plain = local and c.rope_local_theta  # Gemma 3's sliding layers: their own base, never scaled
         theta, scaling = (c.rope_local_theta, None) if plain else (c.rope_theta, c.rope_scaling)
         key = (theta, bool(scaling), device)
-        if key not in self._rope_cache:
-            self._rope_cache[key] = rope_tables(c.head_dim, c.max_seq_len, theta, scaling)
-            self._rope_cache[key] = tuple(t.to(device) for t in self._rope_cache[key])
-        return self._rope_cache[key]
+        tables = self._rope_cache.get(key)
+        if tables is None or tables[0].shape[0] < length:
+            size = min(c.max_seq_len, max(1024, 1 << max(length - 1, 0).bit_length()))
+            tables = tuple(t.to(device) for t in rope_tables(c.head_dim, size, theta, scaling))
+            self._rope_cache[key] = tables
+        return tables
 
     def forward(
         self,
@@ -545,13 +549,13 @@ class Transformer(nn.Module):
         if not c.rope:
             x = x + self.pos_embed(input_pos)
         if cache is not None and T == 1 and c.causal and _fast() and self._fused_blocks():
-            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache)[:, None]
+            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache, kv_len)[:, None]
             return self.norm(x) if return_hidden else self._logits(x)
         plan = {}
         for kind in set(c.layer_types):
             rope = None
             if c.rope:
-                cos, sin = self._rope(kind == "sliding", idx.device)
+                cos, sin = self._rope(kind == "sliding", idx.device, kv_len)  # positions are below kv_len
                 rope = (cos[input_pos][:, :, None].to(x.dtype), sin[input_pos][:, :, None].to(x.dtype))  # (B|1, T, 1, hd)
             window = c.sliding_window if kind == "sliding" else None
             if segments is not None:
@@ -593,11 +597,12 @@ class Transformer(nn.Module):
                 self._fused = args
         return bool(self._fused)
 
-    def _decode_fused(self, x, pos, cache: KVCache):
-        """One new token per row (x (B, C), row b at position pos[b]) through every block."""
+    def _decode_fused(self, x, pos, cache: KVCache, kv_len: int):
+        """One new token per row (x (B, C), row b at position pos[b] < kv_len) through every block."""
         c = self.config
+        tables = {kind: self._rope(kind == "sliding", x.device, kv_len) for kind in set(c.layer_types)}
         for i, kind in enumerate(c.layer_types):
-            cos, sin = self._rope(kind == "sliding", x.device)
+            cos, sin = tables[kind]
             norms, ((wqkv, tqkv), (wo, to), (w13, t13), (w2, t2)) = self._fused[i]
             window = c.sliding_window if kind == "sliding" else 0
             x = torch.ops.llmos.decode_layer(

@@ -119,3 +119,19 @@ def test_last_only_and_parameter_count():
     emb = 97 * 64
     per_layer = 64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * m.config.d_ff + 2 * 64
     assert m.num_params() == emb + 2 * per_layer + 64
+
+
+def test_rope_tables_grow_with_the_sequence():
+    """RoPE tables cover what the sequences reached (doubling), not the whole context at once;
+    decoding across a growth step gives what one full pass does."""
+    m = tiny(dict(LLAMA, max_seq_len=3000))
+    ids = torch.randint(0, 97, (1, 1030))
+    with torch.no_grad():
+        cache = KVCache.allocate(m.config, 1, 1100)
+        steps = [m(ids[:, :1020], cache=cache, kv_len=1020)]
+        assert max(t[0].shape[0] for t in m._rope_cache.values()) == 1024
+        for t in range(1020, 1030):
+            steps.append(m(ids[:, t : t + 1], cache=cache, kv_len=t + 1))
+        assert max(t[0].shape[0] for t in m._rope_cache.values()) == 2048
+        full = m(ids)
+    assert torch.allclose(full, torch.cat(steps, dim=1), atol=1e-4)
