@@ -29,6 +29,7 @@ CACHE_NAME = "tokenizer.fast.npz"
 CACHE_VERSION = 1
 MIN_SIZE = 1 << 20  # smaller tokenizer.json files parse fast enough as they are
 _SHIFT = 20  # ids below 2**20: pair keys and (rank, id) values pack into one int64
+_MASK = (1 << _SHIFT) - 1  # the id part of a packed value
 _SPACE = "\u2581"
 _DECODERS = [{"type": "Replace", "pattern": {"String": _SPACE}, "content": " "}, {"type": "ByteFallback"},
              {"type": "Fuse"}]
@@ -80,15 +81,14 @@ def build_cache(spec: dict, out: Path, source_stamp: list[int]):
     # Tokens with a "▁" right after another character: merges may cross a word cut only there.
     spanning = sorted({t for t in vocab if re.search(f"[^{_SPACE}]{_SPACE}", t)})
     chars = {t: i for t, i in model["vocab"].items() if len(t) == 1}
-    header = {"version": CACHE_VERSION, "source": source_stamp, "unk": model.get("unk_token"),
-              "fuse_unk": bool(model.get("fuse_unk")), "spanning": spanning}
+    header = {"version": CACHE_VERSION, "source": source_stamp, "spanning": spanning}
     _save(out, header, blob=np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets=offsets,
-             pair_keys=pairs[:, 0].copy(), pair_values=pairs[:, 1].copy(),
-             added_ids=np.array([a["id"] for a in added], dtype=np.int64),
-             added_special=np.array([bool(a.get("special")) for a in added], dtype=bool),
-             chars=np.frombuffer("".join(chars).encode("utf-32-le"), dtype=np.uint32),
-             char_ids=np.array(list(chars.values()), dtype=np.int64),
-             byte_ids=np.array([model["vocab"][f"<0x{b:02X}>"] for b in range(256)], dtype=np.int64))
+          pair_keys=pairs[:, 0].copy(), pair_values=pairs[:, 1].copy(),
+          added_ids=np.array([a["id"] for a in added], dtype=np.int64),
+          added_special=np.array([bool(a.get("special")) for a in added], dtype=bool),
+          chars=np.frombuffer("".join(chars).encode("utf-32-le"), dtype=np.uint32),
+          char_ids=np.array(list(chars.values()), dtype=np.int64),
+          byte_ids=np.array([model["vocab"][f"<0x{b:02X}>"] for b in range(256)], dtype=np.int64))
 
 
 def _save(out: Path, header: dict, **arrays):
@@ -248,7 +248,7 @@ class FastBPE:
         if n < 2:
             return symbols
         if n <= 32:  # short words: rescan the pairs after each merge, cheaper than the bookkeeping
-            known, pair, mask = self._pairs.get, self._pair, (1 << _SHIFT) - 1
+            known, pair = self._pairs.get, self._pair
             while len(symbols) > 1:
                 best, at = -1, -1
                 for i in range(len(symbols) - 1):
@@ -261,12 +261,12 @@ class FastBPE:
                         best, at = v, i
                 if best < 0:
                     break
-                symbols[at : at + 2] = [best & mask]
+                symbols[at : at + 2] = [best & _MASK]
             return symbols
         # A linked list of symbols and a heap of (rank, position, merged id), as in `tokenizers`:
         # the lowest rank merges first, the leftmost of equal ranks; stale entries are skipped.
         prev, nxt, alive = list(range(-1, n - 1)), [*range(1, n), -1], [True] * n
-        heap = [(v >> _SHIFT, i, v & ((1 << _SHIFT) - 1)) for i, v in enumerate(self._pairs_of(symbols)) if v >= 0]
+        heap = [(v >> _SHIFT, i, v & _MASK) for i, v in enumerate(self._pairs_of(symbols)) if v >= 0]
         heapq.heapify(heap)
         while heap:
             _, i, new = heapq.heappop(heap)
@@ -274,7 +274,7 @@ class FastBPE:
             if not alive[i] or j < 0:
                 continue
             v = self._pair(symbols[i], symbols[j])
-            if v < 0 or v & ((1 << _SHIFT) - 1) != new:
+            if v < 0 or v & _MASK != new:
                 continue
             symbols[i], alive[j] = new, False
             nxt[i] = nxt[j]
@@ -282,7 +282,7 @@ class FastBPE:
                 prev[nxt[j]] = i
             for a, b in ((prev[i], i), (i, nxt[i])):
                 if a >= 0 and b >= 0 and (v := self._pair(symbols[a], symbols[b])) >= 0:
-                    heapq.heappush(heap, (v >> _SHIFT, a, v & ((1 << _SHIFT) - 1)))
+                    heapq.heappush(heap, (v >> _SHIFT, a, v & _MASK))
         return [s for s, keep in zip(symbols, alive) if keep]
 
     # -- decoding

@@ -89,7 +89,8 @@ def _gemma_config(cfg: dict, kind: str) -> ModelConfig:
                                            for i in range(n_layer)]
         return ModelConfig(
             arch="gemma2" if kind == "gemma2" else "gemma3", rope_local_theta=local, vocab_size=int(cfg["vocab_size"]),
-            n_layer=n_layer, n_head=int(cfg["num_attention_heads"]), n_kv_head=int(cfg["num_key_value_heads"]), d_model=int(cfg["hidden_size"]), head_dim=int(cfg["head_dim"]),
+            n_layer=n_layer, n_head=int(cfg["num_attention_heads"]), n_kv_head=int(cfg["num_key_value_heads"]),
+            d_model=int(cfg["hidden_size"]), head_dim=int(cfg["head_dim"]),
             d_ff=int(cfg["intermediate_size"]), max_seq_len=int(cfg.get("max_position_embeddings", 8192)),
             rope_theta=theta, rope_scaling=scaling, norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), sliding_window=int(cfg["sliding_window"]),
@@ -263,6 +264,8 @@ def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     return state
 
 
+_GPT2_TOP = {"wte.weight": "embed.weight", "wpe.weight": "pos_embed.weight", "ln_f.weight": "norm.weight",
+             "ln_f.bias": "norm.bias"}
 _GPT2_LAYER = re.compile(r"(?:transformer\.)?h\.(\d+)\.(.+)")
 _GPT2 = {"ln_1": "attn_norm", "ln_2": "mlp_norm", "attn.c_attn": "attn.wqkv", "attn.c_proj": "attn.wo",
          "mlp.c_fc": "mlp.w13", "mlp.c_proj": "mlp.w2"}
@@ -275,8 +278,8 @@ def _gpt2_state_dict(raw: dict[str, torch.Tensor], config: ModelConfig) -> dict[
     for name, w in raw.items():
         w = w.float()
         short = name.removeprefix("transformer.")
-        if short in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
-            state[{"wte": "embed", "wpe": "pos_embed", "ln_f": "norm"}[short.split(".")[0]] + "." + short.split(".")[1]] = w
+        if short in _GPT2_TOP:
+            state[_GPT2_TOP[short]] = w
         elif name == "lm_head.weight":
             if not config.tie_embeddings:
                 state["lm_head.weight"] = w
