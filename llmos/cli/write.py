@@ -185,7 +185,7 @@ def list_forms():
 
     table = Table("form", "kind", "shape")
     for f in FORMS.values():
-        table.add_row(f.name, {"han": "Chinese", "verse": "English", "limit": "length"}[f.kind], f.description)
+        table.add_row(f.name, {"han": "Chinese", "verse": "English", "limit": "length", "ci": "Chinese 词"}[f.kind], f.description)
     out.print(table)
 
 

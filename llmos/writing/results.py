@@ -12,7 +12,6 @@ from functools import partial
 from llmos.writing import forms
 from llmos.writing.edit import distinct_ideas, parse_revision, word_diff
 from llmos.writing.rank import rank as rank_candidates, style_model, style_scores
-from llmos.writing.tasks import truthy
 
 
 def idea_limit(variables: dict) -> int:
@@ -32,8 +31,7 @@ def after_generation(task: str, brief: str, variables: dict, completions: list, 
     extra: dict = {}
     check = None  # text -> problems, when a form was asked for
     if form is not None:
-        check = partial(forms.check, form, acrostic=variables.get("acrostic"), rhyme=truthy(variables.get("rhyme")),
-                        chars=int(variables["chars"]) if variables.get("chars") else None)
+        check = partial(forms.check, form, variables=variables)
         extra["form"] = {"name": form.name, "problems": [check(c.text) for c in completions]}
     if rank:
         style_of = style_model(rank)

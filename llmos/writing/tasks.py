@@ -196,11 +196,8 @@ def prepare_write(llm, req: WriteRequest):
     if form is not None:
         from llmos.writing.tokens import token_table
 
-        settings["constraint"] = forms.make_constraint(
-            form, token_table(llm.tokenizer), llm.model.config.vocab_size,
-            acrostic=variables.get("acrostic"), rhyme=truthy(variables.get("rhyme")),
-            chars=int(variables["chars"]) if variables.get("chars") else None,
-        )
+        settings["constraint"] = forms.make_constraint(form, token_table(llm.tokenizer), llm.model.config.vocab_size,
+                                                       variables)
         settings["max_tokens"] = max(settings.get("max_tokens", 0), form.max_tokens)
         settings["banned_sequences"] = []  # the form's machine decides what may be written
         stops = []

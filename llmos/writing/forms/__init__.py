@@ -1,0 +1,50 @@
+"""Poetic forms and length limits, guaranteed by constrained decoding.
+
+Each form has two independent halves:
+
+- a checker, `check(form, text, **variables) -> list of problems`, which reads finished text:
+  what benchmarks, tests and `llmos check-poem` use to decide whether a form was kept;
+- a token-level state machine (a constraint for the engine, `make_constraint`) which, at every
+  step, masks the tokens that would break the form, so that whatever the model samples keeps it.
+
+The forms live by family: `han` (Chinese regulated verse), `verse` (English), `limit` (length
+caps). Variables are the `--var` values of `llmos write`; each form reads the ones it knows
+(acrostic, rhyme, chars, ...) and ignores the rest.
+"""
+
+from __future__ import annotations
+
+from llmos.writing.forms import han, limit, verse
+from llmos.writing.forms.base import Form, FormConstraint, FormError
+from llmos.writing.forms.han import HAN_PUNCT, LINE_END, HanPoem, han_final, is_han
+from llmos.writing.forms.limit import Limit
+from llmos.writing.forms.verse import Verse, count_syllables, is_word, rhyme_key
+
+FORMS: dict[str, Form] = {f.name: f for f in han.FORMS + verse.FORMS + limit.FORMS}
+
+__all__ = ["FORMS", "Form", "FormConstraint", "FormError", "HAN_PUNCT", "LINE_END", "HanPoem", "Limit", "Verse",
+           "check", "count_syllables", "form_options", "get_form", "han_final", "is_han", "is_word",
+           "make_constraint", "rhyme_key"]
+
+
+def get_form(name: str) -> Form:
+    if name not in FORMS:
+        raise FormError(f"unknown form {name!r}; forms: {', '.join(FORMS)}")
+    return FORMS[name]
+
+
+def form_options(form: Form, variables: dict | None = None, **more) -> dict:
+    """The concrete shape the variables give (number of lines, rhyme groups, ...), checked:
+    a FormError says which variable is wrong and how to put it right."""
+    given = {k: v for k, v in {**(variables or {}), **more}.items() if v is not None}
+    return form.options(given)
+
+
+def check(form: Form, text: str, variables: dict | None = None, **more) -> list[str]:
+    """Problems with `text` as an instance of `form`; an empty list means it keeps the form."""
+    return form.check(text, form_options(form, variables, **more))
+
+
+def make_constraint(form: Form, table, vocab_size: int, variables: dict | None = None, **more):
+    """The token-level machine for `form` over a vocabulary (a writing.tokens.TokenTable)."""
+    return form.constraint(table, vocab_size, form_options(form, variables, **more))
