@@ -129,11 +129,11 @@ def test_checkers():
     assert forms.check(jueju, good) == []
     long_line = good.replace("细雨", "细细雨")
     assert forms.check(jueju, long_line) == ["line 2 is not 5 Han characters: '细细雨润花红。'"]
-    unrhymed = good.replace("同", "绿")  # 红 (hong) and 绿 (lü) do not rhyme
-    assert forms.check(jueju, unrhymed) == ["lines 2, 4 do not rhyme"]
+    unrhymed = good.replace("同", "绿")  # 红 (上平一东) and 绿 (入声, an oblique tone) do not rhyme
+    assert forms.check(jueju, unrhymed, tones="off") == ["line 4 ends on 绿, not a 平 rhyme in 上平一东 (平水韵)"]
     # rhyme=False drops the rhyme, and only the rhyme: the rest of the form is still checked
     assert forms.check(jueju, good, rhyme=False) == []
-    assert forms.check(jueju, unrhymed, rhyme=False) == []
+    assert forms.check(jueju, unrhymed, rhyme=False, tones="off") == []
     assert forms.check(jueju, long_line, rhyme=False) == ["line 2 is not 5 Han characters: '细细雨润花红。'"]
     haiku = forms.get_form("haiku")
     assert forms.check(haiku, "An old silent pond\nA frog jumps into the pond\nsplash! Silence again") == []

@@ -133,7 +133,7 @@ def raw(server, path, body=None, key=KEY, method="POST", content=None, headers=N
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
     ("/api/write", {"task": "sonnetz", "brief": "x"}, 400, "task"),
-    ("/api/write", {"task": "poem", "brief": "x", "form": "villanelle"}, 400, "form"),
+    ("/api/write", {"task": "poem", "brief": "x", "form": "rondeau-ish"}, 400, "form"),
     ("/api/write", {"task": "poem", "brief": "x", "bogus": 1}, 400, "bogus"),
 ])
 def test_invalid_requests_get_openai_errors(server, path, body, status, param):

@@ -38,6 +38,7 @@ app.command()(train.embed)
 app.command()(write.write)
 app.command()(write.tasks)
 app.command("forms")(write.list_forms)
+app.command("check-poem")(write.check_poem)
 app.add_typer(write.story_app, name="story")
 
 app.command()(serve.serve)

@@ -12,6 +12,13 @@ import typer
 from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm, out, parse_vars, result_json, run_stream
 
 
+TonesOpt = Annotated[Optional[str], typer.Option(
+    "--tones", help="Chinese forms: strict (the tonal template, 一三五不论 without 孤平 or 三平尾), loose "
+                    "(2nd/4th/6th and last characters only) or off. Default: strict; off for 藏头诗.")]
+BookOpt = Annotated[Optional[str], typer.Option(
+    "--rhyme-book", help="Chinese forms: pingshui (平水韵, the default) or xinyun (中华新韵, modern readings).")]
+
+
 def write(
     task: Annotated[str, typer.Argument(help="What to write (see `llmos tasks`): story, poem, rewrite, novel, ...")],
     brief: Annotated[str, typer.Argument(help="What it is about (the text itself for continue/expand/shorten/rewrite/translate; '-' reads stdin).")],
@@ -34,6 +41,8 @@ def write(
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="novel: the book folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     precision: PrecisionOpt = "auto",
+    tones: TonesOpt = None,
+    rhyme_book: BookOpt = None,
 ):
     """Write with a task's own prompts and settings, in English or Chinese.
 
@@ -60,6 +69,7 @@ def write(
     if brief == "-":
         brief = sys.stdin.read()
     variables = parse_vars(var)
+    variables.update({k: v for k, v in {"tones": tones, "book": rhyme_book}.items() if v})
     try:
         language = pick_language(brief, lang, form)
     except TaskError as e:
@@ -187,6 +197,48 @@ def list_forms():
     for f in FORMS.values():
         table.add_row(f.name, {"han": "Chinese", "verse": "English", "limit": "length", "ci": "Chinese 词"}[f.kind], f.description)
     out.print(table)
+
+
+def check_poem(
+    file: Annotated[str, typer.Argument(help="The poem: a text file, or '-' for stdin. Chinese lines may share one line of text.")],
+    form: Annotated[Optional[str], typer.Option(help="The form to check against (see `llmos forms`); default: told from the poem's shape.")] = None,
+    tones: TonesOpt = None,
+    rhyme_book: BookOpt = None,
+    var: Annotated[list[str], typer.Option("--var", help="A form variable KEY=VALUE (repeatable): acrostic=春夏秋冬, rhyme=false ...")] = [],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+):
+    """Check your own poem against a form: which lines break which rule (tones, rhyme, length).
+
+    Exit status: 0 when the poem keeps the form, 1 when it breaks a rule, 2 for bad input.
+
+    Examples:
+
+      llmos check-poem poem.txt
+
+      echo "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。" | llmos check-poem -
+
+      llmos check-poem ci.txt --form 词:浣溪沙 --tones loose
+    """
+    from llmos.writing import forms
+
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read {file}: {e}")
+    variables = {**parse_vars(var), **({"tones": tones} if tones else {}), **({"book": rhyme_book} if rhyme_book else {})}
+    try:
+        report = forms.check_poem(text, form, variables)
+    except forms.FormError as e:
+        fail(str(e))
+    if as_json:
+        out.print_json(json.dumps(report, ensure_ascii=False))
+    elif report["ok"]:
+        out.print(f"keeps the form {report['form']}")
+    else:
+        out.print(f"{report['form']}: {len(report['problems'])} problem(s)")
+        for p in report["problems"]:
+            out.print(f"  {p['message']}", markup=False, highlight=False)
+    raise typer.Exit(0 if report["ok"] else 1)
 
 
 story_app = typer.Typer(help="Story mode: a story file with Memory, Author's Note and Lorebook.", no_args_is_help=True)

@@ -169,6 +169,18 @@ class WriteRequestBody(BaseModel):
         return value
 
 
+class CheckPoemBody(BaseModel):
+    """POST /api/check-poem: a user's own poem, checked against a form (llmos check-poem)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(..., max_length=20_000)
+    form: str | None = Field(None, description="A form from GET /api/tasks; default: told from the poem's shape.")
+    tones: Literal["strict", "loose", "off"] | None = Field(None, description="Chinese forms: how strictly 平仄 is kept.")
+    book: Literal["pingshui", "xinyun"] | None = Field(None, description="Chinese forms: 平水韵 (default) or 中华新韵.")
+    variables: dict[str, str] = {}
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -354,6 +366,18 @@ class TaskInfo(BaseModel):
 class FormInfo(BaseModel):
     kind: str
     description: str
+
+
+class PoemProblem(BaseModel):
+    line: int | None = Field(None, description="1-based; null for the poem as a whole.")
+    rule: str
+    message: str
+
+
+class CheckPoemResponse(BaseModel):
+    form: str
+    ok: bool
+    problems: list[PoemProblem]
 
 
 class TasksResponse(BaseModel):

@@ -195,6 +195,19 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
     return event_stream(req, http, chunk, head=head, on_end=lambda: st.metrics.observe(req))
 
 
+@router.post("/api/check-poem", response_model=P.CheckPoemResponse)
+def check_poem(body: P.CheckPoemBody):
+    """Which lines of a poem break which rule of its form (`llmos check-poem`): tones, rhyme,
+    line lengths, refrains. The form is told from the poem's shape unless named."""
+    from llmos.writing import forms
+
+    variables = {**body.variables, **{k: v for k, v in {"tones": body.tones, "book": body.book}.items() if v}}
+    try:
+        return forms.check_poem(body.text, body.form, variables)
+    except forms.FormError as e:
+        raise APIError(400, str(e), "form" if "form" in str(e) else "variables") from None
+
+
 @router.get("/api/tasks", response_model=P.TasksResponse)
 def tasks():
     """The writing tasks (`llmos tasks`) and the forms kept by constrained decoding (`llmos forms`)."""

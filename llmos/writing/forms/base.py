@@ -59,3 +59,19 @@ class FormConstraint:
             m[list(allowed)] = True
             self._masks[state] = m
         return m
+
+
+class Problem(str):
+    """One broken rule, as a message; `line` (1-based, None for the whole text) and `rule` say
+    where and which, for reports that point at lines (llmos check-poem, the API)."""
+
+    line: int | None
+    rule: str
+
+    def __new__(cls, message: str, line: int | None = None, rule: str = ""):
+        p = super().__new__(cls, message)
+        p.line, p.rule = line, rule
+        return p
+
+    def as_dict(self) -> dict:
+        return {"line": self.line, "rule": self.rule, "message": str(self)}
