@@ -50,6 +50,16 @@ def test_the_rules_of_a_line():
     assert faults("平仄平平仄仄", "中仄中平平仄", "strict", False) == [(4, "平")]
     assert faults("平仄平平仄仄", "中仄中平平仄", "loose", False) == []
     assert len(han.line_patterns("平平仄仄平", "strict", True)) == 3  # 平平/仄平 x 仄, and 仄平平仄平
+    # 仄仄平仄仄: a 拗 the next line may make up for (对句相救), so not a plain fault
+    assert faults("仄仄平仄仄", "仄仄平平仄", "strict", True) == [(3, "拗")]
+    assert han.line_patterns("仄仄平平仄", "strict", True, rescue=True) == ("平仄平仄仄", "平仄仄仄仄", "仄仄平仄仄", "仄仄仄仄仄")
+
+
+def test_a_rescued_ao_passes_and_an_unrescued_one_does_not():
+    jueju = forms.get_form("五言绝句")
+    assert forms.check(jueju, "远送从此别，青山空复情。几时杯重把，昨夜月同行。") == []  # 杜甫: 空 rescues 此
+    (problem,) = forms.check(jueju, "远送从此别，青山独复情。几时杯重把，昨夜月同行。")
+    assert problem.line == 1 and "拗" in problem and "line 2" in problem
 
 
 def test_a_real_jueju_keeps_its_pattern_and_a_gujue_does_not():

@@ -102,7 +102,10 @@ def tone_faults(tones: str, base: str, mode: str, regulated: bool) -> list[tuple
         return [(i, base[i]) for i in where if base[i] != "中" and tones[i] != base[i]]
     # 平平仄平仄 (and its seven-character form): the standard exception to the 平平平仄仄 line
     exception = base[-5:] == "平平平仄仄" and tones[-4:] == "平仄平仄"
-    faults = [(i, base[i]) for i in sorted({*range(1, n, 2), n - 1})
+    # 仄仄平仄仄 (…平仄仄): an oblique 4th character in a 仄仄平平仄 line is a 拗 that the next
+    # line may make up for (对句相救) with a level 3rd character: 平平平仄平
+    ao = base[-5:] == "仄仄平平仄"
+    faults = [(i, "拗" if ao and i == n - 2 else base[i]) for i in sorted({*range(1, n, 2), n - 1})
               if tones[i] != base[i] and not (exception and i in (n - 3, n - 2))]
     if mode == "strict":
         if base[-5:] == "平平仄仄平" and tones[-5] == "仄" and tones[-3] != "平":
@@ -113,15 +116,17 @@ def tone_faults(tones: str, base: str, mode: str, regulated: bool) -> list[tuple
 
 
 @lru_cache(maxsize=None)
-def line_patterns(base: str, mode: str, regulated: bool) -> tuple[str, ...]:
+def line_patterns(base: str, mode: str, regulated: bool, rescue: bool = False) -> tuple[str, ...]:
     """Every tone string a line with pattern `base` may have under `mode`: what the machine
-    keeps alive. `off` gives one pattern of "*" (any character)."""
+    keeps alive. `off` gives one pattern of "*" (any character). rescue: the strings with a 拗
+    for the next line to make up for instead (see tone_faults)."""
     if mode == "off":
-        return ("*" * len(base),)
+        return () if rescue else ("*" * len(base),)
     if not regulated and mode == "strict":
-        return (base,)
+        return () if rescue else (base,)
+    want = [(len(base) - 2, "拗")] if rescue else []
     return tuple("".join(s) for s in itertools.product("平仄", repeat=len(base))
-                 if not tone_faults("".join(s), base, mode, regulated))
+                 if tone_faults("".join(s), base, mode, regulated) == want)
 
 
 # --- 词 tunes --------------------------------------------------------------------------------
@@ -142,6 +147,7 @@ class Line(NamedTuple):
     patterns: tuple  # the tone strings the line may take ("*" for any character)
     rhyme: tuple | None  # (rhyme sequence, "平" | "仄") when the line ends on a rhyme
     repeat: int = -1  # the line this one repeats word for word (a tune's 叠句)
+    owing: int = 0  # the last `owing` patterns carry a 拗 the next line must make up for
 
 
 @dataclass(frozen=True)
@@ -180,10 +186,13 @@ class HanForm(Form):
         for first in "ADCB":
             kinds = regulated_template(first, lines)
             rhyme_at = {i for i in range(1, lines, 2)} | ({0} if first in STANDS_FOR else set())
-            templates.append(tuple(
-                Line(n_chars, base_line(k, n_chars), line_patterns(base_line(k, n_chars), tones, True),
-                     (0, "平") if rhymed and i in rhyme_at else None)
-                for i, k in enumerate(kinds)))
+            shape = []
+            for i, k in enumerate(kinds):
+                base = base_line(k, n_chars)
+                owing = line_patterns(base, tones, True, True) if i + 1 < lines else ()
+                shape.append(Line(n_chars, base, line_patterns(base, tones, True) + owing,
+                                  (0, "平") if rhymed and i in rhyme_at else None, owing=len(owing)))
+            templates.append(tuple(shape))
             names.append(template_name(first, n_chars))
         o = dict(templates=tuple(templates), names=tuple(names), acrostic=acrostic or "", tones=tones, book=book,
                  regulated=True, rhymes=1)
@@ -326,6 +335,13 @@ def _tone_problems(bodies: list[str], template: tuple, o: dict) -> list[Problem]
                       f"({body[pos]}) should be 平 (or character {pos + 3} 平 to make up for it)"
             elif rule == "三平尾":
                 msg = f"line {i + 1}: 三平尾 — {body} ends on three level tones"
+            elif rule == "拗":
+                after = bodies[i + 1] if i + 1 < len(bodies) else ""
+                at = len(after) - 3
+                if len(after) == line.chars and at >= 0 and "平" in (rhymebook.tones(after[at], book) or "平"):
+                    continue  # 对句相救: the next line's level character makes up for it
+                msg = f"line {i + 1}: character {pos + 1} ({body[pos]}) is 仄, a 拗 in the pattern {line.base} " \
+                      f"that line {i + 2} does not make up for (its character {at + 1} should be 平)"
             else:
                 msg = f"line {i + 1}: character {pos + 1} ({body[pos]}) is {_tone_text(body[pos], book)}, " \
                       f"the pattern {line.base} needs {rule}"
@@ -562,8 +578,13 @@ class HanPoem(FormConstraint):
             return State(line, pos + 1, 0, b"", alive, rhymes, keep)
         if phase == 1 and ch == "\n":
             nxt = line + 1
-            templates = {t for t, _ in state.alive}
-            alive = frozenset((t, k) for t in templates for k in range(len(self._line(t, nxt).patterns)))
+            alive = set()
+            for t in {t for t, _ in state.alive}:
+                done, following = self._line(t, line), self._line(t, nxt)
+                owed = done.owing and all(k >= len(done.patterns) - done.owing for u, k in state.alive if u == t)
+                at = following.chars - 3  # the character that makes up for the 拗
+                alive |= {(t, k) for k, p in enumerate(following.patterns) if not owed or p[at] == "平"}
+            alive = frozenset(alive)
             keep = state.keep if self._line(0, nxt).repeat == line else ""
             return State(nxt, 0, 0, b"", alive, state.rhymes, keep)
         return None
