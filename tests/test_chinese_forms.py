@@ -119,6 +119,8 @@ def test_ci_to_their_tunes():
     ("词:浣溪沙", {"tones": "loose"}),
     ("词:菩萨蛮", {}),
     ("词:西江月", {}),
+    ("词:如梦令", {"book": "xinyun"}),
+    ("词:西江月", {"book": "xinyun", "tones": "loose"}),
     ("词:水调歌头", {"acrostic": "明月"}),
 ])
 def test_machines_keep_tones_and_rhymes(name, options):

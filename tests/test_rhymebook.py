@@ -27,6 +27,9 @@ def test_pingshui_level_groups(ch, group):
 
 def test_pingshui_oblique_and_entering():
     assert tones("遍") == {"仄"} and rhymes("遍") == set()  # 去声十七霰
+    assert rhymebook.oblique_rhymes("遍") == {"去声十七霰"} and rhymebook.oblique_rhymes("天") == set()
+    assert rhymebook.oblique_rhymes("看") == {"去声十五翰"}  # and 上平十四寒: both readings
+    assert rhymebook.oblique_rhymes("骤", "xinyun") == rhymes("流", "xinyun") == {"七尤"}
     for ch in "白日入国石一月十竹":
         assert tones(ch) == {"仄"}, ch
     assert "仄" in tones("不") and "仄" in tones("出")  # 入声, beside a rarer level reading

@@ -351,8 +351,10 @@ def _tone_problems(bodies: list[str], template: tuple, o: dict) -> list[Problem]
 
 def rhyme_classes(ch: str, o: dict, tone: str) -> frozenset:
     """The rhyme classes `ch` may rhyme in, at a line end that needs `tone` (平 or 仄)."""
-    if o["regulated"] or o["book"] != "pingshui":
+    if o["regulated"]:
         return rhymebook.rhymes(ch, o["book"]) if tone == "平" else frozenset()
+    if o["book"] != "pingshui":  # a 词 in 中华新韵: its groups hold both tones
+        return rhymebook.rhymes(ch, o["book"]) if tone == "平" else rhymebook.oblique_rhymes(ch, o["book"])
     # a 词 rhymes by 词林正韵's sections, or within one 平水韵 family (a level group with its
     # rising and departing counterparts), which 词林正韵 splits where the poets did not (晏殊
     # rhymes 杯 with 台, 回 with 来)

@@ -25,6 +25,7 @@ class Book:
     tones: dict[str, frozenset[str]]  # character -> subset of {"平", "仄"}
     rhymes: dict[str, frozenset[str]]  # character -> its level-tone (平声) groups
     groups: tuple[str, ...]  # every group, in the book's order
+    oblique: dict[str, frozenset[str]]  # character -> the groups of its oblique (仄) readings
 
 
 def read_table(name: str) -> list[list[str]]:
@@ -51,7 +52,8 @@ def index(rows: list[tuple[str, str, str]]) -> Book:
     """(group, "平" or "仄", characters) rows -> a Book."""
     return Book(tones=invert((tone, chars) for _, tone, chars in rows),
                 rhymes=invert((group, chars) for group, tone, chars in rows if tone == "平"),
-                groups=tuple(dict.fromkeys(group for group, _, _ in rows)))
+                groups=tuple(dict.fromkeys(group for group, _, _ in rows)),
+                oblique=invert((group, chars) for group, tone, chars in rows if tone == "仄"))
 
 
 @cache
@@ -79,6 +81,12 @@ def rhymes(ch: str, book: str = "pingshui") -> frozenset[str]:
     """The level-tone rhyme groups of a character: 流 -> {"下平十一尤"}, or {"七尤"} in 中华新韵; empty if the
     character has no level-tone reading. Two characters rhyme when their groups meet."""
     return load(book).rhymes.get(ch, NOTHING)
+
+
+def oblique_rhymes(ch: str, book: str = "pingshui") -> frozenset[str]:
+    """The groups of a character's oblique-tone readings: 骤 -> {"去声二十六宥"}, or {"七尤"} in 中华新韵,
+    whose groups hold both tones (a 词 may rhyme 平 with 仄 within one)."""
+    return load(book).oblique.get(ch, NOTHING)
 
 
 @cache
