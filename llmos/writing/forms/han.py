@@ -515,7 +515,8 @@ class HanPoem(FormConstraint):
         self.lines = len(templates[0])
         self.tone_lut, self.ping_lut, self.ze_lut = _book_tables(book, regulated)
         self.index = idx = _han_index(table)
-        self.tone = self.tone_lut[idx["codes"]]  # [tokens, width]
+        # tokens' tone strings, each distinct one once (a few thousand among tens of thousands)
+        self.tones_u, self.tones_of = torch.unique(self.tone_lut[idx["codes"]], dim=0, return_inverse=True)
         self.tone_l, self.ping_l, self.ze_l = self.tone_lut.tolist(), self.ping_lut.tolist(), self.ze_lut.tolist()
         self.last_ping, self.last_ze = self.ping_lut[idx["last"]], self.ze_lut[idx["last"]]
         self._prefixes: dict = {}
@@ -704,7 +705,7 @@ class HanPoem(FormConstraint):
                 continue
             done.add(key)
             need = [NEED[c] for c in pattern[pos: pos + width]] + [7] * max(0, width - rest)
-            fit = ((self.tone & torch.tensor(need[:width], dtype=torch.int16)) != 0).all(1)
+            fit = ((self.tones_u & torch.tensor(need[:width], dtype=torch.int16)) != 0).all(1)[self.tones_of]
             if rhyme is not None:
                 lut_last = self.last_ping if rhyme[0] == "平" else self.last_ze
                 good = (lut_last & rhyme[1]) != 0
