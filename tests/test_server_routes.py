@@ -260,6 +260,18 @@ def test_personas_and_the_model_store(server, in_home):
     assert r.status_code == 404 and "unknown model" in r.json()["error"]["message"]
 
 
+def test_check_poem_over_http(server, in_home):
+    r = call(server, "POST", "/api/check-poem", {"text": "床前明月光，疑是地上霜。举头望明月，低头思故乡。"})
+    assert r.status_code == 200 and r.json()["form"] == "五言绝句" and not r.json()["ok"]
+    assert [(p["line"], p["rule"]) for p in r.json()["problems"]] == [(2, "tone"), (3, "tone")]
+    r = call(server, "POST", "/api/check-poem", {"text": "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "tones": "strict"})
+    assert r.json() == {"form": "五言绝句", "ok": True, "problems": []}
+    r = call(server, "POST", "/api/check-poem", {"text": "床前明月光。", "form": "词:念奴娇"})
+    assert r.status_code == 400 and "词:浣溪沙" in r.json()["error"]["message"]
+    r = call(server, "POST", "/api/check-poem", {"text": "床前明月光。", "tones": "exact"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tones"
+
+
 def test_chinese_on_an_english_server_says_why(server, in_home):
     r = call(server, "POST", "/api/write", {"task": "poem", "brief": "春天", "max_tokens": 5})
     assert r.status_code == 200 and "multilingual" in r.headers["x-llmos-note"]
