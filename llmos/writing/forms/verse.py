@@ -225,16 +225,20 @@ class VerseForm(Form):
             if line < len(words) and words[line] != words[source]:
                 problems.append(f"line {line + 1} does not repeat line {source + 1}")
         finals = [w[-1] if w else None for w in words]
+        reported = set()  # lines without their radif: reported once, left out of the rhyme
         if "radif" in o:  # the qafia is the word before the radif
             radif = list(o["radif"]) or finals[:1]
-            for i in o["radif_lines"]:
-                if i < len(words) and words[i][-len(radif):] != radif:
+            for i in (i for i in o["radif_lines"] if i < len(words)):
+                if words[i][-len(radif):] != radif:
                     problems.append(f"line {i + 1} does not end with the radif {' '.join(radif)!r}")
-                    finals[i] = None
-                elif i < len(words):
-                    finals[i] = words[i][-len(radif) - 1] if len(words[i]) > len(radif) else None
+                    reported.add(i)
+                elif len(words[i]) == len(radif):
+                    problems.append(f"line {i + 1} has no rhyming word before the radif")
+                    reported.add(i)
+                else:
+                    finals[i] = words[i][-len(radif) - 1]
         for group in o["rhyme"]:
-            problems += _rhymes([i for i in group if i < len(finals)], finals)
+            problems += _rhymes([i for i in group if i < len(finals) and i not in reported], finals)
         if "ends" in o:
             problems += _end_words(o["ends"], o["inner"], words)
         return problems
@@ -244,6 +248,8 @@ class VerseForm(Form):
 
 
 def _rhymes(group: list[int], finals: list) -> list[str]:
+    if not group:
+        return []
     keys = {rhyme_key(finals[i]) if finals[i] else None for i in group}
     if len(keys) != 1 or None in keys:
         return [f"lines {', '.join(str(i + 1) for i in group)} do not rhyme"]
