@@ -293,7 +293,7 @@ def check_han(text: str, o: dict) -> list[Problem]:
         if first[i].repeat >= 0 and first[i].repeat < len(bodies) and body != bodies[first[i].repeat]:
             shape.append(Problem(f"line {i + 1} must repeat line {first[i].repeat + 1} (叠句)", i + 1, "repeat"))
     best = None
-    for t, template in enumerate(o["templates"]):
+    for template in o["templates"]:
         found = _tone_problems(bodies, template, o) + _rhyme_problems(bodies, template, o)
         if best is None or len(found) < len(best):
             best = found
@@ -469,7 +469,7 @@ def _han_index(table: TokenTable) -> dict:
     byte pieces of characters), which are checked one by one."""
     # kept on the table itself: a cache keyed by id(table) would hand a new table the index
     # of a dead one that happened to have the same id
-    index = getattr(table, "_han_index2", None)
+    index = getattr(table, "_han_index", None)
     if index is None:
         pure, codes, other = [], [], []
         for i, p in enumerate(table.pieces):
@@ -490,7 +490,7 @@ def _han_index(table: TokenTable) -> dict:
         last = padded.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).squeeze(1) if len(codes) else count
         index = {"pure_ids": torch.tensor(pure, dtype=torch.long), "count": count, "codes": padded,
                  "last": last, "other": other}
-        table._han_index2 = index
+        table._han_index = index
     return index
 
 
