@@ -422,7 +422,7 @@ FORMS = [
     HanForm("藏头诗", "han", "acrostic: each line starts with the next character of --var acrostic "
             "(7 per line; --var chars=5; tones and rhyme off unless asked for)",
             chars=7, acrostic=True, rhymed=False, tones="off", max_tokens=256),
-] + [CiForm(f"词:{name}", "ci", f"词 to the tune {name}: {len(spec['lines'])} lines of "
+] + [CiForm(f"词:{name}", "ci", f"词 to the tune {name}: {len(spec['lines'])} lines, "
             f"{sum(len(x['tones']) for x in spec['lines'])} characters, its 平仄 and rhymes kept",
             max_tokens=max(96, 3 * sum(len(x["tones"]) for x in spec["lines"])), tune=name)
      for name, spec in tunes().items()]
