@@ -97,8 +97,8 @@ VERSE_VOCAB = [w for w in ("The sea A night In Under Nothing Never And I".split(
 @pytest.mark.parametrize("name, options", [
     ("haiku", {}),
     ("sonnet", {}),
-    ("sonnet", {"rhyme": True}),
-    ("limerick", {"rhyme": True}),
+    ("sonnet", {"rhyme": False, "metre": "off"}),
+    ("limerick", {}),
     ("acrostic", {"acrostic": "SEA"}),
 ])
 def test_verse_machine(name, options):
@@ -159,9 +159,11 @@ def test_bad_form_options(name, options, message):
 
 # --- end to end: every form written by a bundled model -----------------------------------------
 
-# (form, --var options): every form with what it needs, and English rhyme, which is off unless asked for
+# (form, --var options): every form with what it needs (English rhyme and metre are on by
+# default), then English forms with rhyme or metre off and a ghazal with a given radif
 BUNDLED_CASES = [(name, {"藏头诗": {"acrostic": "春夏秋冬"}, "acrostic": {"acrostic": "MOON"}}.get(name, {}))
-                 for name in forms.FORMS] + [("limerick", {"rhyme": "true"}), ("sonnet", {"rhyme": "true"})]
+                 for name in forms.FORMS] + [("limerick", {"rhyme": "false"}), ("sonnet", {"metre": "off"}),
+                                             ("ghazal", {"radif": "tonight", "couplets": "3"})]
 TASKS = {"slogan": "slogan", "title": "title", "tweet": "social"}
 
 

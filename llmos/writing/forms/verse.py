@@ -359,6 +359,8 @@ class Verse(FormConstraint):
         self.ends = ends or (-1,) * lines
         self.inner = inner or (-1,) * lines
         self.ghazal = radif is not None
+        # a ghazal's first line and a sestina's envoi plan their endings by syllables alone
+        assert not (self.ghazal or any(i >= 0 for i in self.inner)) or all("w" not in "".join(ts) for ts in templates)
         self.radif_lines = set(radif_lines)
         ids, space, syl, first, keys, wids, strong = [], [], [], [], [], [], []
         self.punct, self.newline, self.j_of = [], [], {}
@@ -531,8 +533,10 @@ class Verse(FormConstraint):
         if s.last == 0 and s.line < len(self.acrostic):
             ok &= self.first == ord(self.acrostic[s.line].lower())
         pn = s.p + self.syl  # (W,)
-        seen = s.seen | (self.wids == spec.inner) if spec.inner >= 0 else torch.ones_like(ok)
-        room = pn + torch.where(seen, 0, int(self.syl[self.wids == spec.inner].min()) if spec.inner >= 0 else 0)
+        seen, room = torch.ones_like(ok), pn  # room: syllables taken once the word is written
+        if spec.inner >= 0:  # the envoi's word still to come goes before the end word
+            seen = s.seen | (self.wids == spec.inner)
+            room = pn + torch.where(seen, 0, int(self.syl[self.wids == spec.inner].min()))
         can_end = torch.zeros_like(ok)
         can_go = torch.zeros_like(ok)
         if spec.pair:
