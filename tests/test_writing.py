@@ -90,9 +90,10 @@ def test_prepare_write_applies_presets_form_and_bans(tiny_llm):
     assert params.constraint is None and params.max_tokens == 200  # the poem task's preset
     _, params, _, form = prepare_write(tiny_llm, WriteRequest("poem", "春天", form="五言绝句"))
     assert form.name == "五言绝句" and isinstance(params.constraint, HanPoem)
-    assert (params.constraint.lines, params.constraint.chars) == (4, 5)
+    assert (params.constraint.lines, params.constraint.templates[0][0].chars) == (4, 5)
     assert params.max_tokens == 200 and params.banned_sequences == []  # the form needs 96; the machine decides
-    _, params, _, form = prepare_write(tiny_llm, WriteRequest("poem", "the sea", form="sonnet"))
+    # (the tiny model's vocabulary has no rhymes for a sonnet's, which rhyme by default)
+    _, params, _, form = prepare_write(tiny_llm, WriteRequest("poem", "the sea", {"rhyme": "false"}, form="sonnet"))
     assert isinstance(params.constraint, Verse) and params.max_tokens == 480  # a sonnet needs more than the preset
 
 
@@ -277,7 +278,8 @@ def test_cli_write_form_rank_and_errors(tiny_dir, session_home):
     assert data["form"]["problems"] == [[], []]
     assert len(data["ranking"]) == 2 and {"likelihood", "form", "repetition", "distinctness"} <= set(data["ranking"][0])
     for args, needle in [
-        (["write", "poem", "x", "--form", "villanelle"], "unknown form"),
+        (["write", "poem", "x", "--form", "rondeau"], "unknown form"),
+        (["write", "poem", "x", "--form", "villanelle"], "try --var rhyme=false"),  # no rhymes in its vocabulary
         (["write", "poem", "x", "--form", "五言绝句", "--var", "acrostic=春夏秋冬雪"], "4 lines"),
         (["write", "poem", "x", "--form", "藏头诗"], "acrostic"),
         (["write", "nosuchtask", "x"], "unknown task"),

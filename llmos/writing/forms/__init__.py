@@ -15,14 +15,14 @@ caps). Variables are the `--var` values of `llmos write`; each form reads the on
 from __future__ import annotations
 
 from llmos.writing.forms import han, limit, verse
-from llmos.writing.forms.base import Form, FormConstraint, FormError
+from llmos.writing.forms.base import Form, FormConstraint, FormError, Problem
 from llmos.writing.forms.han import HAN_PUNCT, LINE_END, HanPoem, han_final, is_han
 from llmos.writing.forms.limit import Limit
 from llmos.writing.forms.verse import Verse, count_syllables, is_word, rhyme_key
 
 FORMS: dict[str, Form] = {f.name: f for f in han.FORMS + verse.FORMS + limit.FORMS}
 
-__all__ = ["FORMS", "Form", "FormConstraint", "FormError", "HAN_PUNCT", "LINE_END", "HanPoem", "Limit", "Verse",
+__all__ = ["FORMS", "Form", "FormConstraint", "FormError", "Problem", "HAN_PUNCT", "LINE_END", "HanPoem", "Limit", "Verse",
            "check", "count_syllables", "form_options", "get_form", "han_final", "is_han", "is_word",
            "make_constraint", "rhyme_key"]
 
@@ -40,7 +40,7 @@ def form_options(form: Form, variables: dict | None = None, **more) -> dict:
     return form.options(given)
 
 
-def check(form: Form, text: str, variables: dict | None = None, **more) -> list[str]:
+def check(form: Form, text: str, variables: dict | None = None, **more) -> list[Problem]:
     """Problems with `text` as an instance of `form`; an empty list means it keeps the form."""
     return form.check(text, form_options(form, variables, **more))
 
@@ -85,5 +85,4 @@ def check_poem(text: str, form: str | None = None, variables: dict | None = None
     f = get_form(form) if form else detect_form(text)
     problems = check(f, text, variables)
     return {"form": f.name, "ok": not problems,
-            "problems": [p.as_dict() if hasattr(p, "as_dict") else {"line": None, "rule": "", "message": str(p)}
-                         for p in problems]}
+            "problems": [p.as_dict() for p in problems]}

@@ -32,7 +32,7 @@ class Form:
     def options(self, variables: dict) -> dict:
         return {}
 
-    def check(self, text: str, options: dict) -> list[str]:
+    def check(self, text: str, options: dict) -> list[Problem]:
         raise NotImplementedError
 
     def constraint(self, table, vocab_size: int, options: dict):

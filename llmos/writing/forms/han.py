@@ -199,7 +199,7 @@ class HanForm(Form):
         _check_acrostic(self.name, o)
         return o
 
-    def check(self, text: str, options: dict) -> list[str]:
+    def check(self, text: str, options: dict) -> list[Problem]:
         return check_han(text, options)
 
     def constraint(self, table, vocab_size: int, options: dict):
@@ -230,7 +230,7 @@ class CiForm(Form):
         _check_acrostic(self.name, o)
         return o
 
-    def check(self, text: str, options: dict) -> list[str]:
+    def check(self, text: str, options: dict) -> list[Problem]:
         return check_han(text, options)
 
     def constraint(self, table, vocab_size: int, options: dict):

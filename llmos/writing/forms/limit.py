@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmos.writing.forms.base import Form, FormConstraint, FormError
+from llmos.writing.forms.base import Form, FormConstraint, FormError, Problem
 from llmos.writing.tokens import TokenTable
 
 
@@ -16,15 +16,15 @@ class LimitForm(Form):
     max_words: int = 0
     max_chars: int = 0
 
-    def check(self, text: str, options: dict) -> list[str]:
+    def check(self, text: str, options: dict) -> list[Problem]:
         text = text.strip("\n")
         problems = []
         if self.max_words and not 1 <= len(text.split()) <= self.max_words:
-            problems.append(f"{len(text.split())} words (1-{self.max_words} allowed)")
+            problems.append(Problem(f"{len(text.split())} words (1-{self.max_words} allowed)", None, "words"))
         if self.max_chars and not 1 <= len(text) <= self.max_chars:
-            problems.append(f"{len(text)} characters (1-{self.max_chars} allowed)")
+            problems.append(Problem(f"{len(text)} characters (1-{self.max_chars} allowed)", None, "characters"))
         if self.max_words and "\n" in text:
-            problems.append("more than one line")
+            problems.append(Problem("more than one line", None, "lines"))
         return problems
 
     def constraint(self, table, vocab_size: int, options: dict):

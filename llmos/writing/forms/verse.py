@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import torch
 
-from llmos.writing.forms.base import Form, FormConstraint, FormError
+from llmos.writing.forms.base import Form, FormConstraint, FormError, Problem
 from llmos.writing.tokens import TokenTable
 
 
@@ -199,41 +199,41 @@ class VerseForm(Form):
         return dict(lines=lines, acrostic=acrostic or "", rhyme=groups, syllables=syl, metre=names,
                     templates=tuple(templates), tolerance=tolerance, refrains=self.refrains, **extra)
 
-    def check(self, text: str, options: dict) -> list[str]:
+    def check(self, text: str, options: dict) -> list[Problem]:
         o = options
         lines = text.strip("\n").split("\n")
-        problems = [] if len(lines) == o["lines"] else [f"{len(lines)} lines, expected {o['lines']}"]
+        problems = [] if len(lines) == o["lines"] else [Problem(f"{len(lines)} lines, expected {o['lines']}", None, "lines")]
         words = [[w.lower() for w in WORD.findall(line)] for line in lines[: o["lines"]]]
         for i, line in enumerate(lines[: o["lines"]]):
             ws = WORD.findall(line)
             if not ws or OTHER.search(WORD.sub("", line)):
-                problems.append(f"line {i + 1} is not words and punctuation: {line!r}")
+                problems.append(Problem(f"line {i + 1} is not words and punctuation: {line!r}", i + 1, "words"))
             count = sum(count_syllables(w) for w in ws)
             lo, hi = o["syllables"][i]
             if not lo <= count <= hi:
-                problems.append(f"line {i + 1} has {count} syllables, expected {lo}-{hi}")
+                problems.append(Problem(f"line {i + 1} has {count} syllables, expected {lo}-{hi}", i + 1, "syllables"))
             elif o["metre"][i]:
                 scans = [v for t in o["templates"][i] if (v := violations(ws, t)) is not None]
                 if not scans:
-                    problems.append(f"line {i + 1}: {count} syllables is no {o['metre'][i]} line")
+                    problems.append(Problem(f"line {i + 1}: {count} syllables is no {o['metre'][i]} line", i + 1, "metre"))
                 elif min(scans) > o["tolerance"]:
-                    problems.append(f"line {i + 1} is not {o['metre'][i]}: {min(scans)} stressed syllables"
-                                    f" on weak beats ({o['tolerance']} allowed)")
+                    problems.append(Problem(f"line {i + 1} is not {o['metre'][i]}: {min(scans)} stressed syllables"
+                                            f" on weak beats ({o['tolerance']} allowed)", i + 1, "metre"))
             if o["acrostic"] and (not ws or ws[0][0].lower() != o["acrostic"][i].lower()):
-                problems.append(f"line {i + 1} does not start with {o['acrostic'][i]}")
+                problems.append(Problem(f"line {i + 1} does not start with {o['acrostic'][i]}", i + 1, "acrostic"))
         for line, source in o["refrains"]:
             if line < len(words) and words[line] != words[source]:
-                problems.append(f"line {line + 1} does not repeat line {source + 1}")
+                problems.append(Problem(f"line {line + 1} does not repeat line {source + 1}", line + 1, "refrain"))
         finals = [w[-1] if w else None for w in words]
         reported = set()  # lines without their radif: reported once, left out of the rhyme
         if "radif" in o:  # the qafia is the word before the radif
             radif = list(o["radif"]) or finals[:1]
             for i in (i for i in o["radif_lines"] if i < len(words)):
                 if words[i][-len(radif):] != radif:
-                    problems.append(f"line {i + 1} does not end with the radif {' '.join(radif)!r}")
+                    problems.append(Problem(f"line {i + 1} does not end with the radif {' '.join(radif)!r}", i + 1, "radif"))
                     reported.add(i)
                 elif len(words[i]) == len(radif):
-                    problems.append(f"line {i + 1} has no rhyming word before the radif")
+                    problems.append(Problem(f"line {i + 1} has no rhyming word before the radif", i + 1, "qafia"))
                     reported.add(i)
                 else:
                     finals[i] = words[i][-len(radif) - 1]
@@ -247,21 +247,21 @@ class VerseForm(Form):
         return Verse(table, vocab_size, **options)
 
 
-def _rhymes(group: list[int], finals: list) -> list[str]:
+def _rhymes(group: list[int], finals: list) -> list[Problem]:
     if not group:
         return []
     keys = {rhyme_key(finals[i]) if finals[i] else None for i in group}
     if len(keys) != 1 or None in keys:
-        return [f"lines {', '.join(str(i + 1) for i in group)} do not rhyme"]
+        return [Problem(f"lines {', '.join(str(i + 1) for i in group)} do not rhyme", group[-1] + 1, "rhyme")]
     problems = []
     for word in dict.fromkeys(finals[i] for i in group):
         same = [i + 1 for i in group if finals[i] == word]
         if len(same) > 1:
-            problems.append(f"lines {', '.join(map(str, same))} rhyme {word!r} with itself")
+            problems.append(Problem(f"lines {', '.join(map(str, same))} rhyme {word!r} with itself", same[-1], "repeated rhyme"))
     return problems
 
 
-def _end_words(ends: tuple, inner: tuple, words: list) -> list[str]:
+def _end_words(ends: tuple, inner: tuple, words: list) -> list[Problem]:
     """Sestina: the first line of each end word sets it, the others repeat it."""
     chosen, problems = {}, []
     for i, (slot, held) in enumerate(zip(ends, inner)):
@@ -271,12 +271,12 @@ def _end_words(ends: tuple, inner: tuple, words: list) -> list[str]:
         if slot not in chosen:
             if final in chosen.values():
                 first = next(j for j in range(i) if words[j] and words[j][-1] == final)
-                problems.append(f"lines {first + 1}, {i + 1} end with the same word {final!r}")
+                problems.append(Problem(f"lines {first + 1}, {i + 1} end with the same word {final!r}", i + 1, "end word"))
             chosen[slot] = final
         elif final != chosen[slot]:
-            problems.append(f"line {i + 1} ends with {final!r}, not {chosen[slot]!r}")
+            problems.append(Problem(f"line {i + 1} ends with {final!r}, not {chosen[slot]!r}", i + 1, "end word"))
         if held >= 0 and chosen.get(held) not in words[i][:-1]:
-            problems.append(f"line {i + 1} does not hold {chosen.get(held)!r}")
+            problems.append(Problem(f"line {i + 1} does not hold {chosen.get(held)!r}", i + 1, "end word"))
     return problems
 
 
