@@ -86,11 +86,6 @@ def regulated_template(first: str, lines: int) -> list[str]:
     return kinds
 
 
-def template_name(first: str, chars: int) -> str:
-    start = "平起" if base_line(first, chars)[1] == "平" else "仄起"
-    return start + ("首句入韵" if first in STANDS_FOR else "首句不入韵")
-
-
 def tone_faults(tones: str, base: str, mode: str, regulated: bool) -> list[tuple[int, str]]:
     """(0-based position, rule) for each way a line whose characters have `tones` (平/仄 each)
     breaks its pattern `base`; rule is "平", "仄" (the tone that position needs), "孤平" or "三平尾"."""
@@ -151,7 +146,18 @@ class Line(NamedTuple):
 
 
 @dataclass(frozen=True)
-class HanForm(Form):
+class ChineseForm(Form):
+    """Regulated verse and 词 share the checker and the machine: their options differ."""
+
+    def check(self, text: str, options: dict) -> list[Problem]:
+        return check_han(text, options)
+
+    def constraint(self, table, vocab_size: int, options: dict):
+        return HanPoem(table, vocab_size, **options)
+
+
+@dataclass(frozen=True)
+class HanForm(ChineseForm):
     lines: int = 0  # 0: one line per character of the acrostic
     chars: int = 0
     acrostic: bool = False  # needs --var acrostic=...
@@ -182,7 +188,7 @@ class HanForm(Form):
         tones, book = tone_options(variables, self.tones)
         rhymed = flag(variables.get("rhyme"))
         rhymed = self.rhymed if rhymed is None else rhymed
-        templates, names = [], []
+        templates = []
         for first in "ADCB":
             kinds = regulated_template(first, lines)
             rhyme_at = {i for i in range(1, lines, 2)} | ({0} if first in STANDS_FOR else set())
@@ -193,21 +199,13 @@ class HanForm(Form):
                 shape.append(Line(n_chars, base, line_patterns(base, tones, True) + owing,
                                   (0, "平") if rhymed and i in rhyme_at else None, owing=len(owing)))
             templates.append(tuple(shape))
-            names.append(template_name(first, n_chars))
-        o = dict(templates=tuple(templates), names=tuple(names), acrostic=acrostic or "", tones=tones, book=book,
+        o = dict(templates=tuple(templates), acrostic=acrostic or "", tones=tones, book=book,
                  regulated=True, rhymes=1)
         _check_acrostic(self.name, o)
         return o
 
-    def check(self, text: str, options: dict) -> list[Problem]:
-        return check_han(text, options)
-
-    def constraint(self, table, vocab_size: int, options: dict):
-        return HanPoem(table, vocab_size, **options)
-
-
 @dataclass(frozen=True)
-class CiForm(Form):
+class CiForm(ChineseForm):
     tune: str = ""
 
     def options(self, variables: dict) -> dict:
@@ -225,17 +223,10 @@ class CiForm(Form):
         acrostic = "".join(c for c in variables.get("acrostic") or "" if not c.isspace())
         if len(acrostic) > len(lines) or not all(is_han(c) for c in acrostic):
             raise FormError(f"an acrostic for {self.name} takes at most {len(lines)} Han characters")
-        o = dict(templates=(tuple(lines),), names=(self.tune,), acrostic=acrostic, tones=tones, book=book,
+        o = dict(templates=(tuple(lines),), acrostic=acrostic, tones=tones, book=book,
                  regulated=False, rhymes=max(len(ids), 1))
         _check_acrostic(self.name, o)
         return o
-
-    def check(self, text: str, options: dict) -> list[Problem]:
-        return check_han(text, options)
-
-    def constraint(self, table, vocab_size: int, options: dict):
-        return HanPoem(table, vocab_size, **options)
-
 
 def tone_options(variables: dict, default: str) -> tuple[str, str]:
     tones = str(variables.get("tones") or default).lower()
