@@ -198,7 +198,7 @@ def prepare_write(llm, req: WriteRequest):
 
         settings["constraint"] = forms.make_constraint(form, token_table(llm.tokenizer), llm.model.config.vocab_size,
                                                        variables)
-        settings["max_tokens"] = max(settings.get("max_tokens", 0), form.max_tokens)
+        settings["max_tokens"] = max(settings.get("max_tokens", 0), form.token_budget(forms.form_options(form, variables)))
         settings["banned_sequences"] = []  # the form's machine decides what may be written
         stops = []
     return prompt, llm.sampling(**settings), stops, form

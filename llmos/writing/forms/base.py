@@ -35,6 +35,10 @@ class Form:
     def check(self, text: str, options: dict) -> list[Problem]:
         raise NotImplementedError
 
+    def token_budget(self, options: dict) -> int:
+        """Tokens enough for the machine to finish this instance of the form."""
+        return self.max_tokens
+
     def constraint(self, table, vocab_size: int, options: dict):
         raise NotImplementedError
 

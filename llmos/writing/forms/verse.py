@@ -199,6 +199,11 @@ class VerseForm(Form):
         return dict(lines=lines, acrostic=acrostic or "", rhyme=groups, syllables=syl, metre=names,
                     templates=tuple(templates), tolerance=tolerance, refrains=self.refrains, **extra)
 
+    def token_budget(self, options: dict) -> int:
+        # max_tokens covers the most lines allowed: 100 of blank verse, 15 couplets of a ghazal
+        most = self.line_range[1] if self.line_range else 30 if self.scheme == "ghazal" else 0
+        return -(-self.max_tokens * options["lines"] // most) if most else self.max_tokens
+
     def check(self, text: str, options: dict) -> list[Problem]:
         o = options
         lines = text.strip("\n").split("\n")
