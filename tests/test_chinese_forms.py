@@ -3,7 +3,6 @@ real poems (唐诗三百首's regulated verse, Song 词), the machines kept by r
 vocabularies that spell characters in byte pieces, bad input, and `llmos check-poem`."""
 
 import json
-import random
 import re
 
 import pytest
@@ -13,7 +12,7 @@ from helpers import llmos
 from llmos.writing import forms
 from llmos.writing.forms import han
 from llmos.writing.tokens import TokenTable
-from test_forms import HAN_VOCAB, walk, word_tokenizer
+from test_forms import HAN_VOCAB, assert_walks_keep, word_tokenizer
 
 POEMS = REPO / "tests" / "data" / "poems"
 
@@ -127,20 +126,14 @@ def test_machines_keep_tones_and_rhymes(name, options):
     byte pieces, always end in a poem the checker (a separate code path) accepts."""
     table = TokenTable(word_tokenizer(HAN_VOCAB))
     form = forms.get_form(name)
-    c = forms.make_constraint(form, table, table.size, options)
-    rng = random.Random(5)
-    for _ in range(4):
-        text = walk(c, table, rng, limit=1500)
-        assert forms.check(form, text, options) == [], text
+    assert_walks_keep(form, table, table.size, options, seed=5, times=4, limit=1500)
 
 
 def test_machine_over_byte_level_bpe(tiny_llm):
     table = TokenTable(tiny_llm.tokenizer)
     for name in ("七言绝句", "词:西江月"):
         form = forms.get_form(name)
-        c = forms.make_constraint(form, table, tiny_llm.model.config.vocab_size)
-        text = walk(c, table, random.Random(6), limit=1500)
-        assert forms.check(form, text) == [], text
+        assert_walks_keep(form, table, tiny_llm.model.config.vocab_size, {}, seed=6, times=1, limit=1500)
 
 
 @pytest.mark.parametrize("name, variables, message", [

@@ -48,6 +48,16 @@ def walk(constraint, table, rng, limit=400) -> str:
     raise AssertionError("the machine never allowed the end")
 
 
+def assert_walks_keep(form, table, vocab_size: int, options: dict, seed: int, times: int, limit: int = 400):
+    """Random walks through the form's machine all end in text its checker (a separate code
+    path) accepts."""
+    c = forms.make_constraint(form, table, vocab_size, options)
+    rng = random.Random(seed)
+    for _ in range(times):
+        text = walk(c, table, rng, limit)
+        assert forms.check(form, text, options) == [], repr(text)
+
+
 def test_split_bytes():
     assert split_bytes("春".encode()[:2]) .tail == "春".encode()[:2]
     p = split_bytes("春".encode()[2:] + "风".encode() + "月".encode()[:1])
@@ -69,11 +79,7 @@ def test_han_machine_with_byte_pieces(name, options):
     tok = word_tokenizer(HAN_VOCAB)
     table = TokenTable(tok)
     form = forms.get_form(name)
-    c = forms.make_constraint(form, table, table.size, **options)
-    rng = random.Random(0)
-    for _ in range(15):
-        text = walk(c, table, rng)
-        assert forms.check(form, text, **options) == [], text
+    assert_walks_keep(form, table, table.size, options, seed=0, times=15)
 
 
 def test_han_machine_with_byte_level_bpe(tiny_llm):
@@ -81,11 +87,7 @@ def test_han_machine_with_byte_level_bpe(tiny_llm):
     and tokens can end in the middle of one."""
     table = TokenTable(tiny_llm.tokenizer)
     form = forms.get_form("五言绝句")
-    c = forms.make_constraint(form, table, tiny_llm.model.config.vocab_size)
-    rng = random.Random(1)
-    for _ in range(5):
-        text = walk(c, table, rng)
-        assert forms.check(form, text) == [], text
+    assert_walks_keep(form, table, tiny_llm.model.config.vocab_size, {}, seed=1, times=5)
 
 
 VERSE_VOCAB = [w for w in ("The sea A night In Under Nothing Never And I".split())] + [
@@ -105,22 +107,14 @@ def test_verse_machine(name, options):
     tok = word_tokenizer(VERSE_VOCAB + ["Silver", "Ending", "After", "Sea"])
     table = TokenTable(tok)
     form = forms.get_form(name)
-    c = forms.make_constraint(form, table, table.size, **options)
-    rng = random.Random(2)
-    for _ in range(10):
-        text = walk(c, table, rng, limit=800)
-        assert forms.check(form, text, **options) == [], text
+    assert_walks_keep(form, table, table.size, options, seed=2, times=10, limit=800)
 
 
 @pytest.mark.parametrize("name", ["slogan", "title", "tweet"])
 def test_limit_machine(name, tiny_llm):
     table = TokenTable(tiny_llm.tokenizer)
     form = forms.get_form(name)
-    c = forms.make_constraint(form, table, tiny_llm.model.config.vocab_size)
-    rng = random.Random(3)
-    for _ in range(10):
-        text = walk(c, table, rng, limit=1000)
-        assert forms.check(form, text) == [], repr(text)
+    assert_walks_keep(form, table, tiny_llm.model.config.vocab_size, {}, seed=3, times=10, limit=1000)
 
 
 def test_checkers():

@@ -5,7 +5,7 @@ refrains and end words."""
 import random
 
 import pytest
-from test_forms import walk, word_tokenizer
+from test_forms import assert_walks_keep, walk, word_tokenizer
 
 from llmos.writing import forms
 from llmos.writing.forms.verse import METRES, WORD, violations
@@ -45,11 +45,7 @@ def table():
 ])
 def test_walks_keep_the_form(table, name, options):
     form = forms.get_form(name)
-    c = forms.make_constraint(form, table, table.size, **options)
-    rng = random.Random(4)
-    for _ in range(6):
-        text = walk(c, table, rng, limit=1000)
-        assert forms.check(form, text, **options) == [], text
+    assert_walks_keep(form, table, table.size, options, seed=4, times=6, limit=1000)
 
 
 def test_machine_masks_a_word_rhymed_with_itself(table):
