@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from llmos.writing.forms import han, limit, verse
 from llmos.writing.forms.base import Form, FormConstraint, FormError, Problem
-from llmos.writing.forms.han import HAN_PUNCT, LINE_END, HanPoem, han_final, is_han
+from llmos.writing.forms.han import HAN_PUNCT, LINE_END, HanPoem, is_han
 from llmos.writing.forms.limit import Limit
 from llmos.writing.forms.verse import Verse, count_syllables, is_word, rhyme_key
 
 FORMS: dict[str, Form] = {f.name: f for f in han.FORMS + verse.FORMS + limit.FORMS}
 
 __all__ = ["FORMS", "Form", "FormConstraint", "FormError", "Problem", "HAN_PUNCT", "LINE_END", "HanPoem", "Limit", "Verse",
-           "check", "count_syllables", "form_options", "get_form", "han_final", "is_han", "is_word",
+           "check", "count_syllables", "form_options", "get_form", "is_han", "is_word",
            "make_constraint", "rhyme_key"]
 
 

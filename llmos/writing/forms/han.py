@@ -46,17 +46,6 @@ def is_han(ch: str) -> bool:
     return 0x4E00 <= o <= 0x9FFF or 0x3400 <= o <= 0x4DBF or 0xF900 <= o <= 0xFAFF or 0x20000 <= o <= 0x2FA1F
 
 
-def han_final(ch: str) -> str:
-    """The pinyin final of a character, finals that rhyme in modern usage grouped: 霜 -> 'ang'."""
-    from pypinyin import Style, lazy_pinyin
-
-    final = lazy_pinyin(ch, style=Style.FINALS, strict=False)[0]
-    groups = {"ie": "e", "ve": "e", "ue": "e", "uo": "o", "ian": "an", "uan": "an", "van": "an",
-              "iang": "ang", "uang": "ang", "ia": "a", "ua": "a", "iao": "ao", "iong": "ong",
-              "ing": "eng", "in": "en", "un": "en", "vn": "en", "ui": "ei", "iu": "ou"}
-    return groups.get(final, final)
-
-
 def split_lines(text: str) -> list[str]:
     """A poem's lines: each up to and including its punctuation mark, or up to a newline (a
     line someone left unpunctuated). A poem written on one line splits the same way."""
