@@ -91,28 +91,46 @@ class StopStrings:
 
 class TextHook:
     """The text side of one request, plugged into the engine: each candidate's tokens are
-    detokenized as they stream and cut at the first stop string."""
+    detokenized as they stream, cut at the first stop string and, when a safety policy is on,
+    passed through that candidate's guard (redactions applied; a block rule ends the candidate
+    with finish reason "content_filter")."""
 
-    def __init__(self, tokenizer, n: int, stops: list[str], truncated: int = 0):
+    def __init__(self, tokenizer, n: int, stops: list[str], truncated: int = 0, guards: list | None = None):
         self.decoders = [tokenizer.stream() for _ in range(n)]
         self.cutters = [StopStrings(stops) for _ in range(n)]
+        self.guards = guards  # one llmos.safety.StreamGuard per candidate, or None
+        self.released = [""] * n  # each candidate's text as streamed
         self.truncated = truncated  # prompt tokens dropped from the left to fit the context
 
-    def token(self, index: int, token: int) -> tuple[str, bool]:
+    def _release(self, index: int, text: str, end: bool = False) -> str:
+        if self.guards is not None:
+            guard = self.guards[index]
+            text = guard.feed(text) + (guard.finish() if end and not guard.blocked else "")
+        self.released[index] += text
+        return text
+
+    def token(self, index: int, token: int) -> tuple[str, bool | str]:
         cutter = self.cutters[index]
-        text = cutter.feed(self.decoders[index].push(token))
+        text = self._release(index, cutter.feed(self.decoders[index].push(token)), end=cutter.hit)
+        if self.guards is not None and self.guards[index].blocked:
+            return text, "content_filter"
         return text, cutter.hit
 
     def finish(self, index: int) -> str:
         cutter = self.cutters[index]
-        if cutter.hit:
+        if cutter.hit or (self.guards is not None and self.guards[index].blocked):
             return ""
-        return cutter.feed(self.decoders[index].flush()) + cutter.finish()
+        return self._release(index, cutter.feed(self.decoders[index].flush()) + cutter.finish(), end=True)
 
     @property
     def texts(self) -> list[str]:
         """Each candidate's text so far (what was streamed, without any held-back tail)."""
-        return [c.text[: c.sent] for c in self.cutters]
+        return list(self.released)
+
+    @property
+    def verdicts(self) -> list | None:
+        """Each candidate's safety verdict so far (None when no policy is on)."""
+        return None if self.guards is None else [g.verdict for g in self.guards]
 
 
 Driver = Callable[[Request], Iterator[list[Event]]]

@@ -48,7 +48,8 @@ class Sequence:
     generator: torch.Generator | None = None
     output: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS, stop token or hook), "length", "cancelled", "error"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or hook), "length", "cancelled", "error",
+    # or a reason of the hook's own ("content_filter": a safety rule ended it)
     seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for repetition penalty
     counts: torch.Tensor | None = None  # (V,) output token counts, for presence/frequency
     constraint_state: object = None  # where params.constraint's state machine stands
@@ -169,8 +170,9 @@ class Timings:
 class TokenHook(Protocol):
     """What the text layer plugs into a request: text for each token, and the end of a candidate."""
 
-    def token(self, index: int, token: int) -> tuple[str, bool]:
-        """The text candidate `index` releases with this (non-stop) token, and whether it ends there."""
+    def token(self, index: int, token: int) -> tuple[str, bool | str]:
+        """The text candidate `index` releases with this (non-stop) token, and whether it ends
+        there: True ends it as "stop", a string ends it with that finish reason."""
 
     def finish(self, index: int) -> str:
         """Text still held back when candidate `index` ends ("" after the hook ended it)."""
@@ -526,7 +528,7 @@ class Engine:
             if req.hook is not None and token not in seq.params.stop_token_ids:
                 text, ended = req.hook.token(row.index, token)
                 if ended:
-                    seq.finish_reason = "stop"
+                    seq.finish_reason = ended if isinstance(ended, str) else "stop"
             if req.cancelled:
                 seq.finish_reason = "cancelled"
             elif req.deadline is not None and now > req.deadline and not seq.done:
