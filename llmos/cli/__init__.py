@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmos.cli import chat, generate, serve, train, write
+from llmos.cli import chat, check, generate, serve, train, write
 from llmos.cli.common import err
 
 app = typer.Typer(
@@ -39,6 +39,7 @@ app.command()(write.write)
 app.command()(write.tasks)
 app.command("forms")(write.list_forms)
 app.command("check-poem")(write.check_poem)
+app.command("check")(check.check)
 app.add_typer(write.story_app, name="story")
 
 app.command()(serve.serve)

@@ -4,6 +4,7 @@ memory-mapped token shards, with a report of what was kept, removed and skipped.
 Output folder:
   train_000.bin, ...   token ids (uint16 when the vocabulary fits, else uint32), documents
   val_000.bin, ...     joined by the end-of-text token
+  copy_index/          the training split's n-gram index for `llmos check` (llmos.data.copying)
   tokenizer.json       HF tokenizers
   meta.json            vocabulary, dtype, shards, special tokens, the options used
   report.json          documents, tokens, duplicates removed, files skipped and why
@@ -58,6 +59,7 @@ class PrepareConfig:
     augment: list[str] = field(default_factory=list)  # llmos.data.augment transforms
     augment_copies: int = 1
     augment_model: str | None = None  # backtranslate's translator
+    copy_index: bool = True  # index the training split for the copying check (`llmos check`)
     report: dict = field(default_factory=dict, repr=False)
 
     def validate(self):
@@ -260,9 +262,11 @@ def prepare(cfg: PrepareConfig, progress=None, translator=None) -> dict:
             raise PrepareError(f"{bad[0][0]}: {bad[0][1]}" + (f" (and {len(bad) - 1} more lines)" if len(bad) > 1 else ""))
         train_docs, val_docs = split_examples(docs, cfg.val_fraction, cfg.seed)
         train_texts, val_texts = [d.text for d in train_docs], [d.text for d in val_docs]
+        originals = [(d.source, d.text) for d in train_docs]
     else:
         groups, labels, label_names = document_classes(docs, cfg.group_by, cfg.label_field)
         train_pairs, val_pairs = split_documents(docs, cfg.val_fraction, cfg.seed)
+        originals = [(docs[i].source, text) for text, i in train_pairs]  # the copying check's sources, without augmented views
         augmentation = None
         if cfg.augment:
             from llmos.data.augment import AugmentError, Augmenter
@@ -324,6 +328,13 @@ def prepare(cfg: PrepareConfig, progress=None, translator=None) -> dict:
     if source_meta is not None:  # keep the source model's prompt style for fine-tuning
         meta["prompt_style"] = source_meta.get("prompt_style")
     tok.save(str(tmp / "tokenizer.json"))
+    if cfg.copy_index:
+        from llmos.data.copying import DATASET_INDEX, build_index
+
+        report_progress("Copy index", 0, 1)
+        build_index(originals).save(tmp / DATASET_INDEX)
+        meta["copy_index"] = DATASET_INDEX
+        report_progress("Copy index", 1, 1)
     report = {
         "files": len(files),
         "documents_read": read,
