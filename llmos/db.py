@@ -90,6 +90,22 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX kb_passages_kb ON kb_passages(kb_id);
     """),
+    ("m004_safety_audit", """
+        CREATE TABLE safety_audit (
+            id INTEGER PRIMARY KEY,
+            created_at REAL NOT NULL,
+            place TEXT NOT NULL,
+            category TEXT NOT NULL,
+            action TEXT NOT NULL,
+            rule TEXT NOT NULL,
+            source TEXT NOT NULL,
+            span_start INTEGER,
+            span_end INTEGER,
+            score REAL,
+            text TEXT
+        );
+        CREATE INDEX safety_audit_time ON safety_audit(created_at);
+    """),
 ]
 
 
