@@ -14,7 +14,7 @@ LAYERS = [
     {"tokenizer", "fast_bpe", "model", "cards"},
     {"data", "weights"},
     {"engine", "embedder"},
-    {"llm", "remote", "train"},
+    {"llm", "remote", "train", "explain"},
     {"writing"},
     {"chat"},
     {"server"},

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from llmos.chat import memory, strategies
 from llmos.chat.personas import Persona, load_persona, persona_from_dict
 from llmos.chat.sessions import SessionError, Sessions
+from llmos.explain import answer_overlap
 
 RETRIEVE_K = 3
 MIN_PASSAGE_SCORE = 0.25  # below this a passage is not about the question
@@ -148,6 +149,7 @@ class Conversation:
             finished = True
         finally:  # also when the reader stops early (Ctrl-C): keep what was written
             reply = reply.strip()
+            answer = reply
             if passages and finished:
                 cites = "; ".join(f"[{i}] {h.source}{' - ' + h.heading if h.heading else ''}" for i, h in enumerate(passages, 1))
                 tail = f"\n\nSources: {cites}"
@@ -156,6 +158,9 @@ class Conversation:
             meta = {"interrupted": True} if not finished else {}
             if passages:
                 meta["passages"] = [h.passage_id for h in passages]
+                meta["scores"] = [round(h.score, 4) for h in passages]
+                # how much of the answer the cited passages account for (word trigrams they share)
+                meta["overlap"] = answer_overlap(answer, passages)
             self.sessions.add_turn(self.id, "assistant", reply, **meta)
 
     # -- commands --

@@ -50,6 +50,16 @@ def _print_stream(pieces) -> bool:
     return True
 
 
+def _print_overlap(conv):
+    """After a reply from a knowledge base: how much of it its cited passages account for."""
+    turns = conv.turns()
+    overlap = turns[-1]["meta"].get("overlap") if turns and turns[-1]["role"] == "assistant" else None
+    if overlap:
+        each = ", ".join(f"[{i}] {share:.0%}" for i, share in enumerate(overlap["per_passage"], 1))
+        err.print(f"overlap with the sources: {overlap['overlap']:.0%} of the answer's {overlap['n']}-grams ({each})",
+                  highlight=False, markup=False)
+
+
 def chat(
     persona: Annotated[Optional[str], typer.Option("--persona", "-p", help="Persona name (see `llmos personas`) or a YAML/JSON file.")] = None,
     session: Annotated[Optional[int], typer.Option("--session", "-s", help="Resume this session (see `llmos sessions`).")] = None,
@@ -174,6 +184,7 @@ def _repl(conv, interactive: bool):
                 elif command == "retry":
                     sys.stdout.write(prefix)
                     _print_stream(conv.retry())
+                    _print_overlap(conv)
                 elif command == "undo":
                     taken = conv.undo()
                     err.print(f"took back: {taken}", highlight=False, markup=False)
@@ -182,6 +193,7 @@ def _repl(conv, interactive: bool):
                         raise ValueError("/edit needs the new text: /edit TEXT")
                     sys.stdout.write(prefix)
                     _print_stream(conv.edit(arg))
+                    _print_overlap(conv)
                 elif command == "persona":
                     if not arg:
                         raise ValueError("/persona needs a name (see `llmos personas`)")
@@ -221,6 +233,7 @@ def _repl(conv, interactive: bool):
             sys.stdout.write(prefix)
             sys.stdout.flush()
             _print_stream(conv.send(text))
+            _print_overlap(conv)
             if not interactive:
                 sys.stdout.write("\n")  # a blank line between piped replies
             action = conv.last_action
