@@ -12,6 +12,7 @@ import sys
 import typer
 
 from llmos.cli import chat, check, generate, serve, train, write
+from llmos.cli import eval as eval_cmd
 from llmos.cli.common import err
 
 app = typer.Typer(
@@ -39,6 +40,7 @@ app.command()(write.write)
 app.command()(write.tasks)
 app.command("forms")(write.list_forms)
 app.command("check-poem")(write.check_poem)
+app.command("eval")(eval_cmd.evaluate)
 app.command("check")(check.check)
 app.add_typer(write.story_app, name="story")
 
