@@ -10,9 +10,9 @@ it, it says nothing of the direction of an influence (for or against the token),
 completion's own earlier tokens, which often matter most, are left out of the ranking (their
 part of the total is reported as 1 - `prompt_share`). It runs on a float32 copy of the model
 (quantized kernels have no gradients), so its probabilities can differ from the quantized
-model's in the last digits. `method="rollout"` multiplies the layers' head-averaged attention
-maps instead (attention rollout): cheaper, one forward pass, but attention is where
-information could flow, not what the prediction used.
+model's in the last digits. Attention rollout (the layers' head-averaged attention maps
+multiplied through) is not offered: on SmolLM2 it puts all the weight on the prompt's first
+token, where the model parks attention it does not need.
 
 `answer_overlap` is plain text matching: the share of an answer's word trigrams (four
 characters in Chinese) that occur in the cited passages.
@@ -32,7 +32,7 @@ import torch
 MAX_COMPLETION_TOKENS = 256  # tokens explained by one call: one backward pass each
 MAX_TOKENS = 2048  # prompt + completion: the float copy keeps every activation for the backward passes
 UNITS = ("token", "word", "line")
-METHODS = ("grad_x_input", "rollout")
+METHODS = ("grad_x_input",)  # attention rollout was tried: see docs/writing.md, Explanations
 GRAD_CHUNK = 16  # gradients computed together in one batched backward pass
 
 HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -63,7 +63,8 @@ class Attribution:
     """One completion token: its probability under the model and the prompt parts it depended
     on most (`sources`, heaviest first; the weights of all prompt parts sum to 1).
     prompt_share: the part of the total attribution that falls on the prompt rather than on
-    the completion's earlier tokens."""
+    the completion's earlier tokens. Tokens that stand for no text (a beginning-of-text token
+    the tokenizer adds) count for neither."""
 
     index: int  # position in the completion
     token: str
@@ -116,11 +117,8 @@ def explain_tokens(llm, prompt: str | list[dict], completion: str | list[int], *
 
     ids = prompt_ids + out_ids[: max(chosen) + 1]
     positions = [len(prompt_ids) + i for i in chosen]
-    model = float_model(llm) if method == "grad_x_input" else llm.model
-    if method == "grad_x_input":
-        logprobs, _, scores = gradient_x_input(model, ids, positions)
-    else:
-        logprobs, scores = attention_rollout(model, ids, positions)
+    with _running:  # one at a time: each holds a float model's activations, and hooks it
+        logprobs, _, scores = gradient_x_input(float_model(llm), ids, positions)
     units = prompt_units(text, token_spans(tokenizer, prompt_ids, text), unit)
     members = [torch.tensor(u[2]) for u in units]
     result = []
@@ -128,7 +126,7 @@ def explain_tokens(llm, prompt: str | list[dict], completion: str | list[int], *
         s = scores[row]
         weights = torch.stack([s[m].sum() for m in members]) if members else torch.zeros(0)
         mass = float(weights.sum())
-        whole = float(s.sum())  # zero from pos on
+        whole = mass + float(s[len(prompt_ids) :].sum())  # tokens that stand for no text left out
         if mass > 0:
             weights = weights / mass
         order = weights.argsort(descending=True)[:top].tolist()
@@ -145,7 +143,7 @@ def explain_tokens(llm, prompt: str | list[dict], completion: str | list[int], *
 # the float copy
 
 
-_loading = threading.Lock()
+_loading, _running = threading.Lock(), threading.Lock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -170,10 +168,10 @@ def float_model(llm):
 # attributions over token positions
 
 
-def _run(model, ids: list[int], keep_embeddings: bool):
-    """The final hidden states (T, C) of one sequence, and the embeddings (1, T, C) as a leaf
-    tensor that gradients can reach (when keep_embeddings). The hook acts for this thread only: other
-    threads may be generating with the same model at the same time."""
+def _run(model, ids: list[int]):
+    """The final hidden states (T, C) of one sequence, and its token embeddings (1, T, C) as a
+    leaf tensor that gradients reach. The hook acts for this thread only: other threads may be
+    generating with the same model at the same time."""
     caught = []
     me = threading.get_ident()
 
@@ -184,13 +182,12 @@ def _run(model, ids: list[int], keep_embeddings: bool):
         caught.append(out)
         return out
 
-    handle = model.embed.register_forward_hook(leaf) if keep_embeddings else None
+    handle = model.embed.register_forward_hook(leaf)
     try:
-        hidden = model(torch.tensor([ids]), return_hidden=True)[0]  # (T, C)
+        hidden = model(torch.tensor([ids]), return_hidden=True)[0]
     finally:
-        if handle is not None:
-            handle.remove()
-    return hidden, (caught[0] if caught else None)  # (1, T, C)
+        handle.remove()
+    return hidden, caught[0]
 
 
 def _log_probs(model, hidden, ids: list[int], positions: list[int]):
@@ -209,7 +206,7 @@ def gradient_x_input(model, ids: list[int], positions: list[int], chunk: int = G
     attribution). Positions at or after p get 0. One forward pass; the gradients go backward
     `chunk` at a time (one batched pass; a loop where the model's operations cannot batch)."""
     with torch.enable_grad():
-        hidden, emb = _run(model, ids, keep_embeddings=True)
+        hidden, emb = _run(model, ids)
         logp = _log_probs(model, hidden, ids, positions)
         m, T = len(positions), len(ids)
         dots, norms = torch.zeros(m, T), torch.zeros(m, T)
@@ -232,10 +229,6 @@ def gradient_x_input(model, ids: list[int], positions: list[int], chunk: int = G
         dots[r, p:] = 0.0
         norms[r, p:] = 0.0
     return logp.detach(), dots, norms
-
-
-def attention_rollout(model, ids, positions):
-    raise ExplainError("attention rollout is not available yet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,4 +385,4 @@ def answer_overlap(answer: str, passages: list, n: int | None = None) -> dict:
 
 
 __all__ = ["explain_tokens", "Attribution", "Source", "ExplainError", "answer_overlap", "gradient_x_input",
-           "attention_rollout", "MAX_COMPLETION_TOKENS", "MAX_TOKENS"]
+           "MAX_COMPLETION_TOKENS", "MAX_TOKENS"]
