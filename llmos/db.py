@@ -99,6 +99,7 @@ MIGRATIONS: list[tuple[str, str]] = [
             action TEXT NOT NULL,
             rule TEXT NOT NULL,
             source TEXT NOT NULL,
+            model TEXT,
             span_start INTEGER,
             span_end INTEGER,
             score REAL,
