@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmos.cli import chat, check, generate, serve, train, write
+from llmos.cli import chat, check, generate, safety, serve, train, write
 from llmos.cli import eval as eval_cmd
 from llmos.cli.common import err
 
@@ -50,6 +50,8 @@ app.command()(chat.chat)
 app.add_typer(chat.sessions_app, name="sessions")
 app.add_typer(chat.personas_app, name="personas")
 app.add_typer(chat.kb_app, name="kb")
+
+app.add_typer(safety.safety_app, name="safety")
 
 
 def style_rank_argv(argv: list[str]) -> list[str]:
