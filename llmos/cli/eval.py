@@ -22,7 +22,7 @@ def evaluate(
     samples: Annotated[int, typer.Option("--samples", "-n", help="Samples per task (one batch, one seed); "
                                          "self-BLEU needs 2 or more.")] = 4,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", help="At most this many tokens per sample "
-                                                      "(a cap on each task's own setting).")] = 200,
+                                                      "(a cap on each task's own setting; 0: no cap).")] = 200,
     seed: Annotated[int, typer.Option(help="Seed of every task's samples.")] = 0,
     constrained: Annotated[bool, typer.Option(help="Keep forms by constrained decoding, as `llmos write --form` "
                                               "does (the form rate is then 100% by construction).")] = False,
@@ -67,8 +67,8 @@ def evaluate(
     else:
         task_list = [] if tasks.strip() == "none" else [t.strip() for t in tasks.split(",") if t.strip()]
     settings = EvalSettings(tasks=task_list, langs=[x.strip() for x in lang.split(",") if x.strip()], samples=samples,
-                            max_tokens=max_tokens, seed=seed, text=text, constrained=constrained, bias=bias,
-                            against=against)
+                            max_tokens=None if max_tokens == 0 else max_tokens, seed=seed, text=text,
+                            constrained=constrained, bias=bias, against=against)
     try:
         held_out = check_settings(settings)
         for name in names:  # every model is found (or pulled) before minutes go into the first

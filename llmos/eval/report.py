@@ -349,10 +349,12 @@ def bar_chart(title: str, groups: list[str], series: list[str], values: dict, pe
     """An inline SVG of grouped bars: one group per entry of `groups`, one bar per series
     (model) in its colour; values[(group, series)] is a number or None (no bar). Bars grow from
     zero, up for positive values and down for negative ones."""
-    width, height, left, top, bottom = 640, 230, 64, 28, 44
+    width, height, left, top, bottom = 520, 220, 64, 28, 44
     scale = Metric("", "", None, percent)  # how values are written
     numbers = [v for v in values.values() if isinstance(v, (int, float))]
     hi, lo = max([0.0, *numbers]), min([0.0, *numbers])
+    if percent:  # shares on one scale, 0-100%, so that bars compare across plots
+        hi = max(hi, 1.0)
     span = (hi - lo) or 1.0
     plot_h = height - top - bottom
     zero_y = top + plot_h * hi / span
