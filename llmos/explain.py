@@ -4,11 +4,11 @@ the passages it cites account for.
 `explain_tokens` scores, for each token of a completion, the prompt's tokens by gradient x input:
 the gradient of the token's log-probability with respect to each prompt token's embedding,
 multiplied elementwise by that embedding; the L2 norm of the product is the token's share. It is
-a first-order approximation of "what happens if this input is removed": it measures how
-sensitive the prediction is to each input around the actual input, not the effect of deleting
-it, it says nothing of the direction of an influence (for or against the token), and the
-completion's own earlier tokens, which often matter most, are left out of the ranking (their
-part of the total is reported as 1 - `prompt_share`). It runs on a float32 copy of the model
+a first-order, local measure: how sensitive the prediction is to each input around its actual
+value, which approximates but is not the effect of removing that input; it says nothing of
+the direction of an influence (for or against the token); and the completion's own earlier
+tokens, which often matter most, are left out of the ranking (their part of the total is
+1 - `prompt_share`). It runs on a float32 copy of the model
 (quantized kernels have no gradients), so its probabilities can differ from the quantized
 model's in the last digits. Attention rollout (the layers' head-averaged attention maps
 multiplied through) is not offered: on SmolLM2 it puts all the weight on the prompt's first
@@ -91,7 +91,7 @@ def explain_tokens(llm, prompt: str | list[dict], completion: str | list[int], *
         raise ExplainError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise ExplainError(f"top must be a positive number of prompt parts, got {top!r}")
-    if getattr(llm, "loaded", None) is None:
+    if getattr(llm, "tokenizer", None) is None or getattr(llm, "model", None) is None:
         raise ExplainError(f"{llm.name} runs remotely: explanations need the model's weights on this machine")
     tokenizer = llm.tokenizer
     prompt_ids = llm.encode_prompt(prompt)

@@ -117,6 +117,14 @@ def test_bad_requests_say_what_to_change(tiny_llm, kwargs, completion, needle):
         explain_tokens(tiny_llm, "a prompt", completion, **kwargs)
 
 
+def test_a_remote_model_cannot_be_explained():
+    from llmos.remote import RemoteLLM, RemoteModel
+
+    remote = RemoteLLM(RemoteModel("far-away", "openai", "http://127.0.0.1:9", "m"))
+    with pytest.raises(ExplainError, match="far-away runs remotely"):
+        explain_tokens(remote, "a prompt", "x")
+
+
 def test_prompt_longer_than_the_window(tiny_llm):
     with pytest.raises(ExplainError, match="shorten the prompt"):
         explain_tokens(tiny_llm, "z" * tiny_llm.context_window, "x")
