@@ -194,3 +194,15 @@ def test_smollm2_attributes_a_fact_and_a_copy_to_the_right_words(smollm2_dir):
     for a in copy:  # every piece of the copied name points at its first occurrence
         assert a.sources[0].text == "Zorblat" and name[a.sources[0].start : a.sources[0].end] == "Zorblat"
         assert a.sources[0].start == name.index("Zorblat")
+
+
+def test_the_chat_cli_prints_the_overlap_after_the_sources(capsys):
+    from llmos.cli.chat import _print_overlap
+
+    class Chat:
+        def turns(self):
+            overlap = {"overlap": 0.375, "per_passage": [0.25, 0.125], "n": 3, "spans": []}
+            return [{"role": "user", "meta": {}}, {"role": "assistant", "meta": {"overlap": overlap}}]
+
+    _print_overlap(Chat())
+    assert "overlap with the sources: 38% of the answer's 3-grams ([1] 25%, [2] 12%)" in capsys.readouterr().err
