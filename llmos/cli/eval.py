@@ -85,8 +85,13 @@ def evaluate(
             llm = load_llm(name, precision)
             bar = progress.add_task(llm.name, total=total, doing="")
 
-            def step(what: str, bar=bar):
+            done = [0]
+
+            def step(what: str, bar=bar, model=llm.name, done=done):
                 progress.update(bar, advance=1, doing=what)
+                done[0] += 1
+                if not err.is_terminal:  # a log gets a line per step instead of a bar
+                    err.print(f"{model}: {what} ({done[0]}/{total})", highlight=False, markup=False)
 
             label = llm.name if llm.name not in reports else f"{llm.name} ({name})"
             reports[label] = evaluate_model(llm, settings, checks, held_out, step)
