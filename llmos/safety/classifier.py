@@ -2,8 +2,9 @@
 
 Softmax regression over all-MiniLM-L6-v2 sentence vectors, fitted on the labelled seed
 sentences in data/seed.jsonl (English and Chinese, dark fiction among the "none" examples so
-that darkness alone is not a signal). It is fitted on first use, in a second or two, and the
-weights are cached in $LLMOS_HOME/safety/ under the hash of the seed file and the embedder.
+that darkness alone is not a signal). It is fitted on first use, in a few seconds, and the
+weights are cached beside the embedder in $LLMOS_HOME/embedders/ (or in $LLMOS_HOME/safety/ when
+that folder is read-only) under the hash of the seed file, the embedder and the classes.
 It sees whole sentences only; personal data is left to the checksummed detectors.
 """
 
@@ -82,16 +83,26 @@ def get_classifier(embedder_path: str | Path | None = None) -> SentenceClassifie
             return _cache[key]
         embedder = get_embedder(embedder_path)
         digest = hashlib.sha256(SEED.read_bytes() + DEFAULT_EMBEDDER.encode() + ",".join(CLASSES).encode()).hexdigest()[:16]
-        cached = llmos_home() / "safety" / f"classifier-{digest}.pt"
-        try:
-            state = torch.load(cached, weights_only=True)
-            weight, bias = state["weight"], state["bias"]
-        except (OSError, RuntimeError, KeyError):
+        # beside the embedder it was fitted on (so it goes where the embedder goes), else in $LLMOS_HOME/safety
+        places = [Path(embedder.path) / f"safety-classifier-{digest}.pt", llmos_home() / "safety" / f"classifier-{digest}.pt"]
+        for cached in places:
+            try:
+                state = torch.load(cached, weights_only=True)
+                weight, bias = state["weight"], state["bias"]
+                break
+            except (OSError, RuntimeError, KeyError):
+                continue
+        else:
             texts, labels = load_seed()
             weight, bias = fit(embedder.embed(texts), torch.tensor(labels), len(CLASSES))
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"weight": weight, "bias": bias, "classes": list(CLASSES)}, tmp)
-            tmp.replace(cached)  # whole file or none, when two processes fit at once
+            for cached in places:
+                try:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+                    torch.save({"weight": weight, "bias": bias, "classes": list(CLASSES)}, tmp)
+                    tmp.replace(cached)  # whole file or none, when two processes fit at once
+                    break
+                except OSError:
+                    continue
         _cache[key] = SentenceClassifier(embedder, weight, bias)
         return _cache[key]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import regex
 
-from llmos.safety.detectors import Detectors, Finding, detectors_for
+from llmos.safety.detectors import HAN, Detectors, Finding, detectors_for
 from llmos.safety.policy import RANK, Policy
 
 # A sentence ends after terminal punctuation (and any closing quotes or brackets), or at a line break.
@@ -52,6 +52,11 @@ class Verdict:
         return self.action == "block"
 
     @property
+    def blocking(self) -> list[Finding]:
+        """The block findings, first in the text first."""
+        return [f for f in self.findings if f.action == "block"]
+
+    @property
     def categories(self) -> list[str]:
         return sorted({f.category for f in self.findings if f.action != "allow"})
 
@@ -90,7 +95,8 @@ def _classify(policy: Policy, text: str, spans: list[tuple[int, int, bool]], cla
     chosen = []
     for s, e, _ in spans:
         stripped = text[s:e].strip()
-        if len(stripped) >= MIN_SENTENCE:
+        lang = "zh" if HAN.search(stripped) else "en"
+        if len(stripped) >= MIN_SENTENCE and lang in policy.classifier_languages:
             lead = len(text[s:e]) - len(text[s:e].lstrip())
             chosen.append((s + lead, s + lead + len(stripped), stripped))
     if not chosen:

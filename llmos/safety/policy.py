@@ -31,6 +31,7 @@ class Policy:
     stream_classifier: bool = False
     threshold: float = 0.8
     classifier_max_action: str = "warn"
+    classifier_languages: tuple[str, ...] = ("en",)  # sentences in these languages are classified
     store_text: bool = False
     extra_words: dict[str, list[str]] = field(default_factory=dict)  # category -> phrases the writer adds
     source: str = "default"
@@ -97,8 +98,11 @@ def policy_from_dict(data: dict, source: str = "<dict>") -> Policy:
     clf = data.get("classifier", {})
     if isinstance(clf, bool):
         clf = {"enabled": clf}
-    if not isinstance(clf, dict) or set(clf) - {"enabled", "stream", "threshold", "max_action"}:
-        raise PolicyError(f"{source}: classifier takes enabled, stream, threshold and max_action")
+    if not isinstance(clf, dict) or set(clf) - {"enabled", "stream", "threshold", "max_action", "languages"}:
+        raise PolicyError(f"{source}: classifier takes enabled, stream, threshold, max_action and languages")
+    clf_langs = clf.get("languages", ["en"])
+    if not isinstance(clf_langs, list) or any(x not in LANGUAGES for x in clf_langs):
+        raise PolicyError(f"{source}: classifier.languages: give a list drawn from {', '.join(LANGUAGES)}, e.g. [en]")
     threshold = clf.get("threshold", 0.8)
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 < threshold <= 1:
         raise PolicyError(f"{source}: classifier.threshold must be a probability in (0, 1], got {threshold!r}")
@@ -120,6 +124,7 @@ def policy_from_dict(data: dict, source: str = "<dict>") -> Policy:
                   classifier=bool(clf.get("enabled", True)), stream_classifier=bool(clf.get("stream", False)),
                   threshold=float(threshold),
                   classifier_max_action=_action(clf.get("max_action", "warn"), f"{source}: classifier.max_action"),
+                  classifier_languages=tuple(clf_langs),
                   store_text=bool(audit.get("store_text", False)),
                   extra_words={k: [p.strip() for p in v] for k, v in words.items()}, source=source)
 
