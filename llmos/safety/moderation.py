@@ -5,6 +5,8 @@ reported here."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from llmos.safety.detectors import detectors_for
 from llmos.safety.guard import _classify, check_text, sentence_spans
 from llmos.safety.policy import Policy
@@ -43,7 +45,7 @@ def moderate(texts: str | list[str], policy: Policy) -> list[dict]:
         scores = dict.fromkeys(OPENAI_CATEGORIES, 0.0)
         findings = list(verdict.findings)
         if policy.classifier:
-            low = Policy(**{**policy.__dict__, "threshold": 1e-6})  # every probability, to report scores
+            low = replace(policy, threshold=1e-6)  # every probability, to report scores
             for f in _classify(low, text, sentence_spans(text)):
                 for name in _names(f.category, ()):
                     scores[name] = max(scores[name], f.score)
