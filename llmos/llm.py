@@ -42,6 +42,7 @@ class Completion:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: the hypothesis' summed log-probability
+    safety: dict | None = None  # what the safety policy found in the text (Verdict.as_dict()), when one is on
 
 
 @dataclass
@@ -51,6 +52,16 @@ class Result:
     completions: list[Completion]
     timings: dict = field(default_factory=dict)
     truncated_tokens: int = 0
+
+
+class ContentFiltered(ValueError):
+    """A prompt stopped by a block rule of the safety policy."""
+
+    def __init__(self, verdict):
+        self.verdict = verdict
+        fired = verdict.blocking[0] if getattr(verdict, "blocking", None) else verdict.findings[0]
+        super().__init__(f"the prompt was refused by the safety policy ({fired.category}: {fired.rule}); "
+                         f"rephrase it, or edit the policy (`llmos safety policy` prints the default)")
 
 
 class StopStrings:
@@ -100,6 +111,7 @@ class TextHook:
         self.cutters = [StopStrings(stops) for _ in range(n)]
         self.guards = guards  # one llmos.safety.StreamGuard per candidate, or None
         self.released = [""] * n  # each candidate's text as streamed
+        self.audited = False  # its safety findings are in the audit log (LLM.audit_outputs)
         self.truncated = truncated  # prompt tokens dropped from the left to fit the context
 
     def _release(self, index: int, text: str, end: bool = False) -> str:
@@ -143,6 +155,10 @@ class LLM:
         self.defaults = dict(loaded.meta.get("generation", {}))
         # How requests run: None, on an engine of their own; a server's scheduler, in its batch.
         self.driver = driver
+        # The safety policy prompts and outputs are checked against (llmos.safety.Policy; None: off),
+        # and where what it finds is recorded: audit(where, verdict), e.g. into the store's audit log.
+        self.safety = None
+        self.audit: Callable | None = None
 
     def with_driver(self, driver: Driver) -> LLM:
         """The same model and tokenizer, generating through `driver` (a server's scheduler)."""
@@ -211,7 +227,38 @@ class LLM:
             stops += self.tokenizer.chat_stop_strings()
         if not ignore_eos:
             params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(self.tokenizer.stop_ids)))
-        return Request(ids, params, n, TextHook(self.tokenizer, n, stops, dropped))
+        return Request(ids, params, n, TextHook(self.tokenizer, n, stops, dropped, self._guards(prompt, n)))
+
+    def _guards(self, prompt: str | list[dict], n: int) -> list | None:
+        """With a safety policy on: check the prompt's newest text (a chat's last user message;
+        earlier turns were checked when they were new), raise ContentFiltered when a block rule
+        fires, and give each candidate a stream guard. A prompt is checked, never changed: what
+        a redact rule finds in it is recorded, not removed."""
+        if self.safety is None:
+            return None
+        from llmos.safety import StreamGuard, check_text
+
+        if isinstance(prompt, list):
+            newest = next((m.get("content") or "" for m in reversed(prompt) if m.get("role") == "user"), "")
+        else:
+            newest = prompt
+        # the classifier runs here as on streams: only when the policy turns it on for them
+        verdict = check_text(newest, self.safety, classifier=self.safety.stream_classifier)
+        if verdict.findings and self.audit is not None:
+            self.audit("prompt", verdict)
+        if verdict.blocked:
+            raise ContentFiltered(verdict)
+        return [StreamGuard(self.safety) for _ in range(n)]
+
+    def audit_outputs(self, req: Request):
+        """Record what the safety policy found in a finished request's outputs (once)."""
+        hook = req.hook
+        if self.audit is None or not isinstance(hook, TextHook) or hook.verdicts is None or hook.audited:
+            return
+        hook.audited = True
+        for verdict in hook.verdicts:
+            if verdict.findings:
+                self.audit("output", verdict)
 
     def run(self, req: Request) -> Iterator[list[Event]]:
         """Each step's events for a request, until it ends; closing the iterator cancels it."""
@@ -244,6 +291,7 @@ class LLM:
                         yield Delta(e.index, e.text, e.token, e.logprob)
         finally:
             steps.close()  # a reader that stops early cancels the request
+            self.audit_outputs(req)
         if result is not None:
             self.result(prompt, req, result)
             result.timings["total_s"] = round(time.perf_counter() - t0, 4)
@@ -256,10 +304,12 @@ class LLM:
         into.prompt_tokens = len(req.prompt)
         into.truncated_tokens = hook.truncated
         stop_ids = req.params.stop_token_ids
+        verdicts = hook.verdicts or [None] * len(req.sequences)
         into.completions = [
             Completion(i, hook.texts[i], [t for t in seq.output if t not in stop_ids], seq.finish_reason,
-                       seq.logprobs if req.params.logprobs is not None else None)
-            for i, seq in enumerate(req.sequences)
+                       seq.logprobs if req.params.logprobs is not None else None,
+                       safety=v.as_dict() if v is not None else None)
+            for (i, seq), v in zip(enumerate(req.sequences), verdicts)
         ]
         into.timings = req.timings.as_dict()
         return into
@@ -358,4 +408,4 @@ class LLM:
                       {**timings.as_dict(), "total_s": round(time.perf_counter() - t0, 4)}, dropped)
 
 
-__all__ = ["LLM", "Result", "Completion", "Delta", "ContextError", "SamplingParams"]
+__all__ = ["LLM", "Result", "Completion", "Delta", "ContextError", "ContentFiltered", "SamplingParams"]

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm, out
+from llmos.cli.common import ModelOpt, PrecisionOpt, SafetyOpt, attach_safety, err, fail, load_llm, out
 
 REPL_HELP = """commands:
   /retry            a new reply to your last message
@@ -72,6 +72,7 @@ def chat(
     seed: Annotated[Optional[int], typer.Option(help="Seed for reproducible replies.")] = None,
     no_facts: Annotated[bool, typer.Option("--no-facts", help="Do not pin facts found in your messages.")] = False,
     precision: PrecisionOpt = "auto",
+    safety: SafetyOpt = "default",
 ):
     """Chat with a persona; every turn is saved. Type /help in the chat for its commands.
 
@@ -102,7 +103,7 @@ def chat(
         base = KnowledgeBase(store, kb_name) if kb_name else None
     except (SessionError, PersonaError, KBError) as e:
         fail(str(e))
-    llm = load_llm(_chat_model(model, row, chosen), precision)
+    llm = attach_safety(load_llm(_chat_model(model, row, chosen), precision), safety, "chat")
     settings = ChatSettings(max_tokens=max_tokens, temperature=temperature, seed=seed, budget=budget,
                             extract_facts=not no_facts)
     conv = Conversation(llm, sessions, session, chosen, base, settings)

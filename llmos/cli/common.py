@@ -25,6 +25,14 @@ PrecisionOpt = Annotated[
 ]
 
 
+SafetyOpt = Annotated[
+    str, typer.Option("--safety", help="The safety policy prompts and outputs are checked against: 'default' (the "
+                                       "shipped one: dark fiction passes, weapon recipes and sexual content involving "
+                                       "minors are stopped, personal data redacted), a policy YAML file "
+                                       "(`llmos safety policy` prints the default to start from), or 'off'.")
+]
+
+
 def fail(message: str, code: int = 2):
     """One line on stderr (not wrapped to the terminal: scripts and logs read it whole), exit 2."""
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
@@ -73,6 +81,76 @@ def load_llm(model: str | None, precision: str):
         fail(str(e))
     finally:
         progress.close()
+
+
+def safety_policy(spec: str):
+    """The Policy named by --safety (None for 'off'); a bad policy file fails with exit 2."""
+    if spec.lower() == "off":
+        return None
+    from llmos.safety import PolicyError, load_policy
+
+    try:
+        return load_policy(None if spec.lower() == "default" else spec)
+    except PolicyError as e:
+        fail(str(e))
+
+
+def attach_safety(llm, spec: str, where: str = "cli"):
+    """Check llm's prompts and outputs against the --safety policy; what fires is recorded in the
+    store's audit log (`llmos safety audit`) and noted on stderr."""
+    policy = safety_policy(spec)
+    if policy is None or llm.tokenizer is None:  # remote models stream through their own servers
+        return llm
+    from llmos.safety import record_audit
+
+    def audit(kind, verdict):
+        from llmos.db import Store, StoreError
+
+        try:
+            record_audit(Store(), f"{where}:{kind}", verdict, policy=policy, model=llm.name)
+        except StoreError as e:
+            err.print(f"[yellow]note:[/] the safety audit log could not be written ({e})", highlight=False)
+        if kind == "output" or not verdict.blocked:
+            fired = ", ".join(sorted({f"{f.category} ({f.action})" for f in verdict.findings}))
+            err.print(f"[yellow]safety:[/] {kind}: {fired}", highlight=False)
+
+    llm.safety, llm.audit = policy, audit
+    return llm
+
+
+CheckCopyingOpt = Annotated[bool, typer.Option(
+    "--check-copying", help="Check the output for verbatim copying (50+ characters) from the model's training data "
+                            "(a model trained here) or from --copy-against.")]
+CopyAgainstOpt = Annotated[Optional[str], typer.Option(
+    "--copy-against", help="With --check-copying: a training run, dataset or copy index folder, or a folder of texts.")]
+
+
+def copy_index_for(llm, check: bool, against: str | None):
+    """The CopyIndex --check-copying checks against (None when not asked); exit 2 when there is none."""
+    if not check and against is None:
+        return None
+    from llmos.data.copying import CopyError, resolve_index
+
+    try:
+        return resolve_index(against or llm.loaded.path)
+    except CopyError as e:
+        if against:
+            fail(str(e))
+        fail(f"{llm.name} was not trained here, so there is no training data of its own to check against: "
+             f"name the texts with --copy-against FOLDER ({e})")
+
+
+def print_copying(reports: list[dict]):
+    """The human view of copying reports: the longest copied span and the copied share, per candidate."""
+    for i, r in enumerate(reports):
+        who = f"candidate {i + 1}: " if len(reports) > 1 else ""
+        longest = r.get("longest")
+        if not r.get("spans"):
+            err.print(f"[green]copying:[/] {who}no verbatim span of {r.get('min_chars', 50)}+ characters "
+                      f"({r['copied_share']:.0%} of n-grams seen in the sources)", highlight=False)
+        else:
+            err.print(f"[yellow]copying:[/] {who}{len(r['spans'])} verbatim span(s), the longest {longest['chars']} "
+                      f"characters from {longest['source']}: {longest['text'][:80]!r}", highlight=False)
 
 
 def parse_vars(pairs: list[str]) -> dict:
@@ -174,7 +252,8 @@ def result_json(llm, result) -> dict:
         "truncated_prompt_tokens": result.truncated_tokens,
         "completions": [
             {"index": c.index, "text": c.text, "tokens": c.token_ids, "finish_reason": c.finish_reason,
-             "logprobs": lp_json(c.logprobs), **({"score": c.score} if c.score is not None else {})}
+             "logprobs": lp_json(c.logprobs), **({"score": c.score} if c.score is not None else {}),
+             **({"safety": c.safety} if getattr(c, "safety", None) else {})}
             for c in result.completions
         ],
         "timings": {**result.timings, "load_s": round(llm.loaded.load_seconds, 3)},

@@ -8,8 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli.common import (ModelOpt, PrecisionOpt, PullProgress, banned_sequences, err, fail, load_llm, out,
-                              result_json, run_stream, sampling_from_options)
+from llmos.cli.common import (CheckCopyingOpt, CopyAgainstOpt, ModelOpt, PrecisionOpt, PullProgress, SafetyOpt,
+                              attach_safety, banned_sequences, copy_index_for, err, fail, load_llm, out,
+                              print_copying, result_json, run_stream, sampling_from_options)
 from llmos.weights import store
 
 
@@ -37,6 +38,9 @@ def generate(
     truncate: Annotated[str, typer.Option(help="A prompt longer than the context: 'error' or 'left' (keep the end).")] = "error",
     as_json: Annotated[bool, typer.Option("--json", help="Print text, tokens, logprobs and timings as JSON.")] = False,
     precision: PrecisionOpt = "auto",
+    safety: SafetyOpt = "default",
+    check_copying: CheckCopyingOpt = False,
+    copy_against: CopyAgainstOpt = None,
 ):
     """Continue PROMPT with a model, streaming the text as it is written.
 
@@ -54,7 +58,8 @@ def generate(
         fail("-n must be at least 1")
     from llmos.weights.store import model_for
 
-    llm = load_llm(model_for(model, prompt), precision)  # Chinese: the multilingual model
+    llm = attach_safety(load_llm(model_for(model, prompt), precision), safety)  # Chinese: the multilingual model
+    copying = copy_index_for(llm, check_copying, copy_against)
     from llmos.engine.generate import ContextError
     from llmos.llm import Result
 
@@ -94,7 +99,16 @@ def generate(
             yield first
         yield from stream
 
-    run_stream(llm, chained(), n, result, as_json, show_prompt=None if chat else prompt)
+    run_stream(llm, chained(), n, result, as_json and copying is None, show_prompt=None if chat else prompt,
+               silent=as_json)
+    if copying is not None:
+        from llmos.data.copying import check_copying as check
+
+        reports = [check(c.text, copying).as_dict() for c in result.completions]
+        if as_json:
+            print(json.dumps({**result_json(llm, result), "copying": reports}, ensure_ascii=False, indent=2))
+        else:
+            print_copying(reports)
 
 
 def pull(

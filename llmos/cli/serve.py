@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm
+from llmos.cli.common import ModelOpt, PrecisionOpt, SafetyOpt, err, fail, load_llm, safety_policy
 from llmos.weights.store import MULTILINGUAL_MODEL
 
 
@@ -34,6 +34,10 @@ def serve(
     multilingual: Annotated[str, typer.Option(help="Model for Chinese requests that name no model, loaded on first use when "
                                                    "the served model is English-only ('none': serve them with it).")] = MULTILINGUAL_MODEL,
     precision: PrecisionOpt = "auto",
+    safety: SafetyOpt = "default",
+    copy_index: Annotated[Optional[str], typer.Option(
+        help="What `check_copying` requests check against when the model was not trained here: a training "
+             "run, a dataset or copy index folder, or a folder of texts (as `llmos check --against`).")] = None,
 ):
     """Serve a model over an OpenAI-compatible API (with continuous batching) and the writing
     studio at http://HOST:PORT/ . Remote models from $LLMOS_HOME/config.yaml are served too.
@@ -72,6 +76,15 @@ def serve(
         store = Store()
     except (RemoteError, StoreError) as e:
         fail(str(e))
+    policy = safety_policy(safety)
+    against = None
+    if copy_index:
+        from llmos.data.copying import CopyError, resolve_index
+
+        try:
+            against = resolve_index(copy_index)
+        except CopyError as e:
+            fail(str(e))
     llm = load_llm(model, precision)
     if llm.tokenizer is None:
         fail("serve needs a local model to run (remote ones from config.yaml are served beside it)")
@@ -79,6 +92,7 @@ def serve(
                              request_timeout=timeout, max_body=max_body, remotes=remotes, store=store,
                              multilingual=None if multilingual.lower() == "none" else multilingual,
                              allowed_hosts=hosts, max_tokens=max_tokens, max_tokens_in_flight=max_tokens_in_flight,
-                             max_embedding_inputs=max_embedding_inputs, max_embedding_tokens=max_embedding_tokens)
+                             max_embedding_inputs=max_embedding_inputs, max_embedding_tokens=max_embedding_tokens,
+                             safety=policy, copy_index=against)
     err.print(f"[green]LLMOS[/] serving {llm.name} at http://{host}:{port}/ (API under /v1, docs at /docs)", highlight=False)
     uvicorn.run(application, host=host, port=port, log_level="warning")

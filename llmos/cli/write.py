@@ -9,7 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli.common import ModelOpt, PrecisionOpt, err, fail, load_llm, out, parse_vars, result_json, run_stream
+from llmos.cli.common import (CheckCopyingOpt, CopyAgainstOpt, ModelOpt, PrecisionOpt, SafetyOpt, attach_safety,
+                              copy_index_for, err, fail, load_llm, out, parse_vars, print_copying, result_json,
+                              run_stream)
 
 
 TonesOpt = Annotated[Optional[str], typer.Option(
@@ -43,6 +45,9 @@ def write(
     precision: PrecisionOpt = "auto",
     tones: TonesOpt = None,
     rhyme_book: BookOpt = None,
+    safety: SafetyOpt = "default",
+    check_copying: CheckCopyingOpt = False,
+    copy_against: CopyAgainstOpt = None,
 ):
     """Write with a task's own prompts and settings, in English or Chinese.
 
@@ -76,7 +81,7 @@ def write(
         fail(str(e))
     model = model_for(model, language=language)
     if task == "novel":
-        return _novel(brief, chapters, output, model, language, seed, precision)
+        return _novel(brief, chapters, output, model, language, seed, precision, safety)
     if n < 1:
         fail("-n must be at least 1")
     if style:
@@ -91,7 +96,8 @@ def write(
                        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                             dry_multiplier=dry, logprobs=0 if rank else None),
                        [] if allow_phrases else None)
-    llm = load_llm(model, precision)
+    llm = attach_safety(load_llm(model, precision), safety)
+    copying = copy_index_for(llm, check_copying, copy_against)
     result = Result("", 0, [])
     try:
         prompt, params, stops, chosen_form = prepare_write(llm, req)
@@ -107,11 +113,13 @@ def write(
 
     quiet = as_json or task in ("rewrite", "brainstorm") or rank
     run_stream(llm, chained(), n, result, as_json=False, silent=quiet)
-    extra = after_generation(task, brief, variables, result.completions, chosen_form, rank)
+    extra = after_generation(task, brief, variables, result.completions, chosen_form, rank, copying)
     if as_json:
         print(json.dumps({**result_json(llm, result), **extra}, ensure_ascii=False, indent=2))
     else:
         _print_after(extra, result.completions, variables)
+        if "copying" in extra:
+            print_copying(extra["copying"])
 
 
 def _print_after(extra: dict, completions, variables: dict):
@@ -151,12 +159,12 @@ def _print_after(extra: dict, completions, variables: dict):
         err.print(f"[dim]form {extra['form']['name']}: " + ("kept by every candidate" if not bad else f"broken in {bad}") + "[/]")
 
 
-def _novel(brief, chapters, output, model, language, seed, precision):
+def _novel(brief, chapters, output, model, language, seed, precision, safety):
     from llmos.writing.novel import Novel, NovelError
 
     if output is None:
         fail("novel needs -o BOOK_FOLDER (where each stage is saved as an editable file)")
-    llm = load_llm(model, precision)
+    llm = attach_safety(load_llm(model, precision), safety)
     try:
         book = Novel(llm, output, brief, chapters, language, seed,
                      on_stage=lambda what, path: err.print(f"writing {what} -> {path}", highlight=False))
@@ -282,13 +290,14 @@ def story_continue(
     seed: Annotated[Optional[int], typer.Option()] = None,
     show_context: Annotated[bool, typer.Option(help="Print exactly what is sent to the model, and why.")] = False,
     precision: PrecisionOpt = "auto",
+    safety: SafetyOpt = "default",
 ):
     """Continue the story, append the new text to the file (the previous version is kept as .bak)."""
     from llmos.llm import Result
     from llmos.writing.story import StoryError, assemble_context, continue_story
 
     story = _load_story(path)
-    llm = load_llm(_story_model(model, story), precision)
+    llm = attach_safety(load_llm(_story_model(model, story), precision), safety)
     if show_context:
         try:
             prompt, parts = assemble_context(story, llm.tokenizer, llm.context_window,

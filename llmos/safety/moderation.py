@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from llmos.safety.detectors import detectors_for
-from llmos.safety.guard import _classify, check_text, sentence_spans
+from llmos.safety.guard import Verdict, _classify, check_text, sentence_spans
 from llmos.safety.policy import Policy
 
 OPENAI_CATEGORIES = (
@@ -56,7 +56,10 @@ def moderate(texts: str | list[str], policy: Policy) -> list[dict]:
                 scores[name] = max(scores[name], f.score)
                 if f.action != "allow":
                     flags[name] = True
+        acted = [f for f in findings if f.action != "allow"]
         results.append({"flagged": any(flags.values()), "categories": flags,
                         "category_scores": {k: round(v, 6) for k, v in scores.items()},
-                        "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES}})
+                        "category_applied_input_types": {k: ["text"] for k in OPENAI_CATEGORIES},
+                        # beyond OpenAI's shape: the action the policy takes, and what fired (no text)
+                        "action": Verdict(acted, text).action, "findings": [f.as_dict() for f in acted]})
     return results

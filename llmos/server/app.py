@@ -20,16 +20,19 @@ from llmos.server.state import Limits, ServerState
 
 def create_app(llm, *, api_key: str | None = None, max_body: int = 1_000_000, remotes: dict | None = None,
                store=None, multilingual: str | None = None, allowed_hosts: frozenset[str] | None = LOOPBACK_HOSTS,
-               **limits) -> FastAPI:
+               safety=None, copy_index=None, **limits) -> FastAPI:
     """The app serving `llm` (a loaded llmos.llm.LLM). multilingual: the model that Chinese
     requests naming no model run on when `llm` is English-only (loaded on first use; None: they
     run on `llm`, with a note saying why). allowed_hosts: the Host names answered (None: any).
+    safety: the llmos.safety.Policy every local prompt and output is checked against (None: off).
+    copy_index: the llmos.data.copying.CopyIndex `check_copying` uses when the model has no training data of ours.
     limits: the fields of server.state.Limits (max_batch, max_len, max_tokens, ...)."""
     if store is None:
         from llmos.db import Store
 
         store = Store()
-    state = ServerState(llm, limits=Limits(**limits), remotes=remotes or {}, store=store, multilingual=multilingual)
+    state = ServerState(llm, limits=Limits(**limits), remotes=remotes or {}, store=store, multilingual=multilingual,
+                        safety=safety, copy_index=copy_index)
 
     @asynccontextmanager
     async def lifespan(app):

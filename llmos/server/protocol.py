@@ -125,6 +125,22 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+class ModerationRequest(BaseModel):
+    """POST /v1/moderations: texts checked against the server's safety policy, in OpenAI's shape."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input: str | list[str | ContentPart] = Field(description="A text, a list of texts, or content parts "
+                                                             "(only text parts are read).")
+    model: str | None = None
+
+    def texts(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input]
+        return [p if isinstance(p, str) else (p.text or "") for p in self.input
+                if isinstance(p, str) or p.type == "text"]
+
+
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -159,6 +175,9 @@ class WriteRequestBody(BaseModel):
     logprobs: int | None = Field(None, ge=0, le=20)
     chapters: int = Field(5, ge=1, le=50, description="novel: number of chapters.")
     book: str | None = Field(None, description="novel: the book's name; its stages are kept under $LLMOS_HOME/books/NAME.")
+    check_copying: bool = Field(False, description="Check each candidate for verbatim copying (50+ characters) from "
+                                                   "the model's training data, or from the texts the server was "
+                                                   "started with (llmos serve --copy-index).")
 
     @field_validator("rank")
     @classmethod
@@ -167,6 +186,21 @@ class WriteRequestBody(BaseModel):
 
         style_model(value)  # a ValueError here is a 422 naming the field
         return value
+
+
+class ExplainBody(BaseModel):
+    """POST /api/explain: which prompt parts each completion token leaned on (gradient x input)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str = Field(min_length=1, description="The prompt exactly as it was sent (a story's context: the "
+                                                  "`prompt` of /api/story/continue's first event).")
+    completion: str | list[int] = Field(description="The generated text, or its token ids (exact).")
+    indices: list[int] | None = Field(None, max_length=256, description="Explain only these completion tokens "
+                                                                        "(0-based); the others are still context.")
+    unit: Literal["token", "word", "line"] = "word"
+    top: int = Field(5, ge=1, le=50, description="Prompt parts listed per token, heaviest first.")
 
 
 class CheckPoemBody(BaseModel):
@@ -321,6 +355,22 @@ class ErrorDetail(BaseModel):
     code: str | None = None
 
 
+class ModerationResult(BaseModel):
+    flagged: bool
+    categories: dict[str, bool]
+    category_scores: dict[str, float]
+    category_applied_input_types: dict[str, list[str]] | None = None
+    # LLMOS extension: what fired, and the action the policy takes on it
+    action: str | None = None
+    findings: list[dict[str, Any]] | None = None
+
+
+class ModerationResponse(BaseModel):
+    id: str
+    model: str
+    results: list[ModerationResult]
+
+
 class ErrorResponse(BaseModel):
     error: ErrorDetail
 
@@ -331,6 +381,8 @@ class WriteCandidate(BaseModel):
     finish_reason: str | None
     form_problems: list[str] | None = None
     logprobs: list[TokenLogprobItem] | None = None
+    safety: dict[str, Any] | None = Field(None, description="What the safety policy found in it (when it found anything).")
+    copying: dict[str, Any] | None = Field(None, description="With check_copying: its verbatim overlap with the training data.")
 
 
 class WriteResponse(BaseModel):
@@ -342,6 +394,28 @@ class WriteResponse(BaseModel):
     ranking: list[dict[str, Any]] | None = Field(None, description="With rank: candidates best first, with their scores.")
     revision: dict[str, Any] | None = Field(None, description="rewrite: the revised text, suggestions and a word diff.")
     ideas: list[str] | None = Field(None, description="brainstorm: the distinct ideas.")
+
+
+class ExplainSource(BaseModel):
+    start: int
+    end: int
+    text: str
+    weight: float
+
+
+class ExplainToken(BaseModel):
+    index: int
+    token: str
+    token_id: int
+    probability: float
+    sources: list[ExplainSource]
+    prompt_share: float
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str
+    attributions: list[ExplainToken]
 
 
 class NovelStage(BaseModel):

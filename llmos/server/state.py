@@ -47,8 +47,11 @@ class Limits:
 
 
 class ServerState:
-    def __init__(self, llm, *, limits: Limits, remotes: dict, store, multilingual: str | None):
+    def __init__(self, llm, *, limits: Limits, remotes: dict, store, multilingual: str | None,
+                 safety=None, copy_index=None):
         self.limits = limits
+        self.safety = safety  # llmos.safety.Policy checked on every local prompt and output (None: off)
+        self.copy_index = copy_index  # llmos.data.copying.CopyIndex that check_copying uses when a model has no training data of ours
         self.max_batch, self.max_len, self.max_queue = limits.max_batch, limits.max_len, limits.max_queue
         self.request_timeout = limits.request_timeout
         self.remotes, self.store, self.multilingual = remotes, store, multilingual
@@ -56,12 +59,45 @@ class ServerState:
         self.served: dict[str, Served] = {llm.name: self.primary}
         self.metrics = Metrics(self.schedulers)
         self.jobs = Jobs()
+        self._copying: dict[str, object] = {}  # model name -> the CopyIndex its check_copying uses
         self._loading: asyncio.Lock | None = None
 
     def _serve(self, llm) -> Served:
         scheduler = Scheduler(llm.model, max_batch=self.max_batch, max_len=self.max_len, max_queue=self.max_queue,
                               max_tokens_in_flight=self.limits.max_tokens_in_flight)
-        return Served(llm.with_driver(partial(scheduler.drive, timeout=self.request_timeout)), scheduler)
+        served = llm.with_driver(partial(scheduler.drive, timeout=self.request_timeout))
+        served.safety = self.safety
+        served.audit = partial(self.audit, served.name) if self.safety is not None else None
+        return Served(served, scheduler)
+
+    def ended(self, req, llm=None):
+        """A request is over: count it, and record what the safety policy found in its outputs."""
+        self.metrics.observe(req)
+        if llm is not None:
+            llm.audit_outputs(req)
+
+    def copying_for(self, served: Served):
+        """The copy index check_copying uses for a model: its own training data when it was
+        trained here, else the server's --copy-index; 400 when there is neither."""
+        from llmos.data.copying import CopyError, resolve_index
+
+        if served.name not in self._copying:
+            try:
+                self._copying[served.name] = resolve_index(served.llm.loaded.path)
+            except CopyError:
+                self._copying[served.name] = self.copy_index
+        index = self._copying[served.name]
+        if index is None:
+            raise APIError(400, f"{served.name} was not trained here, so it has no training data to check against: "
+                                f"start the server with --copy-index (a folder of texts, a dataset or a run)",
+                           "check_copying")
+        return index
+
+    def audit(self, model: str, kind: str, verdict):
+        """Record a safety finding in the store's audit log (`llmos safety audit` lists it)."""
+        from llmos.safety import record_audit
+
+        record_audit(self.store, f"server:{kind}", verdict, policy=self.safety, model=model)
 
     def schedulers(self) -> list[Scheduler]:
         return list({id(s.scheduler): s.scheduler for s in self.served.values()}.values())

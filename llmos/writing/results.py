@@ -20,14 +20,15 @@ def idea_limit(variables: dict) -> int:
 
 
 def after_generation(task: str, brief: str, variables: dict, completions: list, form: forms.Form | None = None,
-                     rank: bool | str = False) -> dict:
+                     rank: bool | str = False, copying=None) -> dict:
     """completions: objects with .index, .text and .logprobs (llm.Completion); form: the form the
     text was kept to, if any. Returns only the keys that apply:
       form: {"name", "problems": one list of problems per candidate, empty when it keeps the form}
       ranking: [{"index", "score", and the score's parts}], best first (rank=True, or "style:MODEL"
                to add each candidate's closeness to the style MODEL learned)
       revision: {"revised", "suggestions", "diff": [(op, words)] with op "-", "+" or " "} (task rewrite)
-      ideas: distinct ideas, at most idea_limit(variables) (task brainstorm)"""
+      ideas: distinct ideas, at most idea_limit(variables) (task brainstorm)
+      copying: one llmos.data.copying report per candidate (copying: the CopyIndex to check against)"""
     extra: dict = {}
     check = None  # text -> problems, when a form was asked for
     if form is not None:
@@ -43,4 +44,8 @@ def after_generation(task: str, brief: str, variables: dict, completions: list, 
         extra["revision"] = {"revised": revised, "suggestions": suggestions, "diff": word_diff(brief.strip(), revised)}
     if task == "brainstorm":
         extra["ideas"] = distinct_ideas([c.text for c in completions], idea_limit(variables))
+    if copying is not None:
+        from llmos.data.copying import check_copying
+
+        extra["copying"] = [check_copying(c.text, copying).as_dict() for c in completions]
     return extra

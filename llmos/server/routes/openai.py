@@ -38,14 +38,14 @@ async def engine_request(llm, prompt, params, body: P.SamplingFields):
         raise APIError(400, str(e), "messages" if isinstance(prompt, list) else "prompt") from None
 
 
-def _stream(st, req, http: HTTPRequest, body: P.SamplingFields, chunk, head: list[str], envelope):
+def _stream(st, llm, req, http: HTTPRequest, body: P.SamplingFields, chunk, head: list[str], envelope):
     """The SSE response of a completion or chat completion, with the usage chunk when asked."""
 
     def tail():
         if body.stream_options and body.stream_options.include_usage:
             yield sse(envelope([], usage=P.usage(req)))
 
-    return event_stream(req, http, chunk, head=head, tail=tail, on_end=lambda: st.metrics.observe(req))
+    return event_stream(req, http, chunk, head=head, tail=tail, on_end=lambda: st.ended(req, llm))
 
 
 @router.get("/v1/models", response_model=P.ModelList)
@@ -93,9 +93,9 @@ async def completions(body: P.CompletionRequest, http: HTTPRequest):
             return sse(envelope([{"index": e.index, "text": e.text, "logprobs": lp,
                                   "finish_reason": e.finish_reason and P.finish_reason(e.finish_reason)}]))
 
-        return _stream(st, req, http, body, chunk, head, envelope)
+        return _stream(st, llm, req, http, body, chunk, head, envelope)
     reasons = await finish(req, http)
-    st.metrics.observe(req)
+    st.ended(req, llm)
     choices = []
     for i, seq in enumerate(req.sequences):
         lp = P.completion_logprobs(llm.tokenizer, seq.logprobs) if body.logprobs is not None else None
@@ -157,9 +157,9 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
             lp = {"content": P.chat_logprobs(llm.tokenizer, [e.logprob])} if body.logprobs and e.logprob else None
             return sse(envelope([{"index": e.index, "delta": {"content": e.text}, "logprobs": lp, "finish_reason": None}]))
 
-        return _stream(st, req, http, body, chunk, head, envelope)
+        return _stream(st, llm, req, http, body, chunk, head, envelope)
     reasons = await finish(req, http)
-    st.metrics.observe(req)
+    st.ended(req, llm)
     choices = []
     for i, seq in enumerate(req.sequences):
         lp = {"content": P.chat_logprobs(llm.tokenizer, seq.logprobs)} if body.logprobs else None
@@ -167,6 +167,21 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
                         "logprobs": lp, "finish_reason": P.finish_reason(reasons.get(i))})
     return {"id": rid, "object": "chat.completion", "created": created, "model": name, "choices": choices,
             "usage": P.usage(req)}
+
+
+@router.post("/v1/moderations", response_model=P.ModerationResponse, responses=ERRORS)
+async def moderations(body: P.ModerationRequest, http: HTTPRequest):
+    """Texts checked against the server's safety policy (`llmos serve --safety`), in OpenAI's
+    shape; each result also says the action the policy takes and what fired (without the text)."""
+    from llmos.safety import load_policy, moderate
+
+    st = state(http)
+    texts = body.texts()
+    if not texts or len(texts) > st.limits.max_embedding_inputs:
+        raise APIError(400, f"input must hold 1 to {st.limits.max_embedding_inputs} texts", "input")
+    policy = st.safety or load_policy(None)  # a server with safety off still answers with the default policy
+    results = await asyncio.to_thread(moderate, texts, policy)
+    return {"id": P.new_id("modr"), "model": body.model or "llmos-safety", "results": results}
 
 
 EMBED_PIECE_TOKENS = 4096  # padded positions per piece run between decode steps

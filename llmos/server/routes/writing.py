@@ -67,6 +67,8 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
     _check_style(body.rank)
     st.check_max_tokens(body.max_tokens)
 
+    copying = await asyncio.to_thread(st.copying_for, served) if body.check_copying else None
+
     def make():
         prompt, params, stops, form = prepare_write(llm, _write_request(body, language))
         return prompt, form, llm.request(prompt, params, body.n, stops)
@@ -81,7 +83,11 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
 
     def extras() -> dict:
         result = llm.result(prompt, req)
-        return after_generation(body.task, body.brief, body.variables, result.completions, form, body.rank)
+        extra = after_generation(body.task, body.brief, body.variables, result.completions, form, body.rank, copying)
+        safety = [c.safety for c in result.completions]
+        if any(v and v.get("findings") for v in safety):
+            extra["safety"] = safety
+        return extra
 
     if body.stream:
         def chunk(e):
@@ -95,10 +101,11 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
             if extra:
                 yield sse({"result": extra})
 
-        return event_stream(req, http, chunk, tail=tail, on_end=lambda: st.metrics.observe(req))
+        return event_stream(req, http, chunk, tail=tail, on_end=lambda: st.ended(req, llm))
     reasons = await finish(req, http)
-    st.metrics.observe(req)
+    st.ended(req, llm)
     extra = extras()
+    copied, safety = extra.pop("copying", None), extra.pop("safety", None)
     out = []
     for i, seq in enumerate(req.sequences):
         item = {"index": i, "text": req.hook.texts[i], "finish_reason": P.finish_reason(reasons.get(i))}
@@ -106,6 +113,10 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
             item["form_problems"] = extra["form"]["problems"][i]
         if body.logprobs is not None:
             item["logprobs"] = P.chat_logprobs(llm.tokenizer, seq.logprobs)
+        if safety and safety[i] and safety[i].get("findings"):
+            item["safety"] = safety[i]
+        if copied is not None:
+            item["copying"] = copied[i]
         out.append(item)
     return {"task": body.task, "model": served.name, "candidates": out, "usage": P.usage(req), **extra}
 
@@ -150,14 +161,14 @@ async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequ
 
 
 STORY_EVENTS = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "string", "description": 'data: {"context": [{"kind", "tokens", "reason", "text"}]}, then per token '
+    "type": "string", "description": 'data: {"context": [{"kind", "tokens", "reason", "text"}], "prompt"}, then per token '
                                      'data: {"text", "token", "logprob", "top": [[text, logprob]], "finish_reason"}, '
                                      'then data: [DONE]'}}}}}
 
 
 @router.post("/api/story/continue", responses=STORY_EVENTS, response_class=StreamingResponse)
 async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
-    """Server-sent events: first {"context": [...]} (what is sent and why), then one event per
+    """Server-sent events: first {"context": [...], "prompt"} (what is sent and why), then one event per
     token {"text", "token", "logprob", "top": [[text, logprob], ...]}, then [DONE]."""
     from llmos.writing.story import LoreEntry, Story, StoryError, assemble_context
 
@@ -176,10 +187,14 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
                               seed=body.seed, logprobs=body.logprobs)
     except (StoryError, ValueError) as e:
         raise APIError(400, str(e), param_of(str(e))) from None
-    req = llm.request(prompt, params, empty_ok=True)
+    try:
+        req = llm.request(prompt, params, empty_ok=True)
+    except ValueError as e:  # a block rule of the safety policy
+        raise APIError(400, str(e), "text") from None
     await submit(served, req, st.request_timeout)
     tok = llm.tokenizer
-    head = [sse({"context": [{"kind": p.kind, "tokens": p.tokens, "reason": p.reason, "text": p.text} for p in parts]})]
+    head = [sse({"context": [{"kind": p.kind, "tokens": p.tokens, "reason": p.reason, "text": p.text} for p in parts],
+                 "prompt": prompt})]
 
     def chunk(e):
         if e.finish_reason is None and e.token in req.params.stop_token_ids:
@@ -192,7 +207,26 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
                         top=[[tok.token_text(t), v] for t, v in e.logprob.top])
         return sse(item)
 
-    return event_stream(req, http, chunk, head=head, on_end=lambda: st.metrics.observe(req))
+    return event_stream(req, http, chunk, head=head, on_end=lambda: st.ended(req, llm))
+
+
+@router.post("/api/explain", response_model=P.ExplainResponse)
+async def explain(body: P.ExplainBody, http: HTTPRequest):
+    """For each completion token (or those in `indices`): its probability and the prompt parts it
+    leaned on most, by gradient x input on a float copy of the model — an approximation of
+    influence, not a cause (docs/writing.md, Explanations). One explanation runs at a time."""
+    from llmos.explain import explain_tokens
+
+    st = state(http)
+    if st.remote(body.model):
+        raise APIError(400, "explanations need the model's weights on this machine, not a remote model", "model")
+    served = await st.local(http, body.model, body.prompt)
+    try:
+        atts = await asyncio.to_thread(explain_tokens, served.llm, body.prompt, body.completion, unit=body.unit,
+                                       top=body.top, indices=body.indices)
+    except ValueError as e:  # ExplainError is one
+        raise APIError(400, str(e), param_of(str(e)) or "completion") from None
+    return {"model": served.name, "method": "grad_x_input", "attributions": [a.as_dict() for a in atts]}
 
 
 @router.post("/api/check-poem", response_model=P.CheckPoemResponse)

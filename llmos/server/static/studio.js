@@ -253,9 +253,44 @@ function showAlternatives(ev, nodeId, index) {
     b.onclick = () => { popup.classList.add("hidden"); continueFromAlternative(nodeId, index, text, lp); };
     popup.appendChild(b);
   }
+  const n = node(nodeId);
+  const ids = n.tokens.slice(0, index + 1).map((x) => x.id);
+  if (n.prompt && ids.every((x) => Number.isInteger(x))) {
+    const why = document.createElement("button");
+    why.textContent = "Why this token?";
+    why.onclick = () => explainToken(why, n.prompt, ids, index);
+    popup.appendChild(why);
+  }
   popup.style.left = ev.pageX + "px";
   popup.style.top = ev.pageY + 12 + "px";
   popup.classList.remove("hidden");
+}
+
+// Which parts of the prompt a token leaned on (gradient x input: an approximation, see docs).
+async function explainToken(button, prompt, ids, index) {
+  button.disabled = true;
+  button.textContent = "explaining…";
+  const box = document.createElement("div");
+  box.className = "why";
+  try {
+    const res = await api("/api/explain", { method: "POST",
+      body: JSON.stringify({ prompt, completion: ids, indices: [index], unit: "word", top: 5 }) });
+    const att = (await res.json()).attributions[0];
+    box.innerHTML = `<div class="muted">p = ${(att.probability * 100).toFixed(1)}%; ` +
+      `${(att.prompt_share * 100).toFixed(0)}% of its attribution on the prompt, most on:</div>`;
+    for (const s of att.sources) {
+      const row = document.createElement("div");
+      const mark = document.createElement("mark");
+      mark.style.setProperty("--w", Math.min(0.9, 0.15 + s.weight).toFixed(2));
+      mark.textContent = s.text;
+      row.appendChild(mark);
+      row.appendChild(document.createTextNode(` ${(s.weight * 100).toFixed(0)}%`));
+      box.appendChild(row);
+    }
+    button.replaceWith(box);
+  } catch (e) {
+    button.textContent = "error: " + e.message;
+  }
 }
 
 // ---------------------------------------------------------------- editing
@@ -314,16 +349,17 @@ async function generateFrom(parentId, prefixTokens = null) {
   $("#stop").disabled = false;
   $("#status").textContent = "writing…";
   const n = node(id);
+  let filtered = false;
   try {
     for await (const ev of sse("/api/story/continue", storyBody(textOf(id)), controller.signal)) {
-      if (ev.context) { renderContext(ev.context); continue; }
-      if (ev.finish_reason) continue;
+      if (ev.context) { renderContext(ev.context); n.prompt = ev.prompt; continue; }
+      if (ev.finish_reason) { if (ev.finish_reason === "content_filter") filtered = true; continue; }
       n.text += ev.text;
-      if (ev.logprob !== undefined) n.tokens.push({ text: ev.text, logprob: ev.logprob, top: ev.top });
+      if (ev.logprob !== undefined) n.tokens.push({ text: ev.text, id: ev.token, logprob: ev.logprob, top: ev.top });
       else if (n.tokens.length) n.tokens[n.tokens.length - 1].text += ev.text;
       render();
     }
-    $("#status").textContent = "";
+    $("#status").textContent = filtered ? "stopped by the safety policy (llmos serve --safety)" : "";
   } catch (e) {
     $("#status").textContent = e.name === "AbortError" ? "stopped" : "error: " + e.message;
   } finally {
@@ -403,7 +439,8 @@ async function runTask() {
   if ($("#acrostic").value.trim()) variables.acrostic = $("#acrostic").value.trim();
   if ($("#task-rhyme").checked) variables.rhyme = "true";
   const body = { task: $("#task").value, brief: $("#brief").value, n: Number($("#task-n").value) || 1,
-                 variables, form: $("#form").value || null, rank: $("#task-rank").checked };
+                 variables, form: $("#form").value || null, rank: $("#task-rank").checked,
+                 check_copying: $("#task-copying").checked };
   $("#task-status").textContent = "writing…";
   $("#task-results").innerHTML = "";
   try {
@@ -422,6 +459,7 @@ async function runTask() {
         kept.textContent = c.form_problems.length ? "form: " + c.form_problems.join("; ") : "form kept";
         div.appendChild(kept);
       }
+      for (const badge of trustBadges(c)) div.appendChild(badge);
       if (c.index in scores) {
         const score = document.createElement("div");
         score.className = "muted score";
@@ -440,6 +478,31 @@ async function runTask() {
     }
     $("#task-status").textContent = note || "";
   } catch (e) { $("#task-status").textContent = e.message; }
+}
+
+// What the safety policy and the copying check found in a candidate: shown, never hidden.
+function badge(kind, text) {
+  const b = document.createElement("span");
+  b.className = "badge " + kind;
+  b.textContent = text;
+  return b;
+}
+
+function trustBadges(c) {
+  const out = [];
+  if (c.finish_reason === "content_filter") out.push(badge("block", "stopped by the safety policy"));
+  for (const f of (c.safety && c.safety.findings) || []) {
+    out.push(badge(f.action === "block" ? "block" : "warn", `safety: ${f.category} (${f.action}, ${f.rule})`));
+  }
+  if (c.copying) {
+    const r = c.copying;
+    if (r.spans && r.spans.length) {
+      out.push(badge("warn", `copying: ${r.spans.length} verbatim span(s), longest ${r.longest.chars} characters from ${r.longest.source}`));
+    } else {
+      out.push(badge("ok", `copying: no verbatim span of ${r.min_chars || 50}+ characters`));
+    }
+  }
+  return out;
 }
 
 // ---------------------------------------------------------------- chat tab
