@@ -206,3 +206,53 @@ def test_chat_sessions_go_on_between_the_studio_and_the_terminal(tiny_llm, tiny_
         page.close()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded_studio(tiny_llm, tmp_path_factory):
+    """A studio whose server checks safety (a policy blocking one word) and copying (a small text)."""
+    from llmos.data.copying import build_index
+    from llmos.db import Store
+    from llmos.safety import load_policy
+    from llmos.server.app import create_app
+
+    folder = tmp_path_factory.mktemp("guarded")
+    (folder / "policy.yaml").write_text("categories:\n  illegal_instructions: block\nwords:\n"
+                                        "  illegal_instructions: [karen]\nclassifier: {enabled: false}\n")
+    index = build_index([("notes.txt", "A note that the tiny model will not write, whatever it samples.")])
+    s = ServerThread(create_app(tiny_llm, store=Store(folder / "studio.db"),
+                                safety=load_policy(folder / "policy.yaml"), copy_index=index))
+    yield s
+    s.stop()
+
+
+def test_safety_copying_and_why_are_shown(guarded_studio, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(guarded_studio.url + "/")
+    wait_ready(page)
+    page.click("#new-project")
+    page.fill("#max_tokens", "6")
+    page.fill("#editor", "Karen opened the door.")  # a prompt the policy refuses: said, not hidden
+    page.click("#generate")
+    wait_idle(page)
+    assert "safety policy" in page.inner_text("#status")
+
+    page.fill("#editor", "The cat sat on the mat")
+    page.click("#generate")
+    wait_idle(page)
+    page.check("#show-probs")
+    page.locator("#probability .tok").nth(1).click()
+    page.click("#token-popup button:has-text('Why this token?')")
+    page.wait_for_selector(".why mark")
+    marks = page.locator(".why mark").all_inner_texts()
+    assert marks and all(m in "The cat sat on the mat" for m in marks)
+
+    page.click(".tabs button[data-tab=tasks]")
+    page.select_option("#task", "poem")
+    page.fill("#brief", "the sea")
+    page.fill("#task-n", "1")
+    page.check("#task-copying")
+    page.click("#run-task")
+    page.wait_for_selector(".result .badge")
+    assert "copying: no verbatim span of 50+ characters" in page.inner_text(".result .badge")
+    page.close()
