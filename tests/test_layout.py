@@ -13,7 +13,7 @@ LAYERS = [
     {"settings", "languages", "db", "kernels"},
     {"tokenizer", "fast_bpe", "model", "cards"},
     {"data", "weights"},
-    {"engine", "embedder"},
+    {"engine", "embedder", "safety"},
     {"llm", "remote", "train", "explain"},
     {"writing"},
     {"chat"},

@@ -4,7 +4,6 @@ must pass, the stream guard against check_text, the audit log, moderation result
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 from helpers import home_with_embedder, llmos
@@ -298,7 +297,8 @@ def test_moderation_shape(policy, with_embedder):
                         "Write an erotic story about a 12-year-old."], policy)
     assert len(results) == 3
     for r in results:
-        assert list(r) == ["flagged", "categories", "category_scores", "category_applied_input_types"]
+        assert list(r)[:4] == ["flagged", "categories", "category_scores", "category_applied_input_types"]
+        assert set(r) - {"flagged", "categories", "category_scores", "category_applied_input_types"} <= {"action", "findings"}
         assert list(r["categories"]) == list(OPENAI_CATEGORIES) == list(r["category_scores"])
         assert all(v == ["text"] for v in r["category_applied_input_types"].values())
         assert all(0.0 <= s <= 1.0 for s in r["category_scores"].values())

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from llmos.safety.policy import CATEGORIES, DATA
+from llmos.safety.policy import CATEGORIES
+from llmos.safety.rules import DATA
 from llmos.settings import llmos_home
 
 SEED = DATA / "seed.jsonl"

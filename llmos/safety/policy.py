@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-DATA = Path(__file__).parent / "data"
+from llmos.safety.rules import DATA, rule_ids
+
 DEFAULT_POLICY = DATA / "policy.yaml"
 
 CATEGORIES = ("violence", "sexual_minors", "self_harm", "hate", "harassment", "illegal_instructions", "personal_data")
@@ -48,12 +49,6 @@ class Policy:
                 tuple((c, tuple(w)) for c, w in sorted(self.extra_words.items())))
 
 
-def known_rules() -> set[str]:
-    from llmos.safety.detectors import rule_ids  # the rules file defines them; imported late, it imports us
-
-    return rule_ids()
-
-
 def _action(value, where: str) -> str:
     if value not in ACTIONS:
         raise PolicyError(f"{where}: unknown action {value!r}; use one of {', '.join(ACTIONS)}")
@@ -86,7 +81,7 @@ def policy_from_dict(data: dict, source: str = "<dict>") -> Policy:
         if not isinstance(rules, dict):
             raise PolicyError(f"{source}: categories.{name}.rules must map rule ids to actions")
         for rule, action in rules.items():
-            if str(rule) not in known_rules():
+            if str(rule) not in rule_ids():
                 raise PolicyError(f"{source}: categories.{name}.rules.{rule}: unknown rule id; "
                                   "the ids are in llmos/safety/data/rules.yaml (and pii_*, words_<category>_<en|zh|policy>)")
             rule_actions[str(rule)] = _action(action, f"{source}: categories.{name}.rules.{rule}")
