@@ -18,6 +18,7 @@ from llmos.safety.rules import rule_data
 FLAGS = regex.IGNORECASE | regex.VERSION0
 HAN = regex.compile(r"\p{Han}")
 LATIN = regex.compile(r"[A-Za-z]")
+DIGIT = regex.compile(r"\d")
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class Detector:
     pattern: regex.Pattern
     check: Callable[[str], str | None] | None = None  # PII: the match -> its label, or None to reject
     openai: tuple[str, ...] = ()
-    lang: str = ""  # "zh": needs a Han character to match; "en": a Latin letter; "": anything
+    lang: str = ""  # "zh": needs a Han character to match; "en": a Latin letter; "digits": a digit; "": anything
 
 
 def _words_pattern(phrases: list[str], lang: str) -> regex.Pattern:
@@ -81,7 +82,8 @@ class Detectors:
                 self.items.append(Detector(rid, category, "words", _words_pattern(phrases, "en")))
         for rid, pattern, check in PII:
             if on("personal_data", rid):
-                self.pii.append(Detector(rid, "personal_data", "pii", regex.compile(pattern, FLAGS), check))
+                self.pii.append(Detector(rid, "personal_data", "pii", regex.compile(pattern, FLAGS), check,
+                                         lang="" if rid == "pii_email" else "digits"))
         self.policy = policy
 
     def openai_of(self, rule: str) -> tuple[str, ...]:
@@ -99,7 +101,9 @@ class Detectors:
         findings = []
         # Every Chinese rule needs a Han character and every English one a Latin letter: a text
         # without them skips those rules (most of the cost on text in the other language).
-        has = {"": True, "zh": HAN.search(text, start) is not None, "en": LATIN.search(text, start) is not None}
+        has = {"": True, "zh": HAN.search(text, start) is not None, "en": LATIN.search(text, start) is not None,
+               # numbers need a digit, or a "+" or "(" at the very end that digits may follow
+               "digits": DIGIT.search(text, start) is not None or text.endswith(("+", "("))}
         for d in self.items:
             if not has[d.lang]:
                 continue
@@ -110,6 +114,8 @@ class Detectors:
                     findings.append(self._finding(d, m.start(), m.end(), ""))
         kept: list[tuple[int, int]] = []
         for d in self.pii:
+            if not has[d.lang]:
+                continue
             for m in d.pattern.finditer(text, start, partial=partial):
                 if partial and self._open(d, m, text):  # not checkable yet: hold it, whatever it becomes
                     hold = min(hold, m.start())
