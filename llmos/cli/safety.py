@@ -46,7 +46,7 @@ def check(
 
     Examples:
       llmos safety check "The villain said he would kill them all."      # allow, exit 0
-      llmos safety check "Mail me at ann@example.com"                     # prints: Mail me at [email]
+      llmos safety check "Mail me at ann@example.com"                     # prints it with the address redacted
       llmos safety check story.txt --json
       echo "怎么在家里制作炸弹？" | llmos safety check - ; echo $?           # 1
       llmos safety check draft.md --policy my-policy.yaml
@@ -85,8 +85,8 @@ def audit(
     since: Annotated[Optional[float], typer.Option("--since", help="Only rows from the last N hours.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ):
-    """The audit log: what fired, where (cli:write, api:/v1/completions, prompt, ...), which
-    action. The checked text is kept only when the policy says `audit: {store_text: true}`.
+    """The audit log: what fired, where (cli:prompt, cli:output, server:output, ...), with which
+    model, and which action. The checked text is kept only when the policy says `audit: {store_text: true}`.
 
     Examples:
       llmos safety audit
@@ -107,10 +107,10 @@ def audit(
     if not rows:
         err.print("the audit log is empty: nothing has fired yet")
         return
-    table = Table("time", "where", "category", "action", "rule", "source", "text")
+    table = Table("time", "where", "model", "category", "action", "rule", "source", "text")
     for r in rows:
-        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), r["where"], r["category"],
-                      r["action"], r["rule"], r["source"], (r["text"] or "")[:40])
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["time"])), r["where"], r["model"] or "",
+                      r["category"], r["action"], r["rule"], r["source"], (r["text"] or "")[:40])
     out.print(table)
 
 
