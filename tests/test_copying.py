@@ -111,6 +111,10 @@ def test_a_folder_of_texts_is_indexed_once_and_cached(tmp_path, session_home):
         resolve_index(tmp_path / "missing")
     with pytest.raises(CopyError, match="not trained here"):
         resolve_index("smollm2-135m-instruct")
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "metrics.jsonl").write_text('{"step": 1, "loss": 4.2}\n')
+    with pytest.raises(CopyError, match="training run without a checkpoint yet"):
+        resolve_index(tmp_path / "started")
 
 
 def test_a_run_resolves_to_the_index_of_the_data_it_was_trained_on(tmp_path):

@@ -29,7 +29,7 @@ def prepare(
     augment: AugmentOpt = [],
     augment_copies: AugmentCopiesOpt = 1,
     augment_model: AugmentModelOpt = None,
-    no_copy_index: Annotated[bool, typer.Option("--no-copy-index", help="Skip the training split's index for `llmos check` (about 14 bytes per character).")] = False,
+    no_copy_index: Annotated[bool, typer.Option("--no-copy-index", help="Skip the training split's index for `llmos check` (about 13 bytes per character).")] = False,
 ):
     """Clean, deduplicate, split and tokenize a corpus into memory-mapped token shards, and index
     the training split for the copying check (`llmos check`).

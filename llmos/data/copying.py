@@ -391,6 +391,9 @@ def resolve_index(spec: str | Path) -> CopyIndex:
             return _trained_on(checkpoint / "config.json", str(spec))
         if (path / "config.json").is_file():
             return _trained_on(path / "config.json", str(spec))
+        if (path / "metrics.jsonl").is_file():
+            raise CopyError(f"{spec} is a training run without a checkpoint yet: check again once it has saved one, "
+                            f"or pass --against its dataset folder")
         return index_texts([path])
     if path.is_file():
         return index_texts([path])
