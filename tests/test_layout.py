@@ -17,6 +17,7 @@ LAYERS = [
     {"llm", "remote", "train", "explain"},
     {"writing"},
     {"chat"},
+    {"eval"},
     {"server"},
     {"cli", "__main__"},
 ]

@@ -113,13 +113,12 @@ def text_nll(model, ids: list[int], window: int, chunk: int = 128) -> tuple[floa
 
     The text goes through in windows of `window` tokens; after the first, each window starts
     half a window before the previous one ended, so every token after the first window is
-    predicted with at least window/2 tokens of context (a strided sliding window). A window's
-    tokens are fed in chunks through a KV cache, so only `chunk` rows of logits exist at once
-    (Gemma's 262k-word vocabulary makes whole-window logits gigabytes)."""
+    predicted with at least window/2 tokens of context (a strided sliding window). Each window
+    is one forward pass to the final hidden states; the output head then runs on `chunk` rows
+    at a time, so that whole-window logits never exist (with Gemma's 262k-word vocabulary they
+    would be gigabytes)."""
     import torch
     import torch.nn.functional as F
-
-    from llmos.model import KVCache
 
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
@@ -129,18 +128,24 @@ def text_nll(model, ids: list[int], window: int, chunk: int = 128) -> tuple[floa
     with torch.inference_mode():
         while scored < len(ids):
             end = min(start + window, len(ids))
-            cache = KVCache.allocate(model.config, 1, end - start)
-            # Positions [start, scored - 1) only give context; from scored - 1 on they predict.
-            cuts = sorted({start, *range(scored - 1, end - 1, chunk), end - 1})
-            for a, b in zip(cuts, cuts[1:]):
-                piece = torch.tensor([ids[a:b]])
-                if b <= scored - 1:
-                    model(piece, cache=cache, kv_len=b - start, last_only=True)
-                    continue
-                logits = model(piece, cache=cache, kv_len=b - start)[0]  # (T, V)
-                targets = torch.tensor(ids[a + 1 : b + 1])
-                total += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+            hidden = model(torch.tensor([ids[start : end - 1]]), return_hidden=True)[0]  # (T, C)
+            for a in range(scored - 1 - start, end - 1 - start, chunk):  # rows that predict new tokens
+                b = min(a + chunk, end - 1 - start)
+                logits = head_logits(model, hidden[a:b])  # (b - a, V)
+                targets = torch.tensor(ids[start + a + 1 : start + b + 1])
+                total += float(F.cross_entropy(logits, targets, reduction="sum"))
                 count += len(targets)
             scored = end
             start = max(0, end - window // 2)
     return total, count
+
+
+def head_logits(model, hidden):
+    """Logits (float32) from final normalised hidden states, as the model's forward makes them
+    (its output head, then the final soft cap of the architectures that have one)."""
+    import torch
+
+    logits = model.lm_head(hidden).float()
+    if model.config.final_softcap:
+        logits = torch.tanh(logits / model.config.final_softcap) * model.config.final_softcap
+    return logits
