@@ -230,3 +230,16 @@ def test_empty_text_is_refused(tmp_path):
 def test_settings_defaults_are_modest():
     s = EvalSettings()
     assert s.samples * len(s.tasks) <= 16 and s.max_tokens <= 200
+
+
+def test_copying_against_a_folder_of_texts(tmp_path):
+    from llmos.eval.report import copying_metrics, load_checks
+
+    source = "The harbour lights came on one by one, and the fishing boats turned for home across the dark water."
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(source, encoding="utf-8")
+    checks = load_checks(EvalSettings(against=str(tmp_path / "texts")))
+    assert checks.copying is not None and "copied_share" not in checks.missing
+    row = copying_metrics([source, "Nothing in this sentence comes from the folder at all, not one phrase."], checks.copying)
+    assert row["copied_samples"] == 0.5 and row["copied_longest"] >= 90
+    assert 0.45 <= row["copied_share"] <= 0.55
