@@ -28,7 +28,6 @@ from pathlib import Path
 import yaml
 
 from llmos.eval import metrics as m
-from llmos.languages import has_han
 
 DATA = Path(__file__).parent / "data"
 DEFAULT_TASKS = ("poem", "story", "slogan", "shorten")
@@ -198,7 +197,7 @@ def write_samples(llm, task: str, lang: str, case: dict, settings: EvalSettings)
     """(texts, finish reasons, the form or None): the task's samples, generated as `llmos
     write` generates them."""
     from llmos.llm import Result
-    from llmos.writing.tasks import WriteRequest, prepare_write, render, load_task
+    from llmos.writing.tasks import WriteRequest, load_task, prepare_write, render
 
     req = WriteRequest(task, case["brief"], dict(case.get("variables") or {}), lang, case.get("form"),
                        settings.samples, {"seed": settings.seed})
