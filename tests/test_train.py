@@ -61,6 +61,12 @@ def test_training_learns_and_writes_a_complete_run(shake, tmp_path):
     assert len(out.completions[0].token_ids) == 20
 
 
+def test_a_time_limit_spent_before_the_first_step_still_leaves_a_checkpoint(shake, tmp_path):
+    run = tmp_path / "run"
+    final = Trainer(shake, run, config(time_limit=1e-9)).run()
+    assert final["step"] == 0 and latest_checkpoint(run).name == "step-0000000"
+
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_continues_exactly(shake, tmp_path, optimizer):
     straight = tmp_path / "straight"

@@ -469,6 +469,7 @@ class Trainer:
         return state, heads, optimizer
 
     def save(self):
+        self.saved_step = self.step  # the same on every process
         if self.heads is not None:  # the corpus's place in the style embedding (every process: a forward)
             from llmos.train.multitask import corpus_centroid
 
@@ -559,6 +560,7 @@ class Trainer:
         self.model.train()
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.d.world * self.block
         last = {}
+        self.saved_step = self.step if self.step else None  # a resumed run starts from a saved step
         if self.step == 0:
             last = self._evaluate_and_save(first=True)
         window_t, window_tokens = time.perf_counter(), 0
@@ -607,7 +609,8 @@ class Trainer:
                     self._log({"step": self.step, "early_stopped": True, "best_val_loss": self.best_val,
                                "best_checkpoint": self.best_checkpoint})
                     break
-        if not last or last.get("step") != self.step:
+        if not last or last.get("step") != self.step or self.saved_step != self.step:
+            # (a time limit spent before the first step still leaves a checkpoint to load and resume)
             last = self._evaluate_and_save()
         last["replicas_identical"] = self._replicas_identical()
         last["elapsed_s"] = self.elapsed_before + time.perf_counter() - self.t0
