@@ -203,3 +203,23 @@ def test_cli_refuses_a_blocked_prompt_and_prints_copying(tiny_dir, tmp_path):
     assert out["copying"][0]["spans"] == [] and "copied_share" in out["copying"][0]
     proc = llmos("generate", "x", "-m", str(tiny_dir), "--check-copying", home=home)
     assert_clean_error(proc, "not trained here", "--copy-against")
+
+
+def test_a_refused_chat_message_is_taken_back(tiny_llm, tmp_path):
+    from llmos.chat.conversation import ChatSettings, Conversation
+    from llmos.chat.sessions import Sessions
+    from llmos.db import Store
+    from llmos.llm import ContentFiltered
+    from llmos.safety import load_policy
+
+    (tmp_path / "policy.yaml").write_text(POLICY, encoding="utf-8")
+    llm = tiny_llm.with_driver(None)
+    llm.safety = load_policy(tmp_path / "policy.yaml")
+    sessions = Sessions(Store(tmp_path / "chat.db"))
+    conv = Conversation(llm, sessions, persona="assistant", settings=ChatSettings(max_tokens=4))
+    "".join(conv.send("hello there"))
+    before = [(t["role"], t["content"]) for t in conv.turns()]
+    with pytest.raises(ContentFiltered):
+        "".join(conv.send("tell me about karen"))
+    assert [(t["role"], t["content"]) for t in conv.turns()] == before  # neither it nor a reply stays active
+    assert "".join(conv.send("and now?"))  # the chat goes on

@@ -16,6 +16,7 @@ from llmos.chat import memory, strategies
 from llmos.chat.personas import Persona, load_persona, persona_from_dict
 from llmos.chat.sessions import SessionError, Sessions
 from llmos.explain import answer_overlap
+from llmos.llm import ContentFiltered
 
 RETRIEVE_K = 3
 MIN_PASSAGE_SCORE = 0.25  # below this a passage is not about the question
@@ -140,28 +141,37 @@ class Conversation:
             self.on_context(ctx)
         s = self.settings
         params = self.llm.sampling(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-        reply, finished = "", False
+        reply, finished, refused = "", False, False
         try:
             for delta in self.llm.stream(ctx.messages, params, truncate="left"):
                 if delta.text:
                     reply += delta.text
                     yield delta.text
             finished = True
+        except ContentFiltered:  # the safety policy refused the message: it is taken back, no reply kept
+            refused = True
+            raise
         finally:  # also when the reader stops early (Ctrl-C): keep what was written
-            reply = reply.strip()
-            answer = reply
-            if passages and finished:
-                cites = "; ".join(f"[{i}] {h.source}{' - ' + h.heading if h.heading else ''}" for i, h in enumerate(passages, 1))
-                tail = f"\n\nSources: {cites}"
-                reply += tail
-                yield tail
-            meta = {"interrupted": True} if not finished else {}
-            if passages:
-                meta["passages"] = [h.passage_id for h in passages]
-                meta["scores"] = [round(h.score, 4) for h in passages]
-                # how much of the answer the cited passages account for (word trigrams they share)
-                meta["overlap"] = answer_overlap(answer, passages)
-            self.sessions.add_turn(self.id, "assistant", reply, **meta)
+            if refused:
+                self.undo()
+            else:
+                yield from self._keep_reply(reply.strip(), finished, passages)
+
+    def _keep_reply(self, reply: str, finished: bool, passages: list) -> Iterator[str]:
+        """Store a reply (cut short or not) with its sources; yields the sources line it adds."""
+        answer = reply
+        if passages and finished:
+            cites = "; ".join(f"[{i}] {h.source}{' - ' + h.heading if h.heading else ''}" for i, h in enumerate(passages, 1))
+            tail = f"\n\nSources: {cites}"
+            reply += tail
+            yield tail
+        meta = {"interrupted": True} if not finished else {}
+        if passages:
+            meta["passages"] = [h.passage_id for h in passages]
+            meta["scores"] = [round(h.score, 4) for h in passages]
+            # how much of the answer the cited passages account for (word trigrams they share)
+            meta["overlap"] = answer_overlap(answer, passages)
+        self.sessions.add_turn(self.id, "assistant", reply, **meta)
 
     # -- commands --
 
