@@ -101,6 +101,10 @@ def explain_tokens(llm, prompt: str | list[dict], completion: str | list[int], *
         raise ExplainError("the prompt is empty: there is nothing to attribute the completion to")
     if not out_ids:
         raise ExplainError("the completion is empty: there is nothing to explain")
+    vocab = llm.model.config.vocab_size
+    if bad := [t for t in out_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]:
+        raise ExplainError(f"completion: token id {bad[0]!r} is not in the model's vocabulary (0 to {vocab - 1}); "
+                           f"send the ids the model generated, or the text")
     chosen = list(range(len(out_ids))) if indices is None else sorted(set(indices))
     if any(not 0 <= i < len(out_ids) for i in chosen):
         raise ExplainError(f"indices must lie in [0, {len(out_ids)}), the completion's tokens")

@@ -178,6 +178,8 @@ def test_explain_route(trust_server, smol):
         assert prompt[s["start"]:s["end"]] == s["text"]
     r = httpx.post(server.url + "/api/explain", json={"prompt": "x", "completion": ids, "indices": [99]})
     assert r.status_code == 400 and "indices" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/api/explain", json={"prompt": "x", "completion": [-1]})
+    assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
 
 
 # -- the CLI --
