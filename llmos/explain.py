@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
+from llmos.languages import HAN
+
 MAX_COMPLETION_TOKENS = 256  # tokens explained by one call: one backward pass each
 MAX_TOKENS = 2048  # prompt + completion: the float copy keeps every activation for the backward passes
 UNITS = ("token", "word", "line")
 METHODS = ("grad_x_input",)  # attention rollout was tried: see docs/writing.md, Explanations
 GRAD_CHUNK = 16  # gradients computed together in one batched backward pass
 
-HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 # A Han character, a run of other letters and digits, a run of punctuation: the words of a prompt.
 WORD_SEGMENTS = re.compile(rf"[{HAN}]|[^\W{HAN}]+|[^\w\s]")
 LINE_SEGMENTS = re.compile(r"\S(?:[^\n]*\S)?")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 
 _HAN = re.compile(r"[\u3400-\u9fff]")
+# Han characters as a regex class body: CJK unified ideographs, extension A and compatibility
+# ideographs (for text cut into single Han characters and other words).
+HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 
 
 def has_han(text: str) -> bool:

@@ -13,7 +13,9 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-_UNIT = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+from llmos.languages import HAN
+
+_UNIT = re.compile(rf"[{HAN}]|[^\W{HAN}]+")
 
 
 def units(text: str) -> list[str]:
