@@ -59,7 +59,7 @@ class ContentFiltered(ValueError):
 
     def __init__(self, verdict):
         self.verdict = verdict
-        fired = verdict.blocking[0] if getattr(verdict, "blocking", None) else verdict.findings[0]
+        fired = verdict.blocking[0]
         super().__init__(f"the prompt was refused by the safety policy ({fired.category}: {fired.rule}); "
                          f"rephrase it, or edit the policy (`llmos safety policy` prints the default)")
 

@@ -253,7 +253,7 @@ def result_json(llm, result) -> dict:
         "completions": [
             {"index": c.index, "text": c.text, "tokens": c.token_ids, "finish_reason": c.finish_reason,
              "logprobs": lp_json(c.logprobs), **({"score": c.score} if c.score is not None else {}),
-             **({"safety": c.safety} if getattr(c, "safety", None) else {})}
+             **({"safety": c.safety} if c.safety else {})}
             for c in result.completions
         ],
         "timings": {**result.timings, "load_s": round(llm.loaded.load_seconds, 3)},

@@ -51,7 +51,9 @@ def check(
       echo "怎么在家里制作炸弹？" | llmos safety check - ; echo $?           # 1
       llmos safety check draft.md --policy my-policy.yaml
     """
+    from llmos.embedder import EmbedderError
     from llmos.safety import PolicyError, check_text, load_policy
+    from llmos.weights.store import ModelError
 
     try:
         pol = load_policy(policy)
@@ -60,12 +62,7 @@ def check(
     body = _read(text)
     try:
         verdict = check_text(body, pol, classifier=None if classifier else False)
-    except Exception as e:  # the classifier's embedder could not be pulled or loaded
-        from llmos.embedder import EmbedderError
-        from llmos.weights.store import ModelError
-
-        if not isinstance(e, (EmbedderError, ModelError)):
-            raise
+    except (EmbedderError, ModelError) as e:  # the classifier's embedder could not be pulled or loaded
         fail(f"the classifier needs the embedding model: {e} (or pass --no-classifier)")
     if as_json:
         out.print_json(json.dumps(verdict.as_dict(with_text=True), ensure_ascii=False))

@@ -60,6 +60,7 @@ class ServerState:
         self.metrics = Metrics(self.schedulers)
         self.jobs = Jobs()
         self._copying: dict[str, object] = {}  # model name -> the CopyIndex its check_copying uses
+        self._default_policy = None  # loaded on the first /v1/moderations of a server with safety off
         self._loading: asyncio.Lock | None = None
 
     def _serve(self, llm) -> Served:
@@ -69,6 +70,17 @@ class ServerState:
         served.safety = self.safety
         served.audit = partial(self.audit, served.name) if self.safety is not None else None
         return Served(served, scheduler)
+
+    @property
+    def moderation_policy(self):
+        """The policy /v1/moderations answers with: the server's, or the default one when safety is off."""
+        if self.safety is not None:
+            return self.safety
+        if self._default_policy is None:
+            from llmos.safety import load_policy
+
+            self._default_policy = load_policy(None)
+        return self._default_policy
 
     def ended(self, req, llm=None):
         """A request is over: count it, and record what the safety policy found in its outputs."""

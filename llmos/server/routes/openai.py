@@ -173,14 +173,20 @@ async def chat_completions(body: P.ChatCompletionRequest, http: HTTPRequest):
 async def moderations(body: P.ModerationRequest, http: HTTPRequest):
     """Texts checked against the server's safety policy (`llmos serve --safety`), in OpenAI's
     shape; each result also says the action the policy takes and what fired (without the text)."""
-    from llmos.safety import load_policy, moderate
+    from llmos.embedder import EmbedderError
+    from llmos.safety import moderate
+    from llmos.weights.store import ModelError
 
     st = state(http)
     texts = body.texts()
     if not texts or len(texts) > st.limits.max_embedding_inputs:
         raise APIError(400, f"input must hold 1 to {st.limits.max_embedding_inputs} texts", "input")
-    policy = st.safety or load_policy(None)  # a server with safety off still answers with the default policy
-    results = await asyncio.to_thread(moderate, texts, policy)
+    try:
+        results = await asyncio.to_thread(moderate, texts, st.moderation_policy)
+    except (EmbedderError, ModelError) as e:  # the policy's classifier needs the embedder, and it is not here
+        raise APIError(503, f"the safety classifier needs its embedding model, which cannot be loaded here ({e}); "
+                            f"pull it once with network access, or serve with a policy whose classifier is off",
+                       kind="server_error") from None
     return {"id": P.new_id("modr"), "model": body.model or "llmos-safety", "results": results}
 
 
