@@ -1,4 +1,5 @@
-"""The SQLite store in $LLMOS_HOME: studio projects, chat sessions and knowledge bases.
+"""The SQLite store in $LLMOS_HOME: studio projects, chat sessions, knowledge bases, the safety
+audit log and preference pairs.
 
 The schema changes only through numbered, append-only migrations, each applied once in its own
 transaction and recorded in `migrations`. WAL mode and a busy timeout let several processes
@@ -106,6 +107,20 @@ MIGRATIONS: list[tuple[str, str]] = [
             text TEXT
         );
         CREATE INDEX safety_audit_time ON safety_audit(created_at);
+    """),
+    ("m005_preferences", """
+        CREATE TABLE preferences (
+            id INTEGER PRIMARY KEY,
+            created_at REAL NOT NULL,
+            source TEXT NOT NULL,
+            prompt TEXT NOT NULL,
+            chosen TEXT NOT NULL,
+            rejected TEXT NOT NULL,
+            model TEXT NOT NULL DEFAULT '',
+            meta TEXT NOT NULL DEFAULT '{}',
+            key TEXT NOT NULL UNIQUE
+        );
+        CREATE INDEX preferences_source ON preferences(source);
     """),
 ]
 

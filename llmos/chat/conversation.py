@@ -4,6 +4,10 @@ Each user message goes through, in order: fact extraction (pinned), the persona'
 (farewell, hand-over, topic guard), FAQ answers from the knowledge base, and otherwise the
 model, with the context assembled under the token budget (see memory.py). Every turn is
 stored as it happens; a reply cut short (Ctrl-C) is stored with what was written so far.
+
+Ratings and retries become preference pairs (data/prefs.py): two replies to one message rated
+differently, and, when the writer goes on after a /retry, the reply they kept over the ones it
+replaced.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from llmos.chat import memory, strategies
 from llmos.chat.personas import Persona, load_persona, persona_from_dict
 from llmos.chat.sessions import SessionError, Sessions
+from llmos.data.prefs import Preferences
 from llmos.explain import answer_overlap
 from llmos.llm import ContentFiltered
 
@@ -40,6 +45,7 @@ class Conversation:
         self.last_context: memory.Context | None = None
         self.last_action: strategies.Action | None = None
         self.on_context = None  # called with each assembled Context (for --show-context)
+        self._reply_to: int | None = None  # the user turn being answered
         if session_id is None:
             self.persona = persona if isinstance(persona, Persona) else load_persona(persona)
             self.id = sessions.create(self.persona, llm.name, kb.name if kb else None)
@@ -88,13 +94,15 @@ class Conversation:
         text = text.strip()
         if not text:
             raise ValueError("an empty message")
-        self.sessions.add_turn(self.id, "user", text)
+        self._record_kept()
+        user_id = self.sessions.add_turn(self.id, "user", text)
         if self.settings.extract_facts:
             for fact in memory.extract_facts(text):
                 self.sessions.add_fact(self.id, fact, source="extracted")
-        yield from self._respond(text)
+        yield from self._respond(text, user_id)
 
-    def _respond(self, text: str) -> Iterator[str]:
+    def _respond(self, text: str, user_id: int) -> Iterator[str]:
+        self._reply_to = user_id
         row = self.row
         unhappy = row["unhappy"] + 1 if strategies.is_unhappy(text) else 0
         action = strategies.evaluate(self.persona, text, row["unhappy"])
@@ -106,7 +114,8 @@ class Conversation:
             if action.handover:
                 fields.update(handover=1, handover_reason=action.reason, status="handed over")
             self.sessions.update(self.id, **fields)
-            self.sessions.add_turn(self.id, "assistant", action.reply, strategy=action.strategy, reason=action.reason)
+            self.sessions.add_turn(self.id, "assistant", action.reply, strategy=action.strategy, reason=action.reason,
+                                   reply_to=user_id)
             yield action.reply
             return
         self.sessions.update(self.id, unhappy=unhappy)
@@ -116,7 +125,8 @@ class Conversation:
             faq = self.kb.faq_answer(text, threshold)
             if faq is not None:
                 reply = f"{faq.answer}\n\nSource: {faq.source}"
-                self.sessions.add_turn(self.id, "assistant", reply, strategy="faq", passage=faq.passage_id, score=round(faq.score, 4))
+                self.sessions.add_turn(self.id, "assistant", reply, strategy="faq", passage=faq.passage_id,
+                                       score=round(faq.score, 4), reply_to=user_id)
                 yield reply
                 return
             passages = [h for h in self.kb.search(text, RETRIEVE_K) if h.score >= MIN_PASSAGE_SCORE]
@@ -166,6 +176,7 @@ class Conversation:
             reply += tail
             yield tail
         meta = {"interrupted": True} if not finished else {}
+        meta["reply_to"] = self._reply_to
         if passages:
             meta["passages"] = [h.passage_id for h in passages]
             meta["scores"] = [round(h.score, 4) for h in passages]
@@ -184,7 +195,7 @@ class Conversation:
         if user is None:
             raise SessionError("nothing to retry yet")
         self.sessions.deactivate([t["id"] for t in self.turns() if t["id"] > user["id"]])
-        yield from self._respond(user["content"])
+        yield from self._respond(user["content"], user["id"])
 
     def undo(self) -> str:
         """Take back the last user message and the reply to it; returns the message."""
@@ -207,6 +218,41 @@ class Conversation:
         if reply is None:
             raise SessionError("no reply to rate yet")
         self.sessions.rate(reply["id"], rating)
+        replies = self._replies_to(reply["meta"].get("reply_to"))
+        if len(replies) > 1:  # replies to the same message rated differently: preference pairs
+            self._record(replies, source="chat-rating", ratings=[t["rating"] for t in replies])
+
+    # -- preference pairs --
+
+    def _replies_to(self, user_id: int | None) -> list[dict]:
+        """Every reply to one user message, the ones /retry replaced included."""
+        if user_id is None:
+            return []
+        return [t for t in self.sessions.turns(self.id, include_inactive=True)
+                if t["role"] == "assistant" and t["meta"].get("reply_to") == user_id and t["content"].strip()]
+
+    def _record(self, replies: list[dict], source: str, kept: int | None = None, ratings=None):
+        user_id = replies[0]["meta"]["reply_to"]
+        Preferences(self.sessions.store).record_choice(
+            self._pair_prompt(user_id), [t["content"] for t in replies], kept=kept, ratings=ratings, source=source,
+            model=self.llm.name, meta={"session": self.id, "turn": user_id})
+
+    def _pair_prompt(self, user_id: int) -> list[dict]:
+        """The prompt a reply answered, rebuilt for training: the persona with the pinned facts
+        and summary, then the active turns up to the message (knowledge passages left out)."""
+        row = self.row
+        system = memory.system_text(self.persona, self.sessions.facts(self.id), row["summary"])
+        turns = [{"role": t["role"], "content": t["content"]} for t in self.turns()
+                 if row["summary_upto"] < t["id"] <= user_id]
+        return [{"role": "system", "content": system}, *turns]
+
+    def _record_kept(self):
+        """The writer goes on after a /retry: the reply they kept over the ones it replaced."""
+        last = self._last("assistant")
+        replies = self._replies_to(last["meta"].get("reply_to")) if last else []
+        if len(replies) > 1 and not last["meta"].get("strategy"):
+            kept = next(i for i, t in enumerate(replies) if t["id"] == last["id"])
+            self._record(replies, source="chat-retry", kept=kept, ratings=[t["rating"] for t in replies])
 
     def pin(self, fact: str) -> bool:
         return self.sessions.add_fact(self.id, fact, source="user")

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmos.cli import chat, check, generate, safety, serve, train, write
+from llmos.cli import chat, check, generate, prefs, safety, serve, train, write
 from llmos.cli import eval as eval_cmd
 from llmos.cli.common import err
 
@@ -51,6 +51,7 @@ app.add_typer(chat.sessions_app, name="sessions")
 app.add_typer(chat.personas_app, name="personas")
 app.add_typer(chat.kb_app, name="kb")
 
+app.add_typer(prefs.prefs_app, name="prefs")
 app.add_typer(safety.safety_app, name="safety")
 
 

@@ -48,6 +48,9 @@ def write(
     safety: SafetyOpt = "default",
     check_copying: CheckCopyingOpt = False,
     copy_against: CopyAgainstOpt = None,
+    pick: Annotated[Optional[str], typer.Option(help="With -n 2 or more: the candidate you keep (1..n), or 'ask' to choose "
+                                                     "after reading them; stored as preference pairs (`llmos prefs`) "
+                                                     "for `llmos finetune --dpo`.")] = None,
 ):
     """Write with a task's own prompts and settings, in English or Chinese.
 
@@ -60,6 +63,8 @@ def write(
       llmos write story "a lighthouse keeper" -n 4 --rank style:runs/mystyle
 
       llmos write poem 春天 --form 藏头诗 --var acrostic=春夏秋冬
+
+      llmos write slogan "a bakery by the sea" -n 4 --pick ask
 
       llmos write rewrite "me and him goes to the market yesterday"
 
@@ -84,6 +89,7 @@ def write(
         return _novel(brief, chapters, output, model, language, seed, precision, safety)
     if n < 1:
         fail("-n must be at least 1")
+    kept = _check_pick(pick, n)
     if style:
         rank = f"style:{style}"
         from llmos.writing.rank import check_style_model
@@ -114,12 +120,46 @@ def write(
     quiet = as_json or task in ("rewrite", "brainstorm") or rank
     run_stream(llm, chained(), n, result, as_json=False, silent=quiet)
     extra = after_generation(task, brief, variables, result.completions, chosen_form, rank, copying)
+    if pick is not None:
+        extra["pick"] = _record_pick(llm, prompt, result.completions, kept, dict(task=task, brief=brief))
     if as_json:
         print(json.dumps({**result_json(llm, result), **extra}, ensure_ascii=False, indent=2))
     else:
         _print_after(extra, result.completions, variables)
         if "copying" in extra:
             print_copying(extra["copying"])
+
+
+def _check_pick(pick: str | None, n: int) -> int | None:
+    """--pick's candidate as an index (None for 'ask' or no pick); a bad value fails before writing."""
+    if pick is None or pick == "ask":
+        if pick == "ask" and n < 2:
+            fail("--pick chooses among candidates: add -n 2 or more")
+        return None
+    if n < 2:
+        fail("--pick chooses among candidates: add -n 2 or more")
+    if not pick.isdigit() or not 1 <= int(pick) <= n:
+        fail(f"--pick takes a candidate number from 1 to {n}, or 'ask'; got {pick!r}")
+    return int(pick) - 1
+
+
+def _record_pick(llm, prompt, completions, kept: int | None, meta: dict) -> dict:
+    """The writer's pick among the candidates, stored as preference pairs over the others."""
+    from llmos.data.prefs import Preferences
+    from llmos.db import Store
+
+    texts = [c.text for c in sorted(completions, key=lambda c: c.index)]
+    if kept is None:  # --pick ask: after the candidates are on screen
+        err.print(f"Keep which candidate? [1-{len(texts)}, Enter: none] ", end="")
+        answer = sys.stdin.readline().strip()
+        if not answer:
+            return {"kept": None, "pairs": 0}
+        if not answer.isdigit() or not 1 <= int(answer) <= len(texts):
+            fail(f"a candidate number from 1 to {len(texts)}, got {answer!r}; nothing stored")
+        kept = int(answer) - 1
+    added = Preferences(Store()).record_choice(prompt, texts, kept=kept, source="write-pick", model=llm.name, meta=meta)
+    err.print(f"kept candidate {kept + 1}: {added} preference pair(s) stored (`llmos prefs list`)", highlight=False)
+    return {"kept": kept, "pairs": added}
 
 
 def _print_after(extra: dict, completions, variables: dict):
