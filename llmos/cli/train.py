@@ -219,16 +219,22 @@ def _lora_flags(rank, alpha, dropout, targets) -> dict:
 
 
 def finetune(
-    data: Annotated[list[str], typer.Argument(help="Your text (files, folders, .txt/.md), JSONL of chats ('messages') or "
-                                                   "prompt/completion pairs, or a folder from `llmos prepare`.")],
     model: Annotated[str, typer.Option("--model", "-m", help="The model to adapt: a bundled name, a checkpoint or a run.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder; use it as a model name afterwards (-m RUN).")],
+    data: Annotated[Optional[list[str]], typer.Argument(
+        help="Your text (files, folders, .txt/.md), JSONL of chats ('messages') or prompt/completion pairs, or a "
+             "folder from `llmos prepare`. With --dpo: JSONL files of preference pairs, or nothing for the pairs "
+             "collected in the store (`llmos prefs`).", show_default=False)] = None,
     lora: LoraOpt = None,
     lora_alpha: LoraAlphaOpt = None,
     lora_dropout: LoraDropoutOpt = None,
     lora_targets: LoraTargetsOpt = None,
     early_stop: EarlyStopOpt = None,
     objective: Annotated[Optional[str], typer.Option(help="clm (next token), or multitask: next token + a contrastive style embedding + labels (--lambda-*, --tau).")] = None,
+    dpo: Annotated[bool, typer.Option("--dpo", help="Learn from preference pairs (chosen over rejected answers) by direct preference optimization; the reference is the starting model.")] = False,
+    beta: Annotated[Optional[float], typer.Option(help="--dpo: how far the model may move from its reference (default 0.1; higher keeps it closer).")] = None,
+    sft_steps: Annotated[Optional[int], typer.Option(help="--dpo: first train this many steps on the chosen answers alone (supervised); the reference is the model after them.")] = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="--dpo from the store: only pairs of this source (see `llmos prefs stats`).")] = None,
     lambda_lm: LambdaLmOpt = None,
     lambda_cl: LambdaClOpt = None,
     lambda_task: LambdaTaskOpt = None,
@@ -279,6 +285,10 @@ def finetune(
       llmos write story "a storm at sea" -n 4 --rank style:runs/mt
 
       llmos merge runs/style -o models/style      # a standalone checkpoint
+
+      llmos finetune --dpo -m smollm2-135m-instruct -o runs/prefs --lora 8      # the pairs in `llmos prefs`
+
+      llmos finetune pairs.jsonl --dpo -m smollm2-135m-instruct -o runs/prefs --lora 8 --beta 0.2 --sft-steps 20
     """
     from llmos.train.config import FINETUNE_DEFAULTS, build_train_config
     from llmos.train.trainer import TrainError, Trainer
@@ -298,18 +308,27 @@ def finetune(
         model_flag, objective = None, None  # resuming: the run's saved options, as `llmos train --resume`
     else:
         model_flag = model
-    extra = dict(group_by=group_by, label_field=label_field, augment=list(augment), augment_copies=augment_copies,
-                 augment_model=augment_model)
-    dataset = _finetune_data(data, model, output, val_fraction, seed, resume, extra)
+    data = list(data or [])
+    dpo = dpo or objective == "dpo"
+    if dpo:
+        objective = None if model_flag is None else "dpo"
+        dataset = _preference_data(data, model, output, val_fraction, seed, resume, source)
+    elif not data:
+        fail("give the text to learn from (files, folders, JSONL), or --dpo to learn from preference pairs")
+    else:
+        extra = dict(group_by=group_by, label_field=label_field, augment=list(augment), augment_copies=augment_copies,
+                     augment_model=augment_model)
+        dataset = _finetune_data(data, model, output, val_fraction, seed, resume, extra)
     flags = dict(init_from=model_flag, objective=objective, batch_size=batch_size, block_size=block_size, grad_accum=grad_accum,
                  max_steps=max_steps, time_limit=time_limit, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
                  weight_decay=weight_decay, grad_clip=grad_clip, dtype=dtype, eval_interval=eval_interval,
                  eval_iters=eval_iters, log_interval=log_interval, seed=seed,
                  **_lora_flags(lora, lora_alpha, lora_dropout, lora_targets), early_stop=early_stop, sharding=sharding,
-                 **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim))
+                 **_multitask_flags(lambda_lm, lambda_cl, lambda_task, tau, projection_dim), beta=beta, sft_steps=sft_steps)
     try:
+        kind = ("dpo-" if dpo else "") + ("lora" if lora or saved.get("lora") else "full")
         cfg = build_train_config(output, config_file=config, flags=flags, set_pairs=set_, resume=resume,
-                                 defaults=FINETUNE_DEFAULTS["lora" if lora else "full"])
+                                 defaults=FINETUNE_DEFAULTS[kind])
         trainer = Trainer(dataset, output, cfg, resume=resume)
     except (TrainError, ValueError, TypeError) as e:
         fail(str(e))
@@ -354,6 +373,42 @@ def _finetune_data(data: list[str], model: str, output: Path, val_fraction: floa
     return folder
 
 
+def _preference_data(data: list[str], model: str, output: Path, val_fraction: float, seed: int | None,
+                     resume: bool, source: str | None) -> Path:
+    """--dpo's dataset: a prepared preference folder as given, or the pairs of JSONL files (or of
+    the store) tokenized with the model's tokenizer into RUN/data."""
+    from llmos.data.prefs import SOURCES, Preferences, PrefsError, prepare_preferences, read_jsonl
+    from llmos.db import Store, StoreError
+
+    if len(data) == 1 and (Path(data[0]) / "meta.json").is_file():
+        if not json.loads((Path(data[0]) / "meta.json").read_text()).get("preference"):
+            fail(f"{data[0]} holds text, not preference pairs: give JSONL files of pairs, or nothing for the store's")
+        return Path(data[0])
+    folder = output / "data"
+    if resume and (folder / "meta.json").is_file():
+        return folder
+    if source is not None and source not in SOURCES:
+        fail(f"unknown source {source!r}; sources: {', '.join(SOURCES)}")
+    try:
+        if data:
+            if source is not None:
+                fail("--source picks pairs from the store; with JSONL files, give only the files")
+            pairs = [p for f in data for p in read_jsonl(f)]
+        else:
+            pairs = Preferences(Store()).list(source)
+            if not pairs:
+                fail("the store holds no preference pairs" + (f" from {source}" if source else "") + ": rate chat "
+                     "replies (/rate), /retry and go on, keep a candidate (`llmos write -n 4 --pick ask`), or give "
+                     "a JSONL file of pairs (`llmos prefs import`)")
+        report = prepare_preferences(pairs, model, folder, val_fraction, 1337 if seed is None else seed)
+    except (PrefsError, StoreError) as e:
+        fail(str(e))
+    sources = ", ".join(f"{n} {s}" for s, n in report["sources"].items())
+    err.print(f"pairs: {report['train_pairs']:,} training and {report['val_pairs']:,} held out (other prompts), "
+              f"from {sources}", highlight=False)
+    return folder
+
+
 def merge(
     run: Annotated[str, typer.Argument(help="A LoRA run folder or adapter checkpoint.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder of the standalone checkpoint to write.")],
@@ -392,13 +447,15 @@ def _run_with_progress(trainer):
     def on_eval(m):
         if main:
             terms = "".join(f", {k[4:].replace('_', ' ')} {m[k]:.3f}" for k in
-                            ("val_cl_loss", "val_cl_acc", "val_task_loss", "val_task_acc") if k in m)
+                            ("val_cl_loss", "val_cl_acc", "val_task_loss", "val_task_acc", "val_pref_acc",
+                             "val_margin", "val_logp_acc", "val_chosen_nll", "val_logratio") if k in m)
             progress.console.print(f"step {m['step']}: val loss {m['val_loss']:.4f} (ppl {m['val_ppl']:.2f}), "
                                    f"train loss {m['train_loss']:.4f}{terms}", highlight=False)
             if m.get("sample"):
                 progress.console.print(f"[dim]{m['sample'][:400]}[/]", highlight=False, markup=True)
 
     trainer.on_log, trainer.on_eval = on_log, on_eval
+    trainer.on_status = lambda message: err.print(message, highlight=False) if main else None
     try:
         with progress:
             final = trainer.run()

@@ -232,3 +232,109 @@ class Preferences:
         """(new pairs, pairs in the file): all of them or, on a bad line, none."""
         pairs = read_jsonl(path)
         return self.add(pairs), len(pairs)
+
+
+# -- a preference dataset: the pairs tokenized the way the model reads them --------------------
+
+
+def encode_pair(tokenizer, pair: Pair) -> tuple[tuple[list[int], int], tuple[list[int], int]]:
+    """((ids, answer_start), (ids, answer_start)) for the chosen and the rejected side: the
+    prompt followed by the answer, the answer's tokens from answer_start on. A chat prompt goes
+    through the model's template (data/sft.py), the answer ending with its end-of-turn marker;
+    a text prompt is continued as it is."""
+    from llmos.data.sft import render
+
+    sides = []
+    for answer in (pair.chosen, pair.rejected):
+        if isinstance(pair.prompt, str):
+            head = tokenizer.encode(pair.prompt)
+            ids = head + tokenizer.encode(answer, add_bos=False)
+            sides.append((ids, len(head)))
+            continue
+        ids, mask = render(tokenizer, [*pair.prompt, {"role": "assistant", "content": answer}])
+        end = max(i for i, m in enumerate(mask) if m) + 1  # the last assistant span: this answer
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        sides.append((ids[:end], start))
+    return sides[0], sides[1]
+
+
+def split_by_prompt(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held out): every pair of one prompt on the same side, so that held-out accuracy
+    is measured on prompts the model was not trained on."""
+    import random
+
+    prompts = sorted({json.dumps(p.prompt, ensure_ascii=False, sort_keys=True) for p in pairs})
+    if len(prompts) < 2:
+        raise PrefsError(f"the {len(pairs)} pair(s) share one prompt; held-out pairs need another: collect pairs "
+                         f"for two prompts or more")
+    random.Random(seed).shuffle(prompts)
+    n_val = min(len(prompts) - 1, max(1, round(fraction * len(prompts))))
+    held = set(prompts[:n_val])
+    out: tuple[list[Pair], list[Pair]] = ([], [])
+    for p in pairs:
+        out[json.dumps(p.prompt, ensure_ascii=False, sort_keys=True) in held].append(p)
+    return out
+
+
+def prepare_preferences(pairs: list[Pair], model: str, out: str | Path, val_fraction: float = 0.1,
+                        seed: int = 1337) -> dict:
+    """Tokenize pairs with `model`'s tokenizer into a dataset folder for `--objective dpo`:
+    per split, ids.npy (every sequence end to end), index.npy (rows of chosen start, chosen
+    answer start, chosen end, then the same for rejected) and pairs.jsonl; meta.json and
+    tokenizer.json as `llmos prepare` writes them. Returns the report."""
+    import shutil
+
+    import numpy as np
+
+    from llmos.tokenizer import Tokenizer
+    from llmos.weights import store as models
+
+    if not pairs:
+        raise PrefsError("no preference pairs to train on: rate chat replies, pick among candidates "
+                         "(`llmos write -n 4 --pick ask`), or give a JSONL file of pairs")
+    if not 0 < val_fraction < 1:
+        raise PrefsError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    try:
+        path = models.resolve(model)
+    except models.ModelError as e:
+        raise PrefsError(str(e)) from None
+    source_meta = json.loads((path / "config.json").read_text())
+    tok = Tokenizer.from_dir(path, source_meta)
+    train, val = split_by_prompt(pairs, val_fraction, seed)
+    vocab_size = tok.hf.get_vocab_size(with_added_tokens=True)
+    dtype = np.uint16 if vocab_size <= 65535 else np.uint32
+    out = Path(out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta = {"preference": True, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name,
+            "tokenizer": dict(source_meta.get("tokenizer", {}), kind=f"model:{source_meta.get('name', path.name)}"),
+            "eos_id": tok.eos_id, "instruction": False, "prompt_style": source_meta.get("prompt_style"),
+            "model": source_meta.get("name", path.name)}
+    report = {"model": meta["model"]}
+    for split, chosen in (("train", train), ("val", val)):
+        ids, index = [], []
+        for p in chosen:
+            row = []
+            for seq, start in encode_pair(tok, p):
+                base = len(ids)
+                ids += seq
+                row += [base, base + start, base + len(seq)]
+            index.append(row)
+        np.save(tmp / f"{split}.ids.npy", np.asarray(ids, dtype=dtype))
+        np.save(tmp / f"{split}.index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 6))
+        with open(tmp / f"{split}.pairs.jsonl", "w", encoding="utf-8") as f:
+            for p in chosen:
+                f.write(json.dumps(p.as_dict(), ensure_ascii=False) + "\n")
+        meta[split] = {"pairs": len(chosen), "tokens": len(ids)}
+        report[f"{split}_pairs"], report[f"{split}_tokens"] = len(chosen), len(ids)
+    report["sources"] = {s: sum(p.source == s for p in pairs) for s in sorted({p.source for p in pairs})}
+    tok.hf.save(str(tmp / "tokenizer.json"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return report

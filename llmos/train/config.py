@@ -22,7 +22,7 @@ class TrainConfig:
     preset: str = "tiny"
     model: dict = field(default_factory=dict)  # ModelConfig overrides, e.g. {"n_layer": 6}
     init_from: str | None = None  # start from a model's weights (fine-tuning)
-    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional; "multitask" (below)
+    objective: str = "clm"  # "clm": next token; "mlm": masked tokens, bidirectional; "multitask", "dpo" (below)
     batch_size: int = 12
     block_size: int | None = None  # context length in training; default: the model's
     grad_accum: int = 1
@@ -57,14 +57,23 @@ class TrainConfig:
     lambda_task: float = 0.5
     tau: float = 0.1  # InfoNCE temperature
     projection_dim: int = 128  # the style embedding's size (the projection head's output)
+    # direct preference optimization (train/dpo.py): pairs of a chosen and a rejected answer
+    beta: float = 0.1  # how far the model may move from its reference (higher: less)
+    sft_steps: int = 0  # first train this many steps on the chosen answers alone; the reference is the model then
 
     def validate(self):
         def check(ok, message):
             if not ok:
                 raise TrainError(message)
 
-        check(self.objective in ("clm", "mlm", "multitask"),
-              f"objective must be 'clm', 'mlm' or 'multitask', got {self.objective!r}")
+        check(self.objective in ("clm", "mlm", "multitask", "dpo"),
+              f"objective must be 'clm', 'mlm', 'multitask' or 'dpo', got {self.objective!r}")
+        if self.objective == "dpo":
+            check(bool(self.init_from), "--objective dpo adapts a trained model to preferences: give --init-from "
+                                        "MODEL (or use `llmos finetune --dpo -m MODEL`)")
+            check(0 < self.beta <= 100, f"beta must be in (0, 100], got {self.beta}")
+            check(0 <= self.sft_steps < self.max_steps,
+                  f"sft_steps must be 0 or more and below max_steps ({self.max_steps}), got {self.sft_steps}")
         if self.objective == "multitask":
             for name in ("lambda_lm", "lambda_cl", "lambda_task"):
                 check(getattr(self, name) >= 0, f"{name} must be 0 or more, got {getattr(self, name)}")
@@ -153,6 +162,12 @@ FINETUNE_DEFAULTS = {
     "lora": {"lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10, "batch_size": 4, "block_size": 256, "max_steps": 500,
              "eval_interval": 25, "eval_iters": 10, "weight_decay": 0.0, "log_interval": 1},
 }
+# Preference training moves a model less and more carefully than imitation: lower rates, and
+# evaluation on held-out pairs (eval_iters x batch_size of them).
+FINETUNE_DEFAULTS["dpo-full"] = {**FINETUNE_DEFAULTS["full"], "objective": "dpo", "lr": 1e-5, "min_lr": 1e-6,
+                                 "max_steps": 200, "eval_interval": 25, "eval_iters": 16}
+FINETUNE_DEFAULTS["dpo-lora"] = {**FINETUNE_DEFAULTS["lora"], "objective": "dpo", "lr": 5e-4, "min_lr": 5e-5,
+                                 "max_steps": 200, "eval_interval": 25, "eval_iters": 16}
 
 
 def build_train_config(output: Path, *, config_file: Path | None = None, flags: dict | None = None,

@@ -60,6 +60,10 @@ class TokenData:
                 self.documents[split] = np.fromfile(self.path / name, dtype=np.int64).reshape(-1, 5)
         self.labels: list[str] = list(self.meta.get("labels") or [])
 
+    def sample_prompt(self) -> list[int]:
+        """The held-out text's first tokens, for the samples printed while training."""
+        return [int(t) for t in self.shards["val"][0][:16]]
+
     def tokens(self, split: str) -> int:
         return sum(len(a) for a in self.shards[split])
 

@@ -1,4 +1,5 @@
-"""`llmos train`: the one training loop, for causal LM (default) and masked LM objectives.
+"""`llmos train`: the one training loop, for causal LM (default), masked LM, multi-task and
+preference (DPO, train/dpo.py) objectives.
 
 AdamW (weight decay on matrices and embeddings only), or Muon for the hidden matrices (see
 optim.py), linear warmup then cosine decay,
@@ -219,8 +220,15 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         self.d = setup_distributed()
         self.on_log, self.on_eval = on_log or (lambda m: None), on_eval or (lambda m: None)
+        self.on_status = lambda message: None  # a line about work outside the steps (the DPO reference)
+        self.dpo = cfg.objective == "dpo"
         try:
-            self.data = TokenData(data_dir)
+            if self.dpo:
+                from llmos.train.dpo import PairData
+
+                self.data = PairData(data_dir)
+            else:
+                self.data = TokenData(data_dir)
         except Exception as e:
             raise TrainError(str(e)) from None
         self.checkpoint = None
@@ -300,6 +308,14 @@ class Trainer:
         self.tensorboard = None
         if self.checkpoint is not None:
             self._restore_state()
+        self.reference = None  # DPO: the reference model's log-probabilities of every pair
+        if self.dpo:
+            from llmos.train.dpo import load_reference
+
+            self.reference = load_reference(self.out, self._reference_stamp())
+            if self.reference is None and self.step > cfg.sft_steps:
+                raise TrainError(f"{self.out} lost its reference log-probabilities (reference/); they cannot be "
+                                 f"computed again from a trained model: start the run afresh in another folder")
         self.ddp = self.net
         if self.d.enabled and not self.fsdp:
             from torch.nn.parallel import DistributedDataParallel
@@ -311,7 +327,7 @@ class Trainer:
         train = saved.get("train", {})
         mine = asdict(self.cfg)
         for key in ("preset", "model", "objective", "init_from", "block_size", "seed", "batch_size", "grad_accum",
-                    "optimizer", "lora", "projection_dim", "sharding"):
+                    "optimizer", "lora", "projection_dim", "sharding", "beta", "sft_steps"):
             if key in train and train[key] != mine[key]:
                 raise TrainError(
                     f"{self.out} holds a run with {key}={train[key]!r}, not {mine[key]!r}; resume it with its "
@@ -372,6 +388,10 @@ class Trainer:
         if self.heads is not None:
             x, y, lengths, groups, labels = self.data.pair_batch(split, batch_size, self.block, generator, rows)
             return x, y, (lengths, labels, groups)
+        if self.dpo:  # extra: which pairs (their reference log-probabilities)
+            which = self.data.draw(split, batch_size, generator, rows)
+            x, y = self.data.batch(split, which, self.block)
+            return x, y, which
         if self.data.instruction:
             return self.data.packed_batch(split, batch_size, self.block, generator, rows)
         x, y = self.data.batch(split, batch_size, self.block, generator, rows)
@@ -393,6 +413,8 @@ class Trainer:
                 if key != "loss":
                     self.term_sums[key] = self.term_sums.get(key, 0.0) + float(value.detach()) / self.cfg.grad_accum
             return terms["loss"]
+        if self.dpo:
+            return self._dpo_loss(x, y, segments)
         if self.cfg.objective == "mlm":
             x, y = mask_tokens(x, self.data.meta["mask_id"], self.data.vocab_size, self.cfg.mask_prob, self.mask_gen)
         x, y = x.to(self.d.device), y.to(self.d.device)
@@ -401,12 +423,46 @@ class Trainer:
             logits = self.ddp(x, **kwargs)
         return mean_loss(logits, y)
 
+    def _dpo_loss(self, x, y, which):
+        from llmos.train.dpo import dpo_terms, sequence_logps
+
+        b = len(which)
+        with torch.autocast(self.d.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+            if self.step < self.cfg.sft_steps:  # first the chosen answers alone, as supervised fine-tuning
+                return mean_loss(self.ddp(x[:b].to(self.d.device)), y[:b].to(self.d.device))
+            logps, _ = sequence_logps(self.ddp, x.to(self.d.device), y.to(self.d.device))
+        ref = torch.from_numpy(self.reference["train"][which]).to(logps)
+        terms = dpo_terms(logps, torch.cat([ref[:, 0], ref[:, 1]]), self.cfg.beta)
+        for key in ("margin", "pref_acc"):
+            self.term_sums[key] = self.term_sums.get(key, 0.0) + float(terms[key].detach()) / self.cfg.grad_accum
+        return terms["loss"]
+
+    def _reference_stamp(self) -> dict:
+        return {"data": str(self.data.path.resolve()), "pairs": [self.data.pairs("train"), self.data.pairs("val")],
+                "block": self.block, "init_from": self.cfg.init_from, "after_step": self.cfg.sft_steps}
+
+    def _ensure_reference(self):
+        """DPO: the reference's log-probabilities, computed once when the DPO steps begin."""
+        if not self.dpo or self.reference is not None or self.step < self.cfg.sft_steps:
+            return
+        from llmos.train.dpo import reference_logps, save_reference
+
+        total = self.data.pairs("train") + self.data.pairs("val")
+        self.on_status(f"reference: log-probabilities of {total} pairs under the model at step {self.step}, once")
+        t0 = time.perf_counter()
+        self.reference = reference_logps(self.model, self.data, self.block, self.cfg.batch_size)
+        if self.d.main:
+            save_reference(self.out, self.reference, self._reference_stamp())
+            self._log({"step": self.step, "reference_pairs": total, "reference_s": time.perf_counter() - t0})
+
     def _rows(self) -> slice:
         B = self.cfg.batch_size
         return slice(self.d.rank * B, (self.d.rank + 1) * B)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        if self.dpo:
+            return self._evaluate_dpo()
         self.model.eval()
         gen = torch.Generator().manual_seed(self.cfg.seed + 2)  # the same batches every evaluation
         mask_gen = torch.Generator().manual_seed(self.cfg.seed + 3)
@@ -434,6 +490,23 @@ class Trainer:
         self.model.train()
         return out
 
+    @torch.no_grad()
+    def _evaluate_dpo(self) -> dict:
+        """Held-out pairs (and as many training pairs): the loss watched (DPO's once a reference
+        exists, before it the chosen answers' language-model loss) and train/dpo.py's measures."""
+        from llmos.train.dpo import evaluate
+
+        self.model.eval()
+        out = {}
+        for split in ("train", "val"):
+            m = evaluate(self.model, self.data, split, self.block, self.cfg.beta, self.reference,
+                         self.cfg.eval_iters * self.cfg.batch_size, self.cfg.batch_size)
+            out.update({f"{split}_{k}": v for k, v in m.items()})
+            out[f"{split}_loss"] = m["loss"] if "loss" in m else m["chosen_nll"]
+        out["val_ppl"] = math.exp(min(out["val_chosen_nll"], 50))
+        self.model.train()
+        return out
+
     def sample(self) -> str | None:
         if self.cfg.objective == "mlm" or self.fsdp:  # sharded weights: generation would need every process
             return None
@@ -442,8 +515,7 @@ class Trainer:
         from llmos.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(self.data.path, {"tokenizer": self.data.meta["tokenizer"]})
-        val = self.data.shards["val"][0]
-        prompt = [int(t) for t in val[:16]]
+        prompt = self.data.sample_prompt()
         self.model.eval()
         n = min(self.cfg.sample_tokens, self.model_config.max_seq_len - len(prompt))
         seq = generate(self.model, prompt, SamplingParams(temperature=0.8, top_k=50, max_tokens=n, seed=0))[0]
@@ -561,10 +633,12 @@ class Trainer:
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.d.world * self.block
         last = {}
         self.saved_step = self.step if self.step else None  # a resumed run starts from a saved step
+        self._ensure_reference()
         if self.step == 0:
             last = self._evaluate_and_save(first=True)
         window_t, window_tokens = time.perf_counter(), 0
         while self.step < min(cfg.max_steps, until_step or cfg.max_steps) and self.progress() < 1.0:
+            self._ensure_reference()
             lr = learning_rate(cfg, self.progress(), self.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
