@@ -388,6 +388,9 @@ class WriteCandidate(BaseModel):
 class WriteResponse(BaseModel):
     task: str
     model: str
+    prompt: str | list[dict[str, str]] | None = Field(None, description="What the candidates were written from, as "
+                                                                        "the model was sent it (a text, or chat "
+                                                                        "messages); POST /api/preferences takes it back.")
     candidates: list[WriteCandidate]
     usage: Usage
     form: dict[str, Any] | None = Field(None, description="The form kept and each candidate's problems (none: kept).")
@@ -685,6 +688,61 @@ class KBSearch(BaseModel):
     name: str
     query: str
     hits: list[KBHit]
+
+
+# -- preference pairs -------------------------------------------------------------------------
+
+
+class PreferenceChoice(BaseModel):
+    """POST /api/preferences: one choice among candidates written for the same prompt (a kept
+    candidate, or ratings), stored as preference pairs the way data/prefs.py's `choice_pairs` makes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[dict[str, Any]] = Field(description="What the candidates were written from, exactly as the "
+                                                           "model was sent it: a text it continued (a story), or chat "
+                                                           "messages [{role, content}] (/api/write's `prompt`).")
+    candidates: list[str] = Field(max_length=16, description="2 to 16 answers to the prompt, none empty.")
+    kept: int | None = Field(None, description="The candidate the writer kept (0-based), over each of the others.")
+    ratings: list[int | None] | None = Field(None, max_length=16, description="One per candidate: -1/1 (thumbs) or "
+                                                                              "1-5, null for unrated.")
+    source: Literal["studio-pick", "studio-thumbs", "studio-branch"]
+    model: str | None = Field(None, description="The model that wrote the candidates.")
+    meta: dict[str, Any] | None = Field(None, description="Kept with each pair (e.g. the task or the project).")
+
+
+class PreferencesAdded(BaseModel):
+    added: int = Field(description="Pairs stored now (a pair already stored is not stored again).")
+    pairs: int = Field(description="Pairs this choice gives in all.")
+
+
+class PreferencePair(BaseModel):
+    id: int
+    prompt: str | list[dict[str, Any]]
+    chosen: str
+    rejected: str
+    source: str
+    model: str
+    meta: dict[str, Any]
+    created_at: float
+
+
+class PreferencePairs(BaseModel):
+    pairs: list[PreferencePair]
+
+
+class PreferenceSource(BaseModel):
+    source: str
+    pairs: int
+    prompts: int
+    chosen_chars: float
+    rejected_chars: float
+    first: float
+    last: float
+
+
+class PreferenceStats(BaseModel):
+    sources: list[PreferenceSource]
 
 
 # -- shaping engine results --------------------------------------------------------------------

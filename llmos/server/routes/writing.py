@@ -47,8 +47,9 @@ def _check_style(rank):
 async def write(body: P.WriteRequestBody, http: HTTPRequest):
     """A writing task (GET /api/tasks lists them). Non-streamed, the answer carries what `llmos
     write --json` adds: form checks, the ranking, a rewrite's revision, a brainstorm's ideas.
-    Streamed: {"index", "text", "finish_reason", "logprob"} events, then one {"result": ...}
-    with those additions. The novel task writes its stages into a book folder."""
+    Both carry `prompt`, what the candidates were written from (chat messages or a text), for
+    POST /api/preferences. Streamed: {"index", "text", "finish_reason", "logprob"} events, then
+    one {"result": ...} with those additions. The novel task writes its stages into a book folder."""
     from llmos.writing import forms
     from llmos.writing.results import after_generation
     from llmos.writing.tasks import TaskError, pick_language, prepare_write
@@ -97,9 +98,7 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
                         "logprob": P.chat_logprobs(llm.tokenizer, [e.logprob])[0] if e.logprob else None})
 
         def tail():
-            extra = extras()
-            if extra:
-                yield sse({"result": extra})
+            yield sse({"result": {"prompt": prompt, **extras()}})
 
         return event_stream(req, http, chunk, tail=tail, on_end=lambda: st.ended(req, llm))
     reasons = await finish(req, http)
@@ -118,7 +117,8 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
         if copied is not None:
             item["copying"] = copied[i]
         out.append(item)
-    return {"task": body.task, "model": served.name, "candidates": out, "usage": P.usage(req), **extra}
+    return {"task": body.task, "model": served.name, "prompt": prompt, "candidates": out, "usage": P.usage(req),
+            **extra}
 
 
 async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequest):
@@ -161,15 +161,16 @@ async def _novel(served, body: P.WriteRequestBody, language: str, http: HTTPRequ
 
 
 STORY_EVENTS = {200: {"content": {"text/event-stream": {"schema": {
-    "type": "string", "description": 'data: {"context": [{"kind", "tokens", "reason", "text"}], "prompt"}, then per token '
-                                     'data: {"text", "token", "logprob", "top": [[text, logprob]], "finish_reason"}, '
-                                     'then data: [DONE]'}}}}}
+    "type": "string", "description": 'data: {"context": [{"kind", "tokens", "reason", "text"}], "prompt", "model"}, '
+                                     'then per token data: {"text", "token", "logprob", "top": [[text, logprob]], '
+                                     '"finish_reason"}, then data: [DONE]'}}}}}
 
 
 @router.post("/api/story/continue", responses=STORY_EVENTS, response_class=StreamingResponse)
 async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
-    """Server-sent events: first {"context": [...], "prompt"} (what is sent and why), then one event per
-    token {"text", "token", "logprob", "top": [[text, logprob], ...]}, then [DONE]."""
+    """Server-sent events: first {"context": [...], "prompt", "model"} (what is sent, why, and to
+    which model), then one event per token {"text", "token", "logprob", "top": [[text, logprob],
+    ...]}, then [DONE]."""
     from llmos.writing.story import LoreEntry, Story, StoryError, assemble_context
 
     st = state(http)
@@ -194,7 +195,7 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
     await submit(served, req, st.request_timeout)
     tok = llm.tokenizer
     head = [sse({"context": [{"kind": p.kind, "tokens": p.tokens, "reason": p.reason, "text": p.text} for p in parts],
-                 "prompt": prompt})]
+                 "prompt": prompt, "model": served.name})]
 
     def chunk(e):
         if e.finish_reason is None and e.token in req.params.stop_token_ids:
