@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from llmos.cli import chat, check, generate, prefs, safety, serve, train, write
+from llmos.cli import chat, check, generate, prefs, safety, serve, sweep, train, write
 from llmos.cli import eval as eval_cmd
 from llmos.cli.common import err
 
@@ -32,6 +32,7 @@ app.command()(train.prepare)
 app.command()(train.ngram)
 app.command()(train.train)
 app.command()(train.finetune)
+app.command()(sweep.sweep)
 app.command()(train.merge)
 app.command()(train.export)
 app.command()(train.embed)
