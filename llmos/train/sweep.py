@@ -520,22 +520,32 @@ def run_sweep(spec: SweepSpec, trials: int | None = None, timeout: float | None 
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)  # a killed process's trial, before the first new one
     history = {"failed": 0, "ran": 0}
+    fatal: list[SweepError] = []  # what stops the whole sweep (a failing trial stops only itself)
 
     def objective(trial):
         params = {d.key: d.suggest(trial) for d in spec.space}
-        return _run_trial(spec, study, trial, params, on_eval)
+        try:
+            return _run_trial(spec, study, trial, params, on_eval)
+        except SweepError as e:
+            fatal.append(e)
+            study.stop()
+            raise
 
     def after(study, frozen):
         history["ran"] += 1
         history["failed"] += frozen.state == optuna.trial.TrialState.FAIL
         if on_trial is not None:
             on_trial(trial_row(frozen), best_row(study))
-        if (history["failed"] == history["ran"] == FAILS_BEFORE_STOP
+        if (history["failed"] == history["ran"] == FAILS_BEFORE_STOP and not fatal
                 and not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))):
-            raise SweepError(f"the first {FAILS_BEFORE_STOP} trials failed; the last: {frozen.user_attrs.get('error')}")
+            fatal.append(SweepError(f"the first {FAILS_BEFORE_STOP} trials failed, the last with: "
+                                    f"{frozen.user_attrs.get('error')}"))
+            study.stop()
 
     study.optimize(objective, n_trials=trials or spec.trials, timeout=timeout if timeout is not None else spec.timeout,
-                   catch=(TrainError,), callbacks=[after], gc_after_trial=True)
+                   catch=(Exception,), callbacks=[after], gc_after_trial=True)
+    if fatal:
+        raise fatal[0]
     return study
 
 
@@ -555,17 +565,17 @@ def _run_trial(spec: SweepSpec, study, trial, params: dict, on_eval) -> float:
     maximize = spec.direction == "maximize"
 
     def report(metrics: dict):
+        share = trainer.progress()
+        if on_eval is not None:
+            on_eval(trial.number, metrics, share)
         if metrics["step"] == 0:  # the untrained model
             return
         value = _metric(spec, metrics)
-        share = trainer.progress()
         state["curve"].append([metrics["step"], value])
         state["reported"].append(value)
         trial.set_user_attr("curve", state["curve"])
         trial.set_user_attr("steps", trainer.step)
         trial.set_user_attr("seconds", round(time.perf_counter() - t0, 1))
-        if on_eval is not None:
-            on_eval(trial.number, metrics, share)
         if not math.isfinite(value):
             return
         reached = min(SHARES, int(share * SHARES + 1e-9))
@@ -581,8 +591,13 @@ def _run_trial(spec: SweepSpec, study, trial, params: dict, on_eval) -> float:
         trainer = Trainer(spec.data, run_dir, cfg)
         trainer.on_eval = report
         final = trainer.run()
+    except optuna.TrialPruned:
+        raise
     except (TrainError, SweepError) as e:
         trial.set_user_attr("error", str(e))
+        raise
+    except Exception as e:  # a combination the trainer could not run: this trial fails, the sweep goes on
+        trial.set_user_attr("error", f"{type(e).__name__}: {e}")
         raise
     except KeyboardInterrupt:
         trial.set_user_attr("error", "stopped (Ctrl-C)")
@@ -676,6 +691,7 @@ def plot(study, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows, _ = summary(study)
     trials = study.get_trials(deepcopy=False)
@@ -710,6 +726,7 @@ def plot(study, path: str | Path) -> Path:
         xs.append(r["number"])
         ys.append(best)
     right.step(xs, ys, where="post", color="C3", label="best so far")
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     right.set_xlabel("trial")
     right.set_ylabel(metric)
     right.set_title(f"study {study.study_name}")
