@@ -320,7 +320,7 @@ def test_every_route_is_documented(server):
                 assert "requestBody" in op, f"{method.upper()} {path} documents no request body"
     for needed in ("/api/chat/sessions", "/api/chat/sessions/{session_id}/messages", "/api/kb/{name}/documents",
                    "/api/kb/{name}/search", "/api/write", "/api/models", "/api/personas/import", "/v1/embeddings",
-                   "/api/train", "/api/jobs/{job_id}"):
+                   "/api/train", "/api/jobs/{job_id}", "/api/preferences", "/api/preferences/stats"):
         assert needed in spec["paths"]
 
 

@@ -1,6 +1,8 @@
 """The studio page, driven in headless Chromium (Debian's) with Playwright."""
 
+import json
 import shutil
+import time
 import unicodedata
 
 import pytest
@@ -113,7 +115,7 @@ def test_edit_text_tasks_and_chat(studio, browser):
     page.wait_for_selector(".result")
     assert page.locator(".result").count() == 2
     assert page.locator(".result", has_text="form kept").count() == 2
-    page.locator(".result button").first.click()  # insert into the story
+    page.locator(".result").first.get_by_role("button", name="Insert into story").click()
     text = editor_text(page)
     assert text.startswith("The harbour was quiet.\n\n")
     lines = text.split("\n\n", 1)[1].strip().splitlines()
@@ -256,3 +258,85 @@ def test_safety_copying_and_why_are_shown(guarded_studio, browser):
     page.wait_for_selector(".result .badge")
     assert "copying: no verbatim span of 50+ characters" in page.inner_text(".result .badge")
     page.close()
+
+
+def wait_for(check, timeout=30):
+    """check()'s first truthy value, polled (the page saves in the background)."""
+    deadline = time.time() + timeout
+    while not (value := check()):
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+    return value
+
+
+def test_thumbs_an_inserted_candidate_and_a_continued_branch_are_stored_as_pairs(tiny_llm, tmp_path, browser):
+    from llmos.data.prefs import Preferences
+    from llmos.db import Store
+    from llmos.server.app import create_app
+
+    store = Store(tmp_path / "llmos.db")
+    prefs = Preferences(store)
+    server = ServerThread(create_app(tiny_llm, store=store))
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        sent = []
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST" and "/api/preferences" in r.url else None)
+        page.goto(server.url + "/")
+        wait_ready(page)
+        page.click(".tabs button[data-tab=tasks]")
+        page.select_option("#task", "poem")
+        page.fill("#brief", "春天")
+        page.select_option("#form", "五言绝句")
+        page.fill("#task-n", "2")
+        page.click("#run-task")
+        page.wait_for_selector(".result .thumb")
+        texts = page.eval_on_selector_all(".result", "els => els.map(e => e.firstChild.textContent)")
+        assert len(texts) == 2 and texts[0].strip() != texts[1].strip()
+        first, second = page.locator(".result").nth(0), page.locator(".result").nth(1)
+
+        good = first.get_by_role("button", name="Good")
+        good.click()
+        assert good.get_attribute("aria-pressed") == "true"
+        assert first.get_by_role("button", name="Bad").get_attribute("aria-pressed") == "false"
+        second.get_by_role("button", name="Bad").click()  # one up and one down: a preference
+        page.wait_for_function("() => document.querySelector('#task-status').textContent === 'preference saved'")
+        [thumbs] = prefs.list("studio-thumbs")
+        assert (thumbs.chosen, thumbs.rejected, thumbs.model, thumbs.meta) == (texts[0], texts[1], tiny_llm.name,
+                                                                               {"task": "poem"})
+        assert "春天" in json.dumps(thumbs.prompt, ensure_ascii=False)  # /api/write's prompt, sent back
+        page.screenshot(path=str(ARTIFACTS / "studio-preferences.png"), full_page=True)
+
+        second.get_by_role("button", name="Insert into story").click()  # the writer keeps the other one after all
+        [pick] = wait_for(lambda: prefs.list("studio-pick"))
+        assert (pick.prompt, pick.chosen, pick.rejected) == (thumbs.prompt, texts[1], texts[0])
+
+        # story: two versions of the next part, then the writer goes on from the first one
+        assert editor_text(page) == "\n\n" + texts[1]
+        base = editor_text(page) + "\n\nThe cat sat on"
+        page.fill("#editor", base)
+        page.fill("#max_tokens", "8")
+        page.click("#generate")
+        wait_idle(page)
+        kept = editor_text(page)[len(base):]
+        page.check("#show-probs")  # the tiny model repeats itself: a Retry would write the same again,
+        page.locator("#probability .tok").nth(0).click()  # so the sibling starts from another first token
+        page.locator("#token-popup button").nth(1).click()
+        wait_idle(page)
+        other = editor_text(page)[len(base):]
+        assert kept.strip() and other.strip() and kept.strip() != other.strip()
+        assert page.locator("#alternatives li").count() == 2
+        page.locator("#alternatives li").nth(0).click()
+        page.click("#generate")
+        wait_idle(page)
+        assert page.inner_text("#status") == "preference saved"
+        [branch] = prefs.list("studio-branch")
+        assert (branch.prompt, branch.chosen, branch.rejected, branch.model) == (base, kept, other, tiny_llm.name)
+
+        posted = len(sent)
+        page.click("#retry")  # going on from the same part again: the page remembers it sent that choice
+        wait_idle(page)
+        assert page.inner_text("#status") == "" and len(sent) == posted
+        assert len(prefs.list()) == 3
+        page.close()
+    finally:
+        server.stop()

@@ -1,6 +1,8 @@
 // LLMOS Studio: a story editor whose generations form a tree of alternatives, with a
 // probability view, sampler presets, Memory / Author's Note / Lorebook, task forms and chat.
-// Projects are saved on the server (/api/projects). No build step: plain modern JavaScript.
+// Projects are saved on the server (/api/projects); the writer's choices among candidates
+// (thumbs, the candidate inserted, the branch gone on from) are stored as preference pairs
+// (/api/preferences). No build step: plain modern JavaScript.
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
@@ -340,6 +342,7 @@ async function generateFrom(parentId, prefixTokens = null) {
   if (controller) return;
   clearTimeout(editTimer);
   applyEdit();
+  const branchNote = recordBranch(parentId);
   const base = parentId;
   const tokens = prefixTokens ? [...prefixTokens] : [];
   const id = newNode(base, tokens.map((t) => t.text).join(""), "gen", tokens);
@@ -352,14 +355,14 @@ async function generateFrom(parentId, prefixTokens = null) {
   let filtered = false;
   try {
     for await (const ev of sse("/api/story/continue", storyBody(textOf(id)), controller.signal)) {
-      if (ev.context) { renderContext(ev.context); n.prompt = ev.prompt; continue; }
+      if (ev.context) { renderContext(ev.context); n.prompt = ev.prompt; n.model = ev.model; continue; }
       if (ev.finish_reason) { if (ev.finish_reason === "content_filter") filtered = true; continue; }
       n.text += ev.text;
       if (ev.logprob !== undefined) n.tokens.push({ text: ev.text, id: ev.token, logprob: ev.logprob, top: ev.top });
       else if (n.tokens.length) n.tokens[n.tokens.length - 1].text += ev.text;
       render();
     }
-    $("#status").textContent = filtered ? "stopped by the safety policy (llmos serve --safety)" : "";
+    $("#status").textContent = filtered ? "stopped by the safety policy (llmos serve --safety)" : await branchNote;
   } catch (e) {
     $("#status").textContent = e.name === "AbortError" ? "stopped" : "error: " + e.message;
   } finally {
@@ -375,6 +378,30 @@ function continueFromAlternative(nodeId, index, text, logprob) {
   const n = node(nodeId);
   const kept = n.tokens.slice(0, index).concat([{ text, logprob, top: n.tokens[index].top }]);
   generateFrom(n.parent, kept);
+}
+
+// Going on from a generated part whose siblings were generated too: that part over them.
+const branchesStored = new Set(); // parent|kept|siblings sent this visit (the server skips repeats too)
+
+async function recordBranch(id) {
+  const n = node(id);
+  if (!n || n.kind !== "gen" || !n.parent || !n.text.trim()) return "";
+  const ids = [n.id];
+  const texts = [n.text];
+  for (const s of childrenOf(n.parent)) {
+    if (s.kind === "gen" && s.text.trim() && !texts.some((t) => t.trim() === s.text.trim())) {
+      ids.push(s.id);
+      texts.push(s.text);
+    }
+  }
+  const key = [n.parent, ...ids].join("|");
+  if (texts.length < 2 || branchesStored.has(key)) return "";
+  try {
+    await savePreference({ prompt: textOf(n.parent), candidates: texts, kept: 0, source: "studio-branch",
+                           model: n.model || null, meta: { project: project.id } });
+    branchesStored.add(key);
+    return "preference saved";
+  } catch (e) { return "preference not saved: " + e.message; }
 }
 
 function renderContext(parts) {
@@ -449,6 +476,9 @@ async function runTask() {
     const out = await res.json();
     const order = out.ranking ? out.ranking.map((r) => r.index) : out.candidates.map((c) => c.index);
     const scores = Object.fromEntries((out.ranking || []).map((r) => [r.index, r.score]));
+    const choice = { prompt: out.prompt, model: out.model, task: body.task,
+                     texts: out.candidates.map((c) => c.text), ratings: out.candidates.map(() => null) };
+    const choosing = out.prompt != null && choice.texts.filter((t) => t.trim()).length >= 2;
     for (const c of order.map((i) => out.candidates[i])) {
       const div = document.createElement("div");
       div.className = "result";
@@ -466,18 +496,64 @@ async function runTask() {
         score.textContent = `rank score ${scores[c.index].toFixed(2)}`;
         div.appendChild(score);
       }
+      if (choosing && c.text.trim()) div.appendChild(thumbButtons(choice, c.index));
       const insert = document.createElement("button");
       insert.textContent = "Insert into story";
       insert.onclick = () => {
         const id = newNode(project.data.current, "\n\n" + c.text, "edit");
         setCurrent(id);
         switchTab("story");
+        if (choosing && c.text.trim()) recordChoice(choice, { kept: c.index, source: "studio-pick" });
       };
       div.appendChild(insert);
       $("#task-results").appendChild(div);
     }
     $("#task-status").textContent = note || "";
   } catch (e) { $("#task-status").textContent = e.message; }
+}
+
+// ---------------------------------------------------------------- preferences
+// A choice among candidates for one prompt becomes preference pairs on the server
+// (`llmos prefs`, for `llmos finetune --dpo`): candidates marked good and bad, the one inserted.
+
+async function savePreference(body) {
+  return (await api("/api/preferences", { method: "POST", body: JSON.stringify(body) })).json();
+}
+
+function thumbButtons(choice, index) {
+  const box = document.createElement("span");
+  box.className = "thumbs";
+  for (const [value, label, mark] of [[1, "Good", "👍"], [-1, "Bad", "👎"]]) {
+    const b = document.createElement("button");
+    b.className = "thumb " + (value > 0 ? "up" : "down");
+    b.textContent = mark;
+    b.title = label;
+    b.setAttribute("aria-label", label);
+    b.setAttribute("aria-pressed", "false");
+    b.onclick = () => {
+      choice.ratings[index] = choice.ratings[index] === value ? null : value;
+      box.querySelector(".up").setAttribute("aria-pressed", String(choice.ratings[index] === 1));
+      box.querySelector(".down").setAttribute("aria-pressed", String(choice.ratings[index] === -1));
+      if (choice.ratings.includes(1) && choice.ratings.includes(-1)) {
+        recordChoice(choice, { ratings: choice.ratings, source: "studio-thumbs" });
+      }
+    };
+    box.appendChild(b);
+  }
+  return box;
+}
+
+// Blank candidates are left out (they are no answer); kept and ratings follow the others.
+async function recordChoice(choice, { kept = null, ratings = null, source }) {
+  const keep = choice.texts.map((t, i) => i).filter((i) => choice.texts[i].trim());
+  const body = { prompt: choice.prompt, candidates: keep.map((i) => choice.texts[i]), source, model: choice.model,
+                 kept: kept == null ? null : keep.indexOf(kept), ratings: ratings && keep.map((i) => ratings[i]),
+                 meta: { task: choice.task } };
+  const status = $("#task-status");
+  try {
+    const out = await savePreference(body);
+    status.textContent = out.pairs ? "preference saved" : "nothing to save: the candidates are the same text";
+  } catch (e) { status.textContent = "preference not saved: " + e.message; }
 }
 
 // What the safety policy and the copying check found in a candidate: shown, never hidden.
