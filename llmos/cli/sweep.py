@@ -64,10 +64,11 @@ def sweep(
             err.print("[yellow]stopped[/] (Ctrl-C): the trial in progress is marked failed and will run again first; "
                       "the same command continues the study", highlight=False, soft_wrap=True)
             raise typer.Exit(130)
-    _report(spec, study, config)
+    _report(spec, study)
 
 
 def _run(spec, count: int, seconds: float | None):
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from llmos.train.sweep import describe_params, run_sweep
@@ -79,7 +80,8 @@ def _run(spec, count: int, seconds: float | None):
 
     def on_eval(number, metrics, share):
         value = metrics.get(spec.metric)
-        progress.reset(task, total=100) if metrics["step"] == 0 else None
+        if metrics["step"] == 0:  # a new trial
+            progress.reset(task, total=100)
         progress.update(task, completed=min(100, 100 * share), number=number, step=metrics["step"],
                         metric=f"{spec.metric} {value:.4f}" if isinstance(value, float) else "")
 
@@ -89,17 +91,18 @@ def _run(spec, count: int, seconds: float | None):
         if row["state"] == "PRUNED":
             what = f"pruned at step {row['steps']}" + (f" ({spec.metric} {row['last']:.4f})" if row["last"] is not None else "")
         elif row["state"] == "FAIL":
-            what = f"[red]failed[/]: {row['error'] or 'see its run folder'}"
+            what = f"[red]failed[/]: {escape(row['error'] or 'see its run folder')}"
         lead = f"[green]trial {n}[/]" if best and best["number"] == n else f"trial {n}"
         tail = f"; best {best['value']:.4f} (trial {best['number']})" if best else ""
-        progress.console.print(f"{lead}: {what}  {describe_params(row['params'])}  {row['steps'] or 0} steps, "
+        progress.console.print(f"{lead}: {what}  {escape(describe_params(row['params']))}  {row['steps'] or 0} steps, "
                                f"{row['seconds'] or 0:.0f} s{tail}", highlight=False, soft_wrap=True)
 
     with progress:
         return run_sweep(spec, trials=count, timeout=seconds, on_trial=on_trial, on_eval=on_eval)
 
 
-def _report(spec, study, config: Path):
+def _report(spec, study):
+    from rich.markup import escape
     from rich.table import Table
 
     from llmos.train.sweep import describe_params, sorted_rows, summary, write_results
@@ -112,7 +115,7 @@ def _report(spec, study, config: Path):
         state = r["state"].lower() + (" (retry)" if r["retry_of"] is not None else "")
         style = "bold green" if best and r["number"] == best["number"] else None
         table.add_row(str(r["number"]), state, value, str(r["steps"] or 0), f"{r['seconds'] or 0:.0f}",
-                      describe_params(r["params"]), style=style)
+                      escape(describe_params(r["params"])), style=style)
     out.print(table)
     best_path, plot_path = write_results(study, spec.output)
     err.print(f"plot: {plot_path}", highlight=False, soft_wrap=True)

@@ -393,34 +393,23 @@ def check_space(spec: SweepSpec):
     (with the others at their first or their last values); the first error then says why."""
     first = {d.key: d.values_to_check()[0] for d in spec.space}
     last = {d.key: d.values_to_check()[-1] for d in spec.space}
-    try:
-        check_options(spec.base)
-    except TrainError as base_error:
-        # a base may be incomplete on its own when the space fills in the rest (e.g. model.max_seq_len)
-        if not any(_valid(trial_options(spec.base, others)) for others in (first, last)):
-            raise SweepError(f"base: {base_error}") from None
+    base_error = _error(spec.base)
+    # a base may be incomplete on its own when the space fills in the rest (e.g. model.max_seq_len)
+    if base_error and all(_error(trial_options(spec.base, others)) for others in (first, last)):
+        raise SweepError(f"base: {base_error}")
     for d in spec.space:
-        errors = []
-        for value in d.values_to_check():
-            for others in (first, last):
-                try:
-                    check_options(trial_options(spec.base, {**others, d.key: value}))
-                    break
-                except TrainError as e:
-                    errors.append(str(e))
-            else:
-                continue
-            break
-        else:
+        errors = [_error(trial_options(spec.base, {**others, d.key: value}))
+                  for value in d.values_to_check() for others in (first, last)]
+        if all(errors):
             raise SweepError(f"space {d.key}: no value can be used: {errors[0]}")
 
 
-def _valid(options: dict) -> bool:
+def _error(options: dict) -> str | None:
     try:
         check_options(options)
-        return True
-    except TrainError:
-        return False
+    except TrainError as e:
+        return str(e)
+    return None
 
 
 # --- the study ---------------------------------------------------------------------------------
