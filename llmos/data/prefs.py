@@ -31,6 +31,7 @@ SOURCES = {
     "import": "a JSONL file (`llmos prefs import`)",
 }
 ROLES = ("system", "user", "assistant")
+GOOD = 4  # on chat's 1-5 scale (thumbs up is stored as 5)
 
 
 class PrefsError(ValueError):
@@ -62,8 +63,9 @@ class Pair:
 def choice_pairs(candidates: list[str], kept: int | None = None,
                  ratings: list[int | None] | None = None) -> list[tuple[int, int]]:
     """(chosen, rejected) index pairs from one choice among candidates for the same prompt: the
-    kept one over each other, and each rated candidate over each rated lower. A kept candidate
-    is not put over one the writer rated higher; identical texts never make a pair."""
+    kept one over each other, and each rated candidate over each rated lower. A rating outweighs
+    a keep: the kept candidate is not put over one rated higher, nor, when it has no rating
+    itself, over one rated GOOD or more. Identical texts never make a pair."""
     n = len(candidates)
     ratings = list(ratings) if ratings is not None else [None] * n
     if len(ratings) != n:
@@ -78,7 +80,7 @@ def choice_pairs(candidates: list[str], kept: int | None = None,
 
     if kept is not None:
         for j in range(n):
-            if ratings[kept] is not None and ratings[j] is not None and ratings[j] > ratings[kept]:
+            if ratings[j] is not None and (ratings[j] >= GOOD if ratings[kept] is None else ratings[j] > ratings[kept]):
                 continue
             add(kept, j)
     for i in range(n):

@@ -165,9 +165,9 @@ FINETUNE_DEFAULTS = {
 # Preference training moves a model less and more carefully than imitation: lower rates, and
 # evaluation on held-out pairs (eval_iters x batch_size of them).
 FINETUNE_DEFAULTS["dpo-full"] = {**FINETUNE_DEFAULTS["full"], "objective": "dpo", "lr": 1e-5, "min_lr": 1e-6,
-                                 "max_steps": 200, "eval_interval": 25, "eval_iters": 16}
+                                 "max_steps": 200, "eval_interval": 25, "eval_iters": 16, "sample_tokens": 48}
 FINETUNE_DEFAULTS["dpo-lora"] = {**FINETUNE_DEFAULTS["lora"], "objective": "dpo", "lr": 5e-4, "min_lr": 5e-5,
-                                 "max_steps": 200, "eval_interval": 25, "eval_iters": 16}
+                                 "max_steps": 200, "eval_interval": 25, "eval_iters": 16, "sample_tokens": 48}
 
 
 def build_train_config(output: Path, *, config_file: Path | None = None, flags: dict | None = None,

@@ -498,9 +498,10 @@ class Trainer:
 
         self.model.eval()
         out = {}
+        cap = min(self.cfg.eval_iters * self.cfg.batch_size, self.data.pairs("val"))  # as many of each split
         for split in ("train", "val"):
-            m = evaluate(self.model, self.data, split, self.block, self.cfg.beta, self.reference,
-                         self.cfg.eval_iters * self.cfg.batch_size, self.cfg.batch_size)
+            m = evaluate(self.model, self.data, split, self.block, self.cfg.beta, self.reference, cap,
+                         self.cfg.batch_size)
             out.update({f"{split}_{k}": v for k, v in m.items()})
             out[f"{split}_loss"] = m["loss"] if "loss" in m else m["chosen_nll"]
         out["val_ppl"] = math.exp(min(out["val_chosen_nll"], 50))
@@ -663,6 +664,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self._ensure_reference()  # DPO after supervised steps: before this step's evaluation
             self.tokens_seen += tokens_per_step
             window_tokens += tokens_per_step
             loss_value = float(all_reduce_mean(total, self.d))
