@@ -100,9 +100,9 @@ def test_the_reference_is_computed_once_and_kept_for_a_resumed_run(pair_data, ti
 
 
 def test_supervised_steps_first_then_the_reference(pair_data, tiny_dir, tmp_path):
-    evals = []
-    trainer = Trainer(pair_data, tmp_path / "run", config(tiny_dir, sft_steps=4, max_steps=8, eval_interval=4),
-                      on_eval=evals.append)
+    evals = []  # every weight trains here (no LoRA)
+    trainer = Trainer(pair_data, tmp_path / "run", config(tiny_dir, lora=0, lr=1e-3, sft_steps=4, max_steps=8,
+                                                          eval_interval=4), on_eval=evals.append)
     trainer.run()
     trainer.close()
     assert "val_pref_acc" not in evals[0] and evals[0]["val_loss"] == evals[0]["val_chosen_nll"]
@@ -111,6 +111,8 @@ def test_supervised_steps_first_then_the_reference(pair_data, tiny_dir, tmp_path
     assert at_switch["val_pref_acc"] == 0.5  # the reference is the model as the supervised steps left it
     stamp = json.loads((tmp_path / "run" / dpo.REFERENCE_DIR / "stamp.json").read_text())
     assert stamp["after_step"] == 4
+    assert evals[-1]["step"] == 8 and evals[-1]["val_margin"] != 0.0  # DPO steps moved it from there
+    assert (tmp_path / "run" / (tmp_path / "run" / "LATEST").read_text() / "model.safetensors").is_file()
 
 
 def test_dpo_loss_matches_its_formula():
