@@ -628,6 +628,27 @@ class Pinned(BaseModel):
     facts: list[str]
 
 
+# -- chat swipes: a message's alternative replies ------------------------------------------------
+
+
+class Alternatives(BaseModel):
+    """GET /api/chat/sessions/{id}/alternatives: every reply one message got, oldest first."""
+
+    session: int
+    reply_to: int | None = Field(description="The user turn they answer; null: the persona's greetings (before the first message).")
+    index: int | None = Field(description="Which alternative is the active reply.")
+    latest: bool = Field(description="The latest exchange: only its alternatives can be swiped.")
+    alternatives: list[Turn]
+
+
+class SwipeRequest(TurnOptions):
+    """POST /api/chat/sessions/{id}/swipe: make another alternative the active reply to the last
+    message, by index (one past the last writes a new one, as retry) or by turn id."""
+
+    index: int | None = Field(None, description="0-based, as GET .../alternatives lists them.")
+    turn: int | None = Field(None, description="The id of the reply to make active.")
+
+
 class KBInfo(BaseModel):
     name: str
     embedder: str
