@@ -27,6 +27,7 @@ class Persona:
     description: str
     style: str = ""
     greeting: str = ""
+    alternate_greetings: list[str] = field(default_factory=list)  # other first messages to pick or swipe
     language: str = "en"
     examples: list[dict] = field(default_factory=list)  # [{"user": ..., "assistant": ...}]
     strategies: dict = field(default_factory=dict)
@@ -55,7 +56,7 @@ class Persona:
 # field -> (type, required)
 _FIELDS = {
     "name": (str, True), "description": (str, True), "style": (str, False), "greeting": (str, False),
-    "language": (str, False), "examples": (list, False), "strategies": (dict, False),
+    "alternate_greetings": (list, False), "language": (str, False), "examples": (list, False), "strategies": (dict, False),
 }
 
 
@@ -75,6 +76,9 @@ def persona_from_dict(data, where: str) -> Persona:
         raise PersonaError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}")
     if not NAME_RE.match(data["name"]):
         raise PersonaError(f"{where}: field 'name' must be letters, digits, '-', '_' or '.', got {data['name']!r}")
+    for i, g in enumerate(data.get("alternate_greetings") or []):
+        if not isinstance(g, str):
+            raise PersonaError(f"{where}: alternate_greetings[{i}] must be a string, got {type(g).__name__}")
     for i, ex in enumerate(data.get("examples") or []):
         if not (isinstance(ex, dict) and isinstance(ex.get("user"), str) and isinstance(ex.get("assistant"), str)):
             raise PersonaError(f"{where}: examples[{i}] must have string fields 'user' and 'assistant'")
