@@ -5,9 +5,14 @@ Each user message goes through, in order: fact extraction (pinned), the persona'
 model, with the context assembled under the token budget (see memory.py). Every turn is
 stored as it happens; a reply cut short (Ctrl-C) is stored with what was written so far.
 
-Ratings and retries become preference pairs (data/prefs.py): two replies to one message rated
-differently, and, when the writer goes on after a /retry, the reply they kept over the ones it
-replaced.
+Every reply a message got stays in the session (the ones /retry replaced inactive): they are its
+alternatives, and a swipe makes another one the active reply, for the latest message only (the
+turns after an older one answer the reply it has). The persona's greetings are the alternatives
+of the opening turn until the first message.
+
+Ratings, retries and swipes become preference pairs (data/prefs.py): two replies to one message
+rated differently, and, when the writer goes on after a /retry or /swipe, the reply they kept
+over the others.
 """
 
 from __future__ import annotations
@@ -25,6 +30,20 @@ from llmos.llm import ContentFiltered
 
 RETRIEVE_K = 3
 MIN_PASSAGE_SCORE = 0.25  # below this a passage is not about the question
+
+
+@dataclass
+class Alternatives:
+    """The replies to one user message (or the persona's greetings), oldest first."""
+
+    reply_to: int | None  # the user turn they answer; None for the greetings
+    turns: list[dict]  # each with `active`; at most one is
+    latest: bool  # the latest exchange: the only one a swipe may change
+
+    @property
+    def index(self) -> int | None:
+        """Which alternative is the active one."""
+        return next((i for i, t in enumerate(self.turns) if t["active"]), None)
 
 
 @dataclass
@@ -49,8 +68,10 @@ class Conversation:
         if session_id is None:
             self.persona = persona if isinstance(persona, Persona) else load_persona(persona)
             self.id = sessions.create(self.persona, llm.name, kb.name if kb else None)
-            if self.persona.greeting:
-                sessions.add_turn(self.id, "assistant", self.persona.greeting, greeting=True)
+            # the first greeting opens the chat; the others wait, inactive, for a swipe
+            greetings = [g for g in (self.persona.greeting, *self.persona.alternate_greetings) if g.strip()]
+            for i, greeting in enumerate(greetings):
+                sessions.add_turn(self.id, "assistant", greeting, active=i == 0, greeting=True)
         else:
             row = sessions.get(session_id)
             self.id = session_id
@@ -197,6 +218,60 @@ class Conversation:
         self.sessions.deactivate([t["id"] for t in self.turns() if t["id"] > user["id"]])
         yield from self._respond(user["content"], user["id"])
 
+    def alternatives(self, turn_id: int | None = None) -> Alternatives:
+        """The replies to the message `turn_id` is (or answers), the one a reply is active among
+        them; by default the last message's. Before the first message: the persona's greetings."""
+        every = self.sessions.turns(self.id, include_inactive=True)
+        user = self._last("user")
+        if turn_id is None:
+            target = user
+        else:
+            target = next((t for t in every if t["id"] == turn_id), None)
+            if target is None:
+                raise SessionError(f"no turn {turn_id} in chat session {self.id}")
+            if target["role"] == "assistant" and not target["meta"].get("greeting"):
+                reply_to = target["meta"].get("reply_to")
+                if reply_to is None:
+                    raise SessionError(f"turn {turn_id} was stored before replies recorded their message; "
+                                       f"it has no alternatives")
+                target = next(t for t in every if t["id"] == reply_to)
+        if target is None or target["meta"].get("greeting"):
+            greetings = [t for t in every if t["meta"].get("greeting")]
+            return Alternatives(None, greetings, latest=user is None)
+        replies = [t for t in every if t["role"] == "assistant" and t["meta"].get("reply_to") == target["id"]]
+        return Alternatives(target["id"], replies, latest=user is not None and user["id"] == target["id"])
+
+    def swipe(self, index: int | None = None, *, turn: int | None = None) -> Iterator[str]:
+        """Make another alternative the active reply to the last message: by its index among
+        `alternatives()` (one past the last writes a new one, as retry) or by its turn id. Yields
+        the reply's text. Checked and done when called, before the first piece is read."""
+        if (index is None) == (turn is None):
+            raise ValueError("swipe to an index or to a turn id (one of them)")
+        alts = self.alternatives(turn)
+        n = len(alts.turns)
+        what = "greetings" if alts.reply_to is None else "replies"
+        if turn is not None:
+            index = next((i for i, t in enumerate(alts.turns) if t["id"] == turn), None)
+            if index is None:
+                raise SessionError(f"turn {turn} is a message, not a reply: swipe to one of its replies "
+                                   f"({', '.join(str(t['id']) for t in alts.turns) or 'none yet'})")
+        if not alts.latest and alts.reply_to is None:
+            raise SessionError("the greetings can be swiped only before the first message")
+        if not alts.latest:
+            later = sum(1 for t in self.turns() if t["id"] > alts.turns[index]["id"])
+            raise SessionError(f"turn {alts.turns[index]['id']} answers an older message: swiping it would orphan the "
+                               f"{later} turn(s) after it; only the last reply can be swiped (/undo back to it first)")
+        if index == n and alts.reply_to is not None:
+            return self.retry()
+        if n == 0:
+            raise SessionError(f"no {what} to swipe yet")
+        if not 0 <= index < n:
+            raise SessionError(f"no alternative {index}: the {what} are 0 to {n - 1}"
+                               + (f", and {n} writes a new one" if alts.reply_to is not None else ""))
+        chosen = alts.turns[index]
+        self.sessions.select(chosen["id"], [t["id"] for t in alts.turns])
+        return iter([chosen["content"]])
+
     def undo(self) -> str:
         """Take back the last user message and the reply to it; returns the message."""
         user = self._last("user")
@@ -247,9 +322,9 @@ class Conversation:
         return [{"role": "system", "content": system}, *turns]
 
     def _record_kept(self):
-        """The writer goes on after a /retry: the reply they kept over the ones it replaced."""
+        """The writer goes on after a /retry or /swipe: the reply they kept over the others."""
         last = self._last("assistant")
-        replies = self._replies_to(last["meta"].get("reply_to")) if last else []
+        replies = self._replies_to(last["meta"].get("reply_to")) if last and last["content"].strip() else []
         if len(replies) > 1 and not last["meta"].get("strategy"):
             kept = next(i for i, t in enumerate(replies) if t["id"] == last["id"])
             self._record(replies, source="chat-retry", kept=kept, ratings=[t["rating"] for t in replies])

@@ -1,7 +1,8 @@
 """Chat sessions in the SQLite store: turns, ratings, pinned facts, the rolling summary.
 
-Nothing is deleted by /undo, /retry or /edit: the turns they replace are marked inactive, so
-they stay in exports (and in the data for preference training) but leave the conversation.
+Nothing is deleted by /undo, /retry, /edit or /swipe: the turns they replace are marked
+inactive, so they stay in exports (and in the data for preference training) but leave the
+conversation, and a swipe can make one active again.
 """
 
 from __future__ import annotations
@@ -62,11 +63,11 @@ class Sessions:
 
     # -- turns --
 
-    def add_turn(self, session_id: int, role: str, content: str, **meta) -> int:
+    def add_turn(self, session_id: int, role: str, content: str, *, active: bool = True, **meta) -> int:
         now = time.time()
         with self.store.transaction() as db:
-            turn = db.execute("INSERT INTO chat_turns (session_id, role, content, meta, created_at) VALUES (?, ?, ?, ?, ?)",
-                              (session_id, role, content, json.dumps(meta, ensure_ascii=False), now)).lastrowid
+            turn = db.execute("INSERT INTO chat_turns (session_id, role, content, active, meta, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                              (session_id, role, content, int(active), json.dumps(meta, ensure_ascii=False), now)).lastrowid
             db.execute("UPDATE chat_sessions SET updated_at = ? WHERE id = ?", (now, session_id))
         return turn
 
@@ -82,6 +83,12 @@ class Sessions:
         if turn_ids:
             with self.store.transaction() as db:
                 db.executemany("UPDATE chat_turns SET active = 0 WHERE id = ?", [(t,) for t in turn_ids])
+
+    def select(self, turn_id: int, others: list[int]):
+        """Make one turn active and its alternatives inactive, in one transaction (a swipe)."""
+        with self.store.transaction() as db:
+            db.executemany("UPDATE chat_turns SET active = 0 WHERE id = ?", [(t,) for t in others if t != turn_id])
+            db.execute("UPDATE chat_turns SET active = 1 WHERE id = ?", (turn_id,))
 
     def rate(self, turn_id: int, rating: int):
         with self.store.transaction() as db:

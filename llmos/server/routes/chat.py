@@ -1,6 +1,6 @@
 """Chat over HTTP: personas, and sessions driven by the same turn pipeline as `llmos chat`
 (chat/conversation.py): memory under a token budget, pinned facts, strategies, knowledge-base
-answers, retry / undo / edit / rate. Sessions live in the SQLite store, so a chat started here
+answers, retry / undo / edit / rate, and swipes between a message's alternative replies. Sessions live in the SQLite store, so a chat started here
 continues in `llmos chat --session N` and the other way round."""
 
 from __future__ import annotations
@@ -204,10 +204,10 @@ async def _conversation(http: HTTPRequest, session_id: int, opts: P.TurnOptions)
     return Conversation(served.llm, _sessions(http), session_id, None, base, settings)
 
 
-async def _turn(http: HTTPRequest, session_id: int, opts: P.TurnOptions, start):
+async def _turn(http: HTTPRequest, session_id: int, opts: P.TurnOptions, start, conv=None):
     """Run one turn (start(conv) -> iterator of text pieces) in a worker thread; its generation
     joins the server's batch. Streamed or collected into the stored reply."""
-    conv = await _conversation(http, session_id, opts)
+    conv = conv or await _conversation(http, session_id, opts)
     contexts: list = []
     conv.on_context = contexts.append
 
@@ -264,6 +264,33 @@ async def send(session_id: P.RowId, body: P.TurnRequest, http: HTTPRequest):
 async def retry(session_id: P.RowId, http: HTTPRequest, body: P.TurnOptions | None = None):
     """A new reply to the last message (the old one is kept, inactive)."""
     return await _turn(http, session_id, body or P.TurnOptions(), lambda conv: conv.retry())
+
+
+@router.get("/api/chat/sessions/{session_id}/alternatives", response_model=P.Alternatives)
+async def alternatives(session_id: P.RowId, http: HTTPRequest,
+                       turn: int | None = Query(None, description="A message or one of its replies; default: the last message.")):
+    """Every reply one message got (the last message by default), oldest first, and which is
+    active; before the first message, the persona's greetings."""
+    conv = await _conversation(http, session_id, P.TurnOptions())
+    try:
+        alts = conv.alternatives(turn)
+    except _chat_errors() as e:
+        raise APIError(400, str(e), "turn") from None
+    return {"session": session_id, "reply_to": alts.reply_to, "index": alts.index, "latest": alts.latest,
+            "alternatives": alts.turns}
+
+
+@router.post("/api/chat/sessions/{session_id}/swipe", response_model=P.TurnResponse, responses=SSE)
+async def swipe(session_id: P.RowId, body: P.SwipeRequest, http: HTTPRequest):
+    """Make another alternative the active reply to the last message, by `index` or `turn`;
+    `index` one past the last writes a new reply (as retry). An older message's replies cannot
+    be swiped (the turns after it answer the reply it has)."""
+    conv = await _conversation(http, session_id, body)
+    try:
+        pieces = conv.swipe(body.index, turn=body.turn)
+    except (*_chat_errors(), ValueError) as e:
+        raise APIError(400, str(e), "turn" if body.turn is not None else "index") from None
+    return await _turn(http, session_id, body, lambda _: pieces, conv)
 
 
 @router.post("/api/chat/sessions/{session_id}/edit", response_model=P.TurnResponse, responses=SSE)
