@@ -13,6 +13,8 @@ from llmos.cli.common import ModelOpt, PrecisionOpt, SafetyOpt, attach_safety, e
 
 REPL_HELP = """commands:
   /retry            a new reply to your last message
+  /swipe [N]        list the replies your last message got (before it: the greetings); N: make
+                    reply N the one you go on from (one past the last: a new reply, as /retry)
   /undo             take back your last message and its reply
   /edit TEXT        replace your last message with TEXT and get a new reply
   /persona NAME     talk to another persona from here on
@@ -165,6 +167,25 @@ def _lines(interactive: bool):
         yield line.rstrip("\n")
 
 
+def _swipe(conv, arg: str, prefix: str):
+    """/swipe lists the alternatives (numbered from 1, the active one marked *); /swipe N selects."""
+    if not arg:
+        alts = conv.alternatives()
+        what = "greetings" if alts.reply_to is None else "replies to your last message"
+        lines = [f"{'*' if t['active'] else ' '} {i}  {' '.join(t['content'].split())[:100] or '(empty)'}"
+                 for i, t in enumerate(alts.turns, 1)]
+        new = f"; /swipe {len(alts.turns) + 1} writes a new one" if alts.reply_to is not None else ""
+        err.print("\n".join([f"{what} (/swipe N picks one{new}):", *lines]), highlight=False, markup=False)
+        return
+    try:
+        n = int(arg)
+    except ValueError:
+        raise ValueError("/swipe takes the number of a reply (/swipe lists them)") from None
+    sys.stdout.write(prefix)
+    _print_stream(conv.swipe(n - 1))
+    _print_overlap(conv)
+
+
 def _repl(conv, interactive: bool):
     from llmos.chat.personas import PersonaError
     from llmos.chat.sessions import SessionError
@@ -186,6 +207,8 @@ def _repl(conv, interactive: bool):
                     sys.stdout.write(prefix)
                     _print_stream(conv.retry())
                     _print_overlap(conv)
+                elif command == "swipe":
+                    _swipe(conv, arg, prefix)
                 elif command == "undo":
                     taken = conv.undo()
                     err.print(f"took back: {taken}", highlight=False, markup=False)
