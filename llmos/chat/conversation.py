@@ -267,7 +267,7 @@ class Conversation:
             raise SessionError(f"no {what} to swipe yet")
         if not 0 <= index < n:
             raise SessionError(f"no alternative {index}: the {what} are 0 to {n - 1}"
-                               + (f", and {n} writes a new one" if alts.reply_to is not None else ""))
+                               + (f" ({n} writes a new one)" if alts.reply_to is not None else ""))
         chosen = alts.turns[index]
         self.sessions.select(chosen["id"], [t["id"] for t in alts.turns])
         return iter([chosen["content"]])

@@ -181,6 +181,10 @@ def _swipe(conv, arg: str, prefix: str):
         n = int(arg)
     except ValueError:
         raise ValueError("/swipe takes the number of a reply (/swipe lists them)") from None
+    alts = conv.alternatives()
+    most = len(alts.turns) + (alts.reply_to is not None)  # one past the last: a new reply
+    if not 1 <= n <= most:
+        raise ValueError(f"/swipe takes 1 to {most} here (/swipe lists them)" if most else "nothing to swipe yet")
     sys.stdout.write(prefix)
     _print_stream(conv.swipe(n - 1))
     _print_overlap(conv)
