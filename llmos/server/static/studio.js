@@ -585,7 +585,7 @@ function trustBadges(c) {
 // Chats are sessions on the server (/api/chat/sessions): the same turns, memory, facts and
 // personas as `llmos chat`, so a chat goes on from here to the terminal and back.
 
-let chat = null; // the open session, as GET /api/chat/sessions/{id} returns it
+let chat = null; // the open session, as GET /api/chat/sessions/{id} returns it, with .alts: its last message's replies
 let editing = false; // the next Send replaces the last message
 
 function chatStatus(text) { $("#chat-status").textContent = text || ""; }
@@ -605,6 +605,9 @@ function renderChat() {
     }
     log.appendChild(div);
   }
+  const last = chat && chat.turns[chat.turns.length - 1];
+  const control = last && last.role === "assistant" && swipeControl(last);
+  if (control) log.lastChild.appendChild(control);
   log.scrollTop = log.scrollHeight;
   $("#chat-facts-list").innerHTML = (chat ? chat.facts : []).map((f) => `<li>${escapeHtml(f)}</li>`).join("");
   $("#session-pick").value = chat ? String(chat.id) : "";
@@ -620,8 +623,52 @@ async function refreshSessions() {
   if (chat) $("#session-pick").value = String(chat.id);
 }
 
+// Swipes: ‹ k/n › on the last reply browses the replies its message got (before the first
+// message: the persona's greetings); › past the last writes a new reply, as Retry.
+function swipeControl(turn) {
+  const alts = chat.alts;
+  if (!alts || !alts.latest || alts.index == null || alts.alternatives[alts.index].id !== turn.id) return null;
+  const n = alts.alternatives.length, k = alts.index, greetings = alts.reply_to == null;
+  if (greetings && n < 2) return null;
+  const span = document.createElement("span");
+  span.className = "swipe";
+  span.style.marginLeft = ".5rem";
+  const button = (id, text, title, disabled, index) => {
+    const b = document.createElement("button");
+    Object.assign(b, { id, textContent: text, title, disabled });
+    b.onclick = () => swipeTo(index);
+    return b;
+  };
+  const pos = document.createElement("span");
+  pos.id = "chat-swipe-pos";
+  pos.textContent = ` ${k + 1}/${n} `;
+  span.append(button("chat-swipe-prev", "‹", "The previous reply", k === 0, k - 1), pos,
+    button("chat-swipe-next", "›", k === n - 1 ? "A new reply (as Retry)" : "The next reply", greetings && k === n - 1, k + 1));
+  return span;
+}
+
+async function swipeTo(index) {
+  if (!chat || controller) return;
+  if (index >= chat.alts.alternatives.length) {  // one past the last: a new reply
+    chat.turns.pop();
+    await chatTurn(`/api/chat/sessions/${chat.id}/swipe`, { index });
+    return;
+  }
+  try {
+    await api(`/api/chat/sessions/${chat.id}/swipe`, { method: "POST", body: JSON.stringify({ index }) });
+    await openSession(chat.id);
+  } catch (e) { chatStatus(e.message); }
+}
+
+async function loadAlternatives() {
+  try {
+    chat.alts = await (await api(`/api/chat/sessions/${chat.id}/alternatives`)).json();
+  } catch (e) { chat.alts = null; }  // the chat shows without its swipe arrows
+}
+
 async function openSession(id) {
   chat = await (await api(`/api/chat/sessions/${id}`)).json();
+  await loadAlternatives();
   project.data.chat_session = chat.id;
   scheduleSave();
   renderChat();
@@ -632,6 +679,7 @@ async function newChat() {
   const res = await api("/api/chat/sessions", { method: "POST", body: JSON.stringify(body) });
   noteFrom(res);
   chat = await res.json();
+  await loadAlternatives();
   project.data.chat_session = chat.id;
   scheduleSave();
   await refreshSessions();
