@@ -21,6 +21,7 @@ benchmarks/results/sweep_shakespeare.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -107,6 +108,7 @@ def main():
     work = Path(args.work or tempfile.mkdtemp(prefix="llmos-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
+    load_before = os.getloadavg()  # the machine is shared: what else ran shows here
     path = sweep_file(work, data, args.trial_minutes, args.trials, args.seed)
 
     from llmos.train.sweep import best_options, load_spec, open_study, sorted_rows, summary, write_results
@@ -129,6 +131,7 @@ def main():
     tuned = {**best_options(study), **MEASURE}
     tuned.pop("time_limit", None)
     hand = {**HEADLINE, **MEASURE}
+    load_final = os.getloadavg()
     t1 = time.perf_counter()
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:  # side by side: the same conditions for both
         sweep_job = pool.submit(final_run, str(data), str(work / "final-sweep"), tuned, args.final_minutes)
@@ -156,6 +159,7 @@ def main():
     command = "python benchmarks/sweep_shakespeare.py " + " ".join(sys.argv[1:])
     write_json(args.out, {
         "cpu": cpu_name(), "revision": revision(), "date": time.strftime("%Y-%m-%d"),
+        "load_average": {"start": load_before, "before_final": load_final, "end": os.getloadavg()},
         "budget": {"trials": args.trials, "trial_minutes": args.trial_minutes, "workers": args.workers,
                    "threads_per_process": 1, "final_minutes": args.final_minutes, "sweep_wall_s": round(sweep_s),
                    "final_wall_s": round(final_s)},
