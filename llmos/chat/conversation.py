@@ -258,7 +258,8 @@ class Conversation:
         if not alts.latest and alts.reply_to is None:
             raise SessionError("the greetings can be swiped only before the first message")
         if not alts.latest:
-            later = sum(1 for t in self.turns() if t["id"] > alts.turns[index]["id"])
+            siblings = {t["id"] for t in alts.turns}
+            later = sum(1 for t in self.turns() if t["id"] > alts.reply_to and t["id"] not in siblings)
             raise SessionError(f"turn {alts.turns[index]['id']} answers an older message: swiping it would orphan the "
                                f"{later} turn(s) after it; only the last reply can be swiped (/undo back to it first)")
         if index == n and alts.reply_to is not None:
