@@ -1,4 +1,5 @@
-"""`llmos serve`: the OpenAI-compatible API, LLMOS's own endpoints and the studio page.
+"""`llmos serve`: the OpenAI-compatible API, the KoboldCpp, Ollama and llama.cpp APIs front ends
+speak, LLMOS's own endpoints and the studio page.
 
 `create_app` wires the shared state (server/state.py), the gate (API key, body limit), error
 handlers and the routers, one per concern (server/routes/). Routes are thin: a request becomes
@@ -14,7 +15,8 @@ from fastapi import FastAPI
 
 from llmos.server import errors
 from llmos.server.gate import LOOPBACK_HOSTS, Gate, Policy
-from llmos.server.routes import chat, jobs, knowledge, models, openai, preferences, projects, studio, writing
+from llmos.server.routes import (chat, jobs, knowledge, kobold, llamacpp, models, ollama, openai, preferences, projects,
+                                 studio, writing)
 from llmos.server.state import Limits, ServerState
 
 
@@ -49,6 +51,6 @@ def create_app(llm, *, api_key: str | None = None, max_body: int = 1_000_000, re
                        count=state.metrics.count_request)
     errors.install(app)
     for router in (openai.router, writing.router, chat.router, knowledge.router, projects.router, preferences.router,
-                   jobs.router, models.router, studio.router):
+                   jobs.router, models.router, kobold.router, ollama.router, llamacpp.router, studio.router):
         app.include_router(router)
     return app
