@@ -170,6 +170,10 @@ def test_swipes_over_http(server):
     assert missing.status_code == 400 and "no turn 99999" in missing.json()["error"]["message"]
     assert call(server, "GET", "/api/chat/sessions/99999/alternatives").status_code == 404
     assert call(server, "POST", "/api/chat/sessions/99999/swipe", {"index": 0}).status_code == 404
+    paths = call(server, "GET", "/openapi.json").json()["paths"]
+    assert "requestBody" in paths["/api/chat/sessions/{session_id}/swipe"]["post"]
+    listed = paths["/api/chat/sessions/{session_id}/alternatives"]["get"]["responses"]["200"]["content"]
+    assert listed["application/json"]["schema"] == {"$ref": "#/components/schemas/Alternatives"}
 
 
 def test_greeting_swipes_over_http(server):
