@@ -4,6 +4,7 @@ loading a model with progress bars, and printing streams and results. Imports no
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -161,6 +162,67 @@ def parse_vars(pairs: list[str]) -> dict:
         key, value = pair.split("=", 1)
         values[key.strip()] = value
     return values
+
+
+XtcThresholdOpt = Annotated[Optional[float], typer.Option(
+    "--xtc-threshold", help="XTC: tokens at least this likely are the 'top choices' (0.1 is typical).")]
+XtcProbabilityOpt = Annotated[Optional[float], typer.Option(
+    "--xtc-probability", help="XTC: on this share of steps, drop the top choices but the least likely of them "
+                              "(0 = off; 0.5 is typical).")]
+TopAOpt = Annotated[Optional[float], typer.Option("--top-a", help="Drop tokens below top_a x (top probability)^2 (0 = off).")]
+TfsOpt = Annotated[Optional[float], typer.Option("--tfs", help="Tail-free sampling z (1 = off; 0.95 is typical).")]
+SamplerOrderOpt = Annotated[Optional[str], typer.Option(
+    "--sampler-order", help="Samplers in the order to run, comma-separated, from rep_pen, temperature, top_k, top_p, "
+                            "min_p, typical, top_a, tfs, xtc (those left out run after, in that default order).")]
+BannedStringsOpt = Annotated[list[str], typer.Option(
+    "--banned-strings", help="Text never to produce, in any case and tokenisation (repeatable): when the output "
+                             "completes it, generation goes back to where it began and samples again.")]
+BannedFileOpt = Annotated[Optional[Path], typer.Option(
+    "--banned-file", help="A file of banned strings, one a line ('#' starts a comment).")]
+SlopOpt = Annotated[Optional[str], typer.Option(
+    "--slop", help="Ban the shipped list of overused phrases of this language: en or zh.")]
+BannedRegexOpt = Annotated[bool, typer.Option("--banned-regex", help="Banned strings are regular expressions.")]
+
+
+def banned_strings(strings: list[str], file: Path | None, slop: str | None, as_regex: bool) -> list[str] | None:
+    """The banned strings of --banned-strings, --banned-file and --slop (exit 2 on a missing file,
+    an unknown language or a bad regular expression)."""
+    banned = [s for s in strings if s]
+    if file is not None:
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--banned-file {file}: cannot be read ({e.__class__.__name__}); give a UTF-8 text file, one string a line")
+        banned += [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+    if slop is not None:
+        from llmos.writing.slop import load_slop
+
+        try:
+            phrases = load_slop(slop)
+        except ValueError as e:
+            fail(f"--slop: {e}")
+        if as_regex:
+            import regex
+
+            phrases = [regex.escape(p) for p in phrases]
+        banned += phrases
+    if banned and as_regex:
+        from llmos.llm import banned_pattern
+
+        try:
+            banned_pattern(banned, True)
+        except ValueError as e:
+            fail(str(e))
+    return banned or None
+
+
+def sampler_order(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        fail("--sampler-order needs sampler names separated by commas, e.g. min_p,temperature")
+    return names
 
 
 def sampling_from_options(llm, opts: dict):
