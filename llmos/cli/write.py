@@ -421,17 +421,41 @@ def story_lore(
 @story_app.command("import")
 def story_import(
     path: Annotated[Path, typer.Argument(help="The story file (created if missing).")],
-    card: Annotated[Path, typer.Argument(help="A SillyTavern V2 character card or lorebook (JSON).")],
+    card: Annotated[Path, typer.Argument(help="A character card (V1/V2/V3: JSON, PNG or CHARX) or a lorebook "
+                                               "(SillyTavern World Info, character_book or NovelAI .lorebook).")],
 ):
-    """Import a SillyTavern character card or lorebook into a story."""
+    """Import a character card or a lorebook into a story: the card's description into Memory, its
+    lorebook (or the lorebook file's entries) into the Lorebook."""
     from llmos.cards import CardError, read_card
-    from llmos.writing.story import Story
+    from llmos.writing.story import Story, StoryError
 
     try:
         c = read_card(card)
-    except CardError as e:
+        story = _load_story(path) if path.exists() else Story()
+        before = len(story.lorebook)
+        story.add_card(c)
+    except (CardError, StoryError) as e:
         fail(str(e))
-    story = _load_story(path) if path.exists() else Story()
-    story.add_card(c)
     story.save(path)
-    err.print(f"[green]imported[/] {c.name}: {len(c.lore)} lore entries", highlight=False)
+    err.print(f"[green]imported[/] {c.name}: {len(story.lorebook) - before} lore entries", highlight=False)
+
+
+@story_app.command("lore-export")
+def story_lore_export(
+    path: Annotated[Path, typer.Argument(help="The story file.")],
+    output: Annotated[Path, typer.Argument(help="The lorebook file to write.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="world_info (SillyTavern), character_book or novelai.")] = "world_info",
+):
+    """Export a story's Lorebook as SillyTavern World Info, a card's character_book or a NovelAI
+    .lorebook."""
+    import json
+
+    from llmos.writing.lorebook import LorebookError, write_entries
+
+    story = _load_story(path)
+    try:
+        data = write_entries(story.lorebook, format, story.title)
+    except LorebookError as e:
+        fail(str(e))
+    output.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
+    err.print(f"wrote {output}: {len(story.lorebook)} entries ({format})", highlight=False)
