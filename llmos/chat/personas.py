@@ -31,10 +31,19 @@ class Persona:
     language: str = "en"
     examples: list[dict] = field(default_factory=list)  # [{"user": ..., "assistant": ...}]
     strategies: dict = field(default_factory=dict)
+    instructions: str = ""  # a card's system prompt: first in the system message
+    post_history: str = ""  # a card's post_history_instructions: after the history, before the reply
+    card: dict = field(default_factory=dict)  # the whole character card it came from, for export and its lorebook
+    picture: str = ""  # the card's picture, a file beside the persona's
     source: str = ""  # where it was read from
 
+    @property
+    def display_name(self) -> str:
+        return str(self.card.get("data", {}).get("name") or self.name) if self.card else self.name
+
     def system_prompt(self) -> str:
-        parts = [f"You are {self.name}. {self.description}".strip()]
+        parts = [self.instructions.replace("{{original}}", "").strip()] if self.instructions.strip() else []
+        parts.append(f"You are {self.display_name}. {self.description}".strip())
         if self.style:
             parts.append(f"Speaking style: {self.style}")
         if self.language.startswith("zh"):
@@ -57,6 +66,7 @@ class Persona:
 _FIELDS = {
     "name": (str, True), "description": (str, True), "style": (str, False), "greeting": (str, False),
     "alternate_greetings": (list, False), "language": (str, False), "examples": (list, False), "strategies": (dict, False),
+    "instructions": (str, False), "post_history": (str, False), "card": (dict, False), "picture": (str, False),
 }
 
 
@@ -152,37 +162,113 @@ def load_persona(name_or_path: str | None) -> Persona:
 
 
 def persona_from_card(card_path: str | Path) -> Persona:
-    """A SillyTavern V2 (or V1) character card file as a persona."""
+    """A character card file (JSON, PNG or CHARX; V1, V2 or V3) as a persona."""
     from llmos.cards import read_card
 
     return persona_from_card_data(read_card(card_path), str(card_path))
 
 
 def persona_from_card_data(card, where: str) -> Persona:
-    """A parsed character card (llmos.cards.Card) as a persona."""
+    """A parsed character card (llmos.cards.Card) as a persona; the whole card rides along in
+    `card`, so nothing of it is lost and an export gives it back."""
+    from llmos.cards import fill_macros
+
+    if card.is_lorebook:
+        raise PersonaError(f"{where}: this is a lorebook, not a character card; import it into a story "
+                           f"(`llmos story import`) or a card")
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", card.name).strip("-") or "character"
+    fill = lambda s: fill_macros(s, card.name).strip()  # noqa: E731
     description = "\n".join(x for x in (card.description, card.personality and f"Personality: {card.personality}",
                                         card.scenario and f"Scenario: {card.scenario}") if x)
-    examples = []
-    # mes_example blocks: "<START>\n{{user}}: ...\n{{char}}: ..."
-    for block in re.split(r"<START>", card.example_dialogue):
-        user = re.search(r"\{\{user\}\}:\s*(.+?)(?=\n\{\{char\}\}:|\Z)", block, re.S)
-        char = re.search(r"\{\{char\}\}:\s*(.+?)(?=\n\{\{user\}\}:|\Z)", block, re.S)
-        if user and char:
-            examples.append({"user": user.group(1).strip(), "assistant": char.group(1).strip()})
-    fill = lambda s: s.replace("{{char}}", card.name).replace("{{user}}", "you")  # noqa: E731
-    data = {"name": slug[:64], "description": fill(description) or card.name, "style": fill(card.system_prompt),
-            "greeting": fill(card.first_message), "language": "en",
-            "examples": [{k: fill(v) for k, v in ex.items()} for ex in examples],
-            "strategies": {"farewell": {}}}
+    data = {"name": slug[:64], "description": fill(description) or card.name, "greeting": fill(card.first_message),
+            "alternate_greetings": [fill(g) for g in card.alternate_greetings if g.strip()], "language": "en",
+            "examples": example_dialogue(card.example_dialogue, card.name), "strategies": {"farewell": {}},
+            "instructions": fill(card.system_prompt), "post_history": fill(card.post_history_instructions),
+            "card": card.raw}
     return persona_from_dict(data, where)
 
 
-def save_persona(persona: Persona) -> Path:
-    """Write a persona into $LLMOS_HOME/personas as YAML (atomically)."""
+def import_card(card, where: str) -> tuple[Persona, Path]:
+    """A parsed card saved as a persona, with its picture."""
+    persona = persona_from_card_data(card, where)
+    return persona, save_persona(persona, card.image, card.image_ext)
+
+
+def example_dialogue(text: str, char: str) -> list[dict]:
+    """mes_example blocks ("<START>", then "{{user}}: ..." and "{{char}}: ..." lines) as example
+    exchanges, macros filled in."""
+    from llmos.cards import fill_macros
+
+    user_re = re.compile(r"\{\{user\}\}|<USER>", re.I)
+    examples = []
+    for block in re.split(r"<START>", text, flags=re.I):
+        lines = re.findall(r"^([^:\n]{1,60}):[ \t]*(.*(?:\n(?![^:\n]{1,60}:).*)*)", block.strip(), re.M)
+        pending = None
+        for speaker, said in lines:
+            said = fill_macros(said, char).strip()
+            if user_re.fullmatch(speaker.strip()):
+                pending = said
+            elif pending:
+                examples.append({"user": pending, "assistant": said})
+                pending = None
+    return examples
+
+
+def save_persona(persona: Persona, image: bytes | None = None, image_ext: str = "png") -> Path:
+    """Write a persona into $LLMOS_HOME/personas as YAML (atomically), a card's picture beside it."""
     personas_dir().mkdir(parents=True, exist_ok=True)
+    if image:
+        picture = personas_dir() / f"{persona.name}.{image_ext}"
+        tmp = picture.with_name(picture.name + ".tmp")
+        tmp.write_bytes(image)
+        tmp.replace(picture)
+        persona.picture = picture.name
     out = personas_dir() / f"{persona.name}.yaml"
     tmp = out.with_suffix(".yaml.tmp")
     tmp.write_text(yaml.safe_dump(persona.to_dict(), allow_unicode=True, sort_keys=False), encoding="utf-8")
     tmp.replace(out)
     return out
+
+
+def picture_path(persona: Persona) -> Path | None:
+    """The persona's picture file, if it has one."""
+    if not persona.picture or "/" in persona.picture or "\\" in persona.picture:
+        return None
+    path = (Path(persona.source).parent if persona.source and Path(persona.source).exists() else personas_dir()) / persona.picture
+    return path if path.is_file() else None
+
+
+def card_of(persona: Persona):
+    """The character card a persona exports as: the card it came from, unchanged, or one written
+    from its fields (a persona of ours becomes a V2 card), with its picture."""
+    from llmos.cards import card_from_dict
+
+    if persona.card:
+        card = card_from_dict(persona.card, persona.name)
+    else:
+        examples = "\n".join(f"<START>\n{{{{user}}}}: {ex['user']}\n{{{{char}}}}: {ex['assistant']}" for ex in persona.examples)
+        raw = {"spec": "chara_card_v2", "spec_version": "2.0", "data": {
+            "name": persona.name, "description": persona.description, "personality": persona.style, "scenario": "",
+            "first_mes": persona.greeting, "mes_example": examples, "creator_notes": "", "system_prompt": persona.instructions,
+            "post_history_instructions": persona.post_history, "alternate_greetings": persona.alternate_greetings,
+            "tags": [], "creator": "", "character_version": "", "extensions": {"llmos": {"language": persona.language}}}}
+        card = card_from_dict(raw, persona.name)
+    path = picture_path(persona)
+    card.image = path.read_bytes() if path else None
+    return card
+
+
+def persona_lore(persona: Persona):
+    """The persona's lorebook (its card's character_book) as engine entries, and the book's own
+    settings: (entries, scan_depth, token_budget, recursive)."""
+    from llmos.writing.lorebook import LorebookError, from_character_book
+
+    book = persona.card.get("data", {}).get("character_book") if persona.card else None
+    if not isinstance(book, dict):
+        return [], None, None, True
+    try:
+        entries = from_character_book(book, persona.name)
+    except LorebookError as e:
+        raise PersonaError(str(e)) from None
+    number = lambda v: v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None  # noqa: E731
+    return entries, number(book.get("scan_depth")), number(book.get("token_budget")), book.get("recursive_scanning") is not False

@@ -385,16 +385,44 @@ def personas_show(name: str):
 
 @personas_app.command("import")
 def personas_import(card: Path):
-    """Import a SillyTavern character card (V2 or V1 JSON) as a persona."""
-    from llmos.cards import CardError
-    from llmos.chat.personas import PersonaError, persona_from_card, save_persona
+    """Import a character card as a persona: V1, V2 or V3, as JSON, PNG or CHARX. Its picture,
+    greetings, example dialogue, lorebook and every other field come along.
+
+    Example: llmos personas import Mira.png
+    """
+    from llmos.cards import CardError, read_card
+    from llmos.chat.personas import PersonaError, import_card
 
     try:
-        persona = persona_from_card(card)
+        persona, path = import_card(read_card(card), str(card))
     except (CardError, PersonaError) as e:
         fail(str(e))
-    path = save_persona(persona)
-    err.print(f"imported [cyan]{persona.name}[/] into {path}; chat with `llmos chat --persona {persona.name}`", highlight=False)
+    extras = [f"{n} {what}" for n, what in ((len(persona.alternate_greetings), "alternate greetings"),
+                                           (len((persona.card.get("data", {}).get("character_book") or {}).get("entries", [])), "lore entries"))
+              if n]
+    err.print(f"imported [cyan]{persona.name}[/] into {path}" + (f" ({', '.join(extras)})" if extras else "")
+              + f"; chat with `llmos chat --persona {persona.name}`", highlight=False)
+
+
+@personas_app.command("export")
+def personas_export(
+    name: str,
+    output: Annotated[Path, typer.Argument(help="The file to write: .json, .png or .charx (the format follows the suffix).")],
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="json, png or charx (default: from the suffix).")] = None,
+):
+    """Export a persona as a character card: the card it was imported from, unchanged (PNG: both
+    the `chara` and `ccv3` chunks, in its picture), or a V2 card written from its fields."""
+    from llmos.cards import CardError, export_card
+    from llmos.chat.personas import PersonaError, card_of, load_persona
+
+    fmt = format or output.suffix.lstrip(".").lower()
+    try:
+        card = card_of(load_persona(name))
+        data = export_card(card, fmt, card.image)
+    except (CardError, PersonaError) as e:
+        fail(str(e))
+    output.write_bytes(data)
+    err.print(f"wrote {output} ({card.spec or 'chara_card_v2'}, {fmt})", highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------

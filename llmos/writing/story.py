@@ -2,9 +2,10 @@
 
 The context is assembled, in this order, from:
 - Memory: always present (premise, style, main characters);
-- Lorebook entries whose keywords appear in the recent text (the last `scan_depth`
-  characters), most important first (higher priority), within `lore_budget` tokens; entries
-  marked `constant` are always candidates;
+- Lorebook entries chosen by the one lorebook engine (writing/lorebook.py: keys in the recent
+  text, the last `scan_depth` characters, secondary keys, recursion, probability, groups), most
+  important first (higher priority), within `lore_budget` tokens, placed by their position:
+  before or after Memory, beside the Author's Note, or `depth` lines before the end;
 - the story text, cut from the start to fit the model's window, with the Author's Note inserted
   `authors_note_depth` lines before the end (close enough to steer the next sentences).
 `explain_context` reports every part with its size and the reason it is there.
@@ -17,34 +18,19 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from llmos.cards import Card, LoreRecord
+from llmos.cards import Card
+from llmos.writing.lorebook import LoreEntry, LorebookError, activate, entry_from_dict, read_entries
+
+__all__ = ["ContextPart", "LoreEntry", "Story", "StoryError", "assemble_context", "continue_story"]
 
 
 class StoryError(ValueError):
     pass
-
-
-@dataclass
-class LoreEntry:
-    keys: list[str]
-    content: str
-    priority: int = 100
-    enabled: bool = True
-    case_sensitive: bool = False
-    constant: bool = False
-    name: str = ""
-
-    def triggered_by(self, text: str) -> str | None:
-        """The keyword found in `text`, if any."""
-        hay = text if self.case_sensitive else text.lower()
-        for key in self.keys:
-            if key and (key if self.case_sensitive else key.lower()) in hay:
-                return key
-        return None
 
 
 @dataclass
@@ -77,14 +63,10 @@ class Story:
                 raise StoryError(f"{where}: field {key!r} must be {typ.__name__}, got {type(data[key]).__name__}")
         if "model" in data and data["model"] is not None and not isinstance(data["model"], str):
             raise StoryError(f"{where}: field 'model' must be a string")
-        lore = []
-        for i, e in enumerate(data.get("lorebook", [])):
-            if not isinstance(e, dict) or not isinstance(e.get("content"), str) or not isinstance(e.get("keys", []), list):
-                raise StoryError(f"{where}: lorebook entry {i} needs 'keys' (a list) and 'content' (text)")
-            extra = set(e) - {f.name for f in fields(LoreEntry)}
-            if extra:
-                raise StoryError(f"{where}: lorebook entry {i} has unknown field(s) {', '.join(sorted(extra))}")
-            lore.append(LoreEntry(**e))
+        try:
+            lore = [entry_from_dict(e, f"{where}: lorebook entry {i}") for i, e in enumerate(data.get("lorebook", []))]
+        except LorebookError as e:
+            raise StoryError(str(e)) from None
         return cls(**{**{k: v for k, v in data.items() if k != "lorebook"}, "lorebook": lore})
 
     @classmethod
@@ -128,11 +110,14 @@ class Story:
         block = "\n".join(p for p in parts if p)
         if block and block not in self.memory:
             self.memory = (self.memory + "\n" + block).strip()
-        for r in card.lore:
-            self.lorebook.append(LoreEntry(**asdict(r)) if isinstance(r, LoreRecord) else r)
+        if card.book:
+            try:
+                self.lorebook += read_entries(card.book, card.name)
+            except LorebookError as e:
+                raise StoryError(str(e)) from None
         if not self.text and card.first_message:
             self.text = card.first_message
-        if not self.title:
+        if not self.title and not card.is_lorebook:
             self.title = card.name
 
 
@@ -159,30 +144,40 @@ def assemble_context(story: Story, tokenizer, window: int, max_tokens: int) -> t
 
     parts: list[ContextPart] = []
     used = 0
-    if story.memory.strip():
-        memory = story.memory.strip()
-        parts.append(ContextPart("memory", memory, count(memory), "Memory: always included"))
-        used += parts[-1].tokens
-    recent = story.text[-story.scan_depth:]
-    candidates = []
-    for entry in story.lorebook:
-        if not entry.enabled:
+    memory = story.memory.strip()
+    if memory:
+        used += count(memory)
+    lore = activate(story.lorebook, lambda depth: _recent(story, depth), count, max(0, min(story.lore_budget, budget - used)),
+                    rng=random.Random(len(story.text)))
+    head: dict[str, list[ContextPart]] = {}
+    at_depth: list[tuple[int, ContextPart]] = []
+    placement = {"before_char": "before Memory", "after_char": "after Memory", "em_top": "after Memory",
+                 "em_bottom": "after Memory", "an_top": "just before the Author's Note",
+                 "an_bottom": "just after the Author's Note", "at_depth": "{depth} lines before the end"}
+    for f in lore.placed:
+        e = f.entry
+        if e.position == "outlet":
+            parts.append(ContextPart("lore-skipped", e.content, f.tokens, f"Lorebook {e.label!r}: {f.why}: left out, "
+                                     f"an outlet entry is placed only where a prompt names its outlet"))
             continue
-        key = entry.triggered_by(recent)
-        if key or entry.constant:
-            candidates.append((entry, key))
-    lore_used = 0
-    for entry, key in sorted(candidates, key=lambda c: -c[0].priority):
-        n = count(entry.content)
-        why = f'keyword "{key}" in the recent text' if key else "constant entry"
-        if lore_used + n > story.lore_budget or used + n > budget:
-            parts.append(ContextPart("lore-skipped", entry.content, n,
-                                     f"{why}, priority {entry.priority}: left out, over the lore budget ({story.lore_budget} tokens)"))
-            continue
-        parts.append(ContextPart("lore", entry.content.strip(), n, f"Lorebook {entry.name or entry.keys[0]!r}: {why}, priority {entry.priority}"))
-        lore_used += n
-        used += n
+        where = placement[e.position].format(depth=e.depth)
+        head.setdefault(e.position, []).append(ContextPart("lore", e.content.strip(), f.tokens,
+                                                           f"Lorebook {e.label!r}: {f.why}; placed {where}"))
+        if e.position == "at_depth":
+            at_depth.append((e.depth, head[e.position][-1]))
+        used += f.tokens
+    for f in lore.left_out:
+        parts.append(ContextPart("lore-skipped", f.entry.content, f.tokens or count(f.entry.content),
+                                 f"Lorebook {f.entry.label!r}: {f.why}"))
+    for warning in lore.warnings:
+        parts.append(ContextPart("lore-warning", "", 0, warning))
+    before = head.get("before_char", [])
+    after = [p for pos in ("after_char", "em_top", "em_bottom") for p in head.get(pos, [])]
+    parts[:0] = [*before, *([ContextPart("memory", memory, count(memory), "Memory: always included")] if memory else []), *after]
     note = f"[Author's note: {story.authors_note.strip()}]" if story.authors_note.strip() else ""
+    if head.get("an_top") or head.get("an_bottom"):  # lore that travels with the note
+        note = "\n".join([*(p.text for p in head.get("an_top", [])), *([note] if note else []),
+                          *(p.text for p in head.get("an_bottom", []))])
     room = budget - used - count(note) - 4
     text = story.text
     cut = 0
@@ -204,14 +199,28 @@ def assemble_context(story: Story, tokenizer, window: int, max_tokens: int) -> t
         depth = min(max(story.authors_note_depth, 0), len(lines))
         at = len(lines) - depth
         text = "\n".join(lines[:at] + [note] + lines[at:]) if text else note
+    for depth, p in at_depth:
+        lines = text.split("\n")
+        at = len(lines) - min(max(depth, 0), len(lines))
+        text = "\n".join(lines[:at] + [p.text] + lines[at:])
     reason = "Story text" + (f": the first {cut} characters left out to fit the window" if cut else ", whole")
     parts.append(ContextPart("story", text, count(text), reason))
     if note:
         parts.append(ContextPart("authors_note", note, count(note),
                                  f"Author's Note: inserted {story.authors_note_depth} lines before the end"))
-    head = [p.text for p in parts if p.kind in ("memory", "lore")]
-    prompt = ("\n".join(head) + "\n***\n" if head else "") + text
+    parts += [p for pos in ("an_top", "an_bottom", "at_depth") for p in head.get(pos, [])]
+    top = [p.text for p in (*before, *([ContextPart("memory", memory, 0, "")] if memory else []), *after)]
+    prompt = ("\n".join(top) + "\n***\n" if top else "") + text
     return prompt, parts
+
+
+def _recent(story: Story, depth: int | None) -> str:
+    """What a lore entry searches: the last `scan_depth` characters of the story, or, for an entry
+    with its own depth, its last `depth` lines."""
+    if depth is None:
+        return story.text[-story.scan_depth:] if story.scan_depth > 0 else ""
+    lines = [line for line in story.text.split("\n") if line.strip()]
+    return "\n".join(lines[-depth:]) if depth > 0 else ""
 
 
 def continue_story(llm, story: Story, n: int = 1, max_tokens: int | None = None, seed: int | None = None,
