@@ -90,7 +90,8 @@ class TokenCountBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = ""
-    special: bool = Field(True, description="Count the beginning-of-text token the model adds.")
+    special: bool = Field(True, description="Count the beginning-of-text token, when the model's prompts start "
+                                            "with one.")
 
 
 class KoboldText(BaseModel):
@@ -269,7 +270,7 @@ def check_latest(http: HTTPRequest):
 @router.post("/api/extra/tokencount", response_model=KoboldTokenCount)
 async def tokencount(body: TokenCountBody, http: HTTPRequest):
     llm = state(http).primary.llm
-    ids = await asyncio.to_thread(llm.tokenizer.encode, body.prompt, body.special)
+    ids = await asyncio.to_thread(llm.tokenizer.encode, body.prompt, None if body.special else False)
     return {"value": len(ids), "ids": ids}
 
 
