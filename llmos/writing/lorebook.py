@@ -278,7 +278,7 @@ def _pick(table, value, default, what: str, where: str):
 
 # SillyTavern World Info: entry field -> engine field, with its reader
 _WI_FIELDS = ("key", "keysecondary", "content", "comment", "order", "disable", "constant", "selectiveLogic",
-              "selective", "position", "depth", "role", "probability", "useProbability", "group", "groupWeight",
+              "position", "depth", "role", "probability", "useProbability", "group", "groupWeight",
               "groupOverride", "scanDepth", "caseSensitive", "matchWholeWords", "excludeRecursion",
               "preventRecursion", "uid")
 
@@ -299,7 +299,7 @@ def from_world_info(data: dict, where: str) -> list[LoreEntry]:
         entry = LoreEntry(
             keys=_keys(e.get("key")), content=e.get("content") or "", priority=_int(e.get("order"), 100),
             enabled=not e.get("disable", False), constant=bool(e.get("constant")), name=str(e.get("comment") or ""),
-            secondary_keys=_keys(e.get("keysecondary")) if e.get("selective", True) else [],
+            secondary_keys=_keys(e.get("keysecondary")) if e.get("selective", True) is not False else [],
             logic=_pick(LOGICS, e.get("selectiveLogic"), "and_any", "selectiveLogic", at),
             position=_pick(POSITIONS, e.get("position"), "before_char", "position", at),
             depth=_int(e.get("depth"), 4), role=_pick(ROLES, e.get("role"), "system", "role", at),
@@ -312,8 +312,13 @@ def from_world_info(data: dict, where: str) -> list[LoreEntry]:
             uid=str(e.get("uid", uid)), origin="world_info",
             extra={k: v for k, v in e.items() if k not in _WI_FIELDS},
         )
-        if not e.get("useProbability", True):
+        if not use_probability:  # kept for the export; the engine ignores it
             entry.extra["probability"] = e.get("probability")
+        if e.get("selective", True) is False:
+            entry.extra["keysecondary"] = e.get("keysecondary", [])
+        for unset in ("caseSensitive", "matchWholeWords"):  # null: SillyTavern's global setting, off here
+            if unset in e and e[unset] is None:
+                entry.extra[unset] = None
         out.append(entry)
     return out
 
@@ -327,27 +332,25 @@ def to_world_info(entries: list[LoreEntry]) -> dict:
             uid += 1
         extra = dict(e.extra) if e.origin == "world_info" else {}
         probability = extra.pop("probability", None)
+        secondary = extra.pop("keysecondary", [])
         out[str(uid)] = {
-            **extra, "uid": uid, "key": e.keys, "keysecondary": e.secondary_keys, "comment": e.name,
-            "content": e.content, "constant": e.constant, "selective": bool(e.secondary_keys) or extra.get("selective", True),
+            **extra, "uid": uid, "key": e.keys, "keysecondary": e.secondary_keys or secondary, "comment": e.name,
+            "content": e.content, "constant": e.constant, "selective": extra.get("selective", True),
             "selectiveLogic": LOGICS.index(e.logic), "order": e.priority, "position": POSITIONS.index(e.position),
             "disable": not e.enabled, "depth": e.depth, "role": ROLES.index(e.role),
             "probability": e.probability if probability is None else probability,
             "useProbability": probability is None, "group": e.group, "groupOverride": e.group_override,
-            "groupWeight": e.group_weight, "scanDepth": e.scan_depth, "caseSensitive": e.case_sensitive,
-            "matchWholeWords": e.whole_words, "excludeRecursion": e.exclude_recursion,
+            "groupWeight": e.group_weight, "scanDepth": e.scan_depth,
+            "caseSensitive": e.case_sensitive or (None if "caseSensitive" in extra else False),
+            "matchWholeWords": e.whole_words or (None if "matchWholeWords" in extra else False), "excludeRecursion": e.exclude_recursion,
             "preventRecursion": e.prevent_recursion,
         }
     return {"entries": out}
 
 
 # the character_book entry (V2/V3 spec), SillyTavern's fields in its `extensions`
-_BOOK_FIELDS = ("keys", "secondary_keys", "content", "enabled", "insertion_order", "case_sensitive", "name",
-                "comment", "constant", "position", "selective", "id")
-_BOOK_EXT = {"selectiveLogic": "logic", "depth": "depth", "role": "role", "probability": "probability",
-             "group": "group", "group_weight": "group_weight", "group_override": "group_override",
-             "scan_depth": "scan_depth", "match_whole_words": "whole_words", "exclude_recursion": "exclude_recursion",
-             "prevent_recursion": "prevent_recursion", "case_sensitive": "case_sensitive"}
+_BOOK_FIELDS = ("keys", "secondary_keys", "content", "enabled", "insertion_order", "case_sensitive", "comment",
+                "constant", "position", "selective", "id")
 
 
 def from_character_book(book: dict, where: str) -> list[LoreEntry]:
@@ -369,7 +372,7 @@ def from_character_book(book: dict, where: str) -> list[LoreEntry]:
             keys=_keys(e.get("keys")), content=e.get("content") or "", priority=_int(e.get("insertion_order"), 100),
             enabled=bool(e.get("enabled", True)),
             case_sensitive=bool(e.get("case_sensitive") if e.get("case_sensitive") is not None else ext.get("case_sensitive")),
-            constant=bool(e.get("constant")), name=str(e.get("name") or e.get("comment") or ""),
+            constant=bool(e.get("constant")), name=str(e.get("comment") or e.get("name") or ""),
             secondary_keys=_keys(e.get("secondary_keys")) if e.get("selective", True) else [],
             logic=_pick(LOGICS, ext.get("selectiveLogic"), "and_any", "selectiveLogic", at),
             position=_pick(POSITIONS, position, "before_char", "position", at),
