@@ -147,6 +147,14 @@ def test_pruning_stops_a_trial_that_falls_behind(shake, tmp_path):
     assert "pruned" in CliRunner().invoke(app, ["sweep", str(path), "--show"]).output
 
 
+def test_a_trial_is_not_pruned_at_the_end_of_its_budget(shake, tmp_path):
+    # the threshold pruner would stop any trial; the only evaluation comes as the budget ends
+    spec = load_spec(sweep_file(tmp_path, shake, base={**BASE, "eval_interval": 6}, trials=1,
+                                pruner={"name": "threshold", "value": 0.0}))
+    (trial,) = run_sweep(spec).get_trials(deepcopy=False)
+    assert trial.state == COMPLETE and trial.user_attrs["steps"] == 6 and max(trial.intermediate_values) == 100
+
+
 def test_ctrl_c_marks_the_trial_failed_queues_it_again_and_exits_130(shake, tmp_path, session_home):
     path = sweep_file(tmp_path, shake, base={**BASE, "max_steps": 100000, "eval_interval": 2}, trials=1)
     env = {**os.environ, "LLMOS_HOME": str(session_home)}

@@ -572,7 +572,7 @@ def _run_trial(spec: SweepSpec, study, trial, params: dict, on_eval) -> float:
             trial.report(value, mark * 100 // SHARES)  # keyed by percent of the budget: 5, 10, ... 100
         if reached > state["share"]:
             state["share"] = reached
-            if trial.should_prune():
+            if reached < SHARES and trial.should_prune():  # at the end of its budget a trial is complete
                 raise optuna.TrialPruned(f"pruned at step {metrics['step']}: {spec.metric} {value:.4f}")
 
     try:
