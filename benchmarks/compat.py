@@ -51,7 +51,8 @@ def metric(url: str, name: str) -> float:
 
 
 def rows_freed(url: str, generated_before: float, timeout: float = 10.0) -> tuple[bool, int]:
-    """Whether every row was freed after an abort, and how many tokens were generated in all."""
+    """Whether every row was freed after an abort, and how many tokens the aborted request got
+    in all (of the LONG it asked for)."""
     deadline = time.time() + timeout
     while time.time() < deadline and metric(url, "llmos_running_sequences") > 0:
         time.sleep(0.05)
@@ -84,7 +85,7 @@ def check_kobold(url: str) -> dict:
             "routes": "/api/v1/generate, /api/extra/generate/stream, /api/extra/tokencount, /api/extra/abort",
             "generate": bool(whole), "streaming": stream_ok, "stream_format": "SSE event: message {token}",
             "abort": "POST /api/extra/abort {genkey}", "abort_ok": answer == {"success": "true", "done": "true"},
-            "rows_freed": freed, "tokens_after_abort_request": generated,
+            "rows_freed": freed, "aborted_request_generated": generated,
             "error_shape_ok": bad.status_code == 400 and "msg" in bad.json().get("detail", {}),
             "extra_ok": count["value"] == len(count["ids"]) > 0}
 
@@ -120,7 +121,7 @@ def check_ollama(url: str, model: str) -> dict:
             "generate": bool(whole) and bool(chat.message.content is not None),
             "streaming": one_per_chunk and "".join(p.response for p in parts) == whole,
             "stream_format": "NDJSON, one object per HTTP chunk", "abort": "client closes the stream",
-            "abort_ok": True, "rows_freed": freed, "tokens_after_abort_request": generated, "error_shape_ok": error_ok,
+            "abort_ok": True, "rows_freed": freed, "aborted_request_generated": generated, "error_shape_ok": error_ok,
             "extra_ok": client.show(name).details is not None}
 
 
@@ -142,7 +143,7 @@ def check_llamacpp(url: str) -> dict:
     return {"api": "llama.cpp server", "client": "httpx, SillyTavern's llama.cpp body",
             "routes": "/completion, /tokenize, /detokenize, /props", "generate": bool(whole["content"]),
             "streaming": stream_ok, "stream_format": "SSE data: {content}", "abort": "client closes the stream",
-            "abort_ok": True, "rows_freed": freed, "tokens_after_abort_request": generated,
+            "abort_ok": True, "rows_freed": freed, "aborted_request_generated": generated,
             "error_shape_ok": bad.status_code == 400 and "message" in bad.json().get("error", {}),
             "extra_ok": probs_ok and back == "Once upon a time"}
 
@@ -163,7 +164,7 @@ def check_openai(url: str) -> dict:
             "routes": "/v1/completions, /v1/models", "generate": bool(whole),
             "streaming": "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == whole,
             "stream_format": "SSE data: {choices} ... [DONE]", "abort": "client closes the stream", "abort_ok": True,
-            "rows_freed": freed, "tokens_after_abort_request": generated,
+            "rows_freed": freed, "aborted_request_generated": generated,
             "error_shape_ok": bad.status_code == 400 and "message" in bad.json().get("error", {}), "extra_ok": True}
 
 
@@ -184,7 +185,7 @@ def main():
     print_table(["API", "client / request shape", "whole", "streaming", "abort", "rows freed", "tokens", "4xx shape"],
                 [[r["api"], r["client"], yes[r["generate"] and r["extra_ok"]], f"{yes[r['streaming']]} ({r['stream_format']})",
                   f"{r['abort']}{'' if r['abort_ok'] else ' (refused)'}", yes[r["rows_freed"]],
-                  f"{r['tokens_after_abort_request']}/{LONG}", yes[r["error_shape_ok"]]] for r in rows])
+                  f"{r['aborted_request_generated']}/{LONG}", yes[r["error_shape_ok"]]] for r in rows])
     write_json(args.out, {"model": args.model, "cpu": cpu_name(), "revision": revision(), "aborted_request_tokens": LONG,
                           "apis": rows})
 
