@@ -204,17 +204,25 @@ def text_chunks(chunks) -> dict[str, str]:
 def card_from_png(data: bytes, where: str) -> Card:
     chunks = png_chunks(data, where)
     texts = text_chunks(chunks)
-    key = "ccv3" if "ccv3" in texts else "chara" if "chara" in texts else None
-    if key is None:
+    if "ccv3" not in texts and "chara" not in texts:
         raise CardError(f"{where}: this PNG holds no character card (no 'chara' or 'ccv3' text chunk)")
-    try:
-        obj = json.loads(base64.b64decode(texts[key], validate=True).decode("utf-8"))
-    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError, ValueError):
-        raise CardError(f"{where}: the PNG's '{key}' chunk is not base64-encoded JSON") from None
+    found = {key: _chunk_json(texts[key], key, where) for key in ("ccv3", "chara") if key in texts}
+    obj = found.get("ccv3", found.get("chara"))
+    chara = found.get("chara")
+    if isinstance(chara, dict) and isinstance(chara.get("data"), dict) and "group_only_greetings" not in chara["data"] \
+            and as_v3(chara) == obj:  # the V3 chunk only restates a V2 card (as card_png writes it): the card is V2
+        obj = chara
     card = card_from_dict(obj, where)
     card.image = png_from_chunks([(k, b) for k, b in chunks if not (k == b"tEXt" and b.split(b"\0")[0] in (b"chara", b"ccv3"))])
     card.image_ext = "png"
     return card
+
+
+def _chunk_json(text: str, key: str, where: str):
+    try:
+        return json.loads(base64.b64decode(text, validate=True).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, json.JSONDecodeError, ValueError):
+        raise CardError(f"{where}: the PNG's '{key}' chunk is not base64-encoded JSON") from None
 
 
 def blank_png(width: int = 64, height: int = 64, rgb: tuple[int, int, int] = (96, 96, 128)) -> bytes:

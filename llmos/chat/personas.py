@@ -185,7 +185,9 @@ def persona_from_card_data(card, where: str) -> Persona:
             "examples": example_dialogue(card.example_dialogue, card.name), "strategies": {"farewell": {}},
             "instructions": fill(card.system_prompt), "post_history": fill(card.post_history_instructions),
             "card": card.raw}
-    return persona_from_dict(data, where)
+    persona = persona_from_dict(data, where)
+    persona_lore(persona)  # a lorebook that cannot be read is refused now, not at the first message
+    return persona
 
 
 def import_card(card, where: str) -> tuple[Persona, Path]:

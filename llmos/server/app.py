@@ -15,8 +15,8 @@ from fastapi import FastAPI
 
 from llmos.server import errors
 from llmos.server.gate import LOOPBACK_HOSTS, Gate, Policy
-from llmos.server.routes import (chat, jobs, knowledge, kobold, llamacpp, models, ollama, openai, preferences, projects,
-                                 studio, writing)
+from llmos.server.routes import (cards, chat, jobs, knowledge, kobold, llamacpp, models, ollama, openai, preferences,
+                                 projects, studio, writing)
 from llmos.server.state import Limits, ServerState
 
 
@@ -50,7 +50,7 @@ def create_app(llm, *, api_key: str | None = None, max_body: int = 1_000_000, re
     app.add_middleware(Gate, policy=Policy(max_body, api_key, allowed_hosts), routes=lambda: app.routes,
                        count=state.metrics.count_request)
     errors.install(app)
-    for router in (openai.router, writing.router, chat.router, knowledge.router, projects.router, preferences.router,
+    for router in (openai.router, writing.router, chat.router, cards.router, knowledge.router, projects.router, preferences.router,
                    jobs.router, models.router, kobold.router, ollama.router, llamacpp.router, studio.router):
         app.include_router(router)
     return app

@@ -327,7 +327,7 @@ def to_world_info(entries: list[LoreEntry]) -> dict:
     """SillyTavern World Info JSON: `entries` keyed by uid."""
     out = {}
     for i, e in enumerate(entries):
-        uid = int(e.uid) if e.uid.isdigit() else i
+        uid = int(e.uid) if e.uid.isdecimal() else i
         while str(uid) in out:
             uid += 1
         extra = dict(e.extra) if e.origin == "world_info" else {}
@@ -400,7 +400,7 @@ def to_character_book(entries: list[LoreEntry], name: str = "") -> dict:
                     "group_override": e.group_override, "scan_depth": e.scan_depth,
                     "match_whole_words": e.whole_words, "exclude_recursion": e.exclude_recursion,
                     "prevent_recursion": e.prevent_recursion, "case_sensitive": e.case_sensitive})
-        out.append({**extra, "id": int(e.uid) if e.uid.isdigit() else i, "keys": e.keys,
+        out.append({**extra, "id": int(e.uid) if e.uid.isdecimal() else i, "keys": e.keys,
                     "secondary_keys": e.secondary_keys, "comment": e.name, "content": e.content,
                     "constant": e.constant, "selective": bool(e.secondary_keys), "insertion_order": e.priority,
                     "enabled": e.enabled, "position": "before_char" if e.position == "before_char" else "after_char",

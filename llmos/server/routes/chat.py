@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from fastapi import APIRouter, Body, Query, Request as HTTPRequest
+from fastapi import APIRouter, Query, Request as HTTPRequest
 from fastapi.responses import Response, StreamingResponse
 
 from llmos.server import protocol as P
@@ -82,20 +82,6 @@ def persona(name: str) -> dict:
         return load_persona(name).to_dict()
     except PersonaError as e:
         raise not_found(str(e), "name") from None
-
-
-@router.post("/api/personas/import")
-def import_persona(card: dict = Body(description="A SillyTavern character card (V2 or V1 JSON).")) -> dict:
-    """Import a character card as a persona (`llmos personas import`)."""
-    from llmos.cards import CardError, card_from_dict
-    from llmos.chat.personas import PersonaError, persona_from_card_data, save_persona
-
-    try:
-        persona = persona_from_card_data(card_from_dict(card, "the uploaded card"), "the uploaded card")
-        path = save_persona(persona)
-    except (CardError, PersonaError) as e:
-        raise APIError(400, str(e), "card") from None
-    return {"name": persona.name, "path": str(path)}
 
 
 # -- sessions --

@@ -331,7 +331,8 @@ function storyBody(text) {
     text, memory: project.data.memory, authors_note: project.data.authors_note,
     authors_note_depth: Number(project.data.an_depth) || 0,
     lorebook: project.data.lorebook.filter((e) => e.content.trim()).map((e) => ({
-      keys: e.keys.split(",").map((k) => k.trim()).filter(Boolean), content: e.content })),
+      keys: e.keys.split(",").map((k) => k.trim()).filter(Boolean), content: e.content,
+      priority: e.priority ?? 100, enabled: e.enabled ?? true, constant: e.constant ?? false })),
     max_tokens: Number(s.max_tokens) || 80, temperature: Number(s.temperature), top_p: Number(s.top_p),
     top_k: Number(s.top_k) || 0, min_p: Number(s.min_p) || 0, repetition_penalty: Number(s.repetition_penalty) || 1,
     logprobs: 5,
@@ -841,6 +842,13 @@ function wire() {
   };
   $("#persona-pick").onchange = () => { describePersona(); if (chat) chatCommand("persona"); };
   $("#kb-pick").onchange = () => { if (chat) chatCommand("kb"); };
+  $("#card-file").onchange = (e) => { const f = e.target.files[0]; e.target.value = ""; if (f) importCard(f).catch((err) => chatStatus(err.message)); };
+  $("#card-export").onclick = (e) => { e.preventDefault(); exportCard().catch((err) => chatStatus(err.message)); };
+  $("#lore-file").onchange = (e) => {
+    const f = e.target.files[0]; e.target.value = "";
+    if (f) importLorebook(f).catch((err) => { $("#status").textContent = "error: " + err.message; });
+  };
+  $("#export-lore").onclick = () => exportLorebook().catch((err) => { $("#status").textContent = "error: " + err.message; });
   document.addEventListener("click", (e) => {
     if (!e.target.closest("#token-popup") && !e.target.classList.contains("tok")) $("#token-popup").classList.add("hidden");
   });
@@ -857,14 +865,73 @@ async function download(format) {
 }
 
 let personas = [];
+let cards = {}; // persona name -> what its character card adds (GET /api/cards): tags, notes, picture
 
-function describePersona() {
-  const p = personas.find((x) => x.name === $("#persona-pick").value);
-  $("#persona-about").textContent = p ? p.description : "";
+async function describePersona() {
+  const name = $("#persona-pick").value;
+  const p = personas.find((x) => x.name === name), card = cards[name];
+  const notes = card ? [card.tags.length ? "Tags: " + card.tags.join(", ") : "", card.creator_notes] : [];
+  $("#persona-about").textContent = [p ? p.description : "", ...notes].filter(Boolean).join("\n");
+  $("#card-export").classList.toggle("hidden", !p || p.builtin);
+  const img = $("#persona-picture");
+  img.classList.add("hidden");
+  if (!card || !card.picture) return;
+  try {  // fetched, not linked: the API key travels in a header
+    const url = URL.createObjectURL(await (await api(card.picture)).blob());
+    if ($("#persona-pick").value === name) { img.src = url; img.classList.remove("hidden"); }
+  } catch (e) { chatStatus(e.message); }
+}
+
+function fileBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result.slice(reader.result.indexOf(",") + 1));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function importCard(file) {
+  const body = JSON.stringify({ file: await fileBase64(file), filename: file.name });
+  const r = await (await api("/api/personas/import", { method: "POST", body })).json();
+  await loadPersonas();
+  $("#persona-pick").value = r.name;
+  await describePersona();
+  chatStatus(`imported ${r.display_name} as ${r.name}` + (r.lore_entries ? `, ${r.lore_entries} lore entries` : ""));
+}
+
+async function exportCard() {
+  const name = $("#persona-pick").value;
+  const blob = await (await api(`/api/personas/${encodeURIComponent(name)}/card?format=png`)).blob();
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `${name}.png`;
+  a.click();
+}
+
+async function importLorebook(file) {
+  const body = JSON.stringify({ file: await fileBase64(file), filename: file.name });
+  const { entries } = await (await api("/api/lorebooks/read", { method: "POST", body })).json();
+  for (const e of entries) project.data.lorebook.push({ ...e, keys: e.keys.join(", ") });
+  renderLorebook();
+  scheduleSave();
+  $("#status").textContent = `imported ${entries.length} lore entries from ${file.name}`;
+}
+
+async function exportLorebook() {
+  const entries = project.data.lorebook.filter((e) => e.content.trim()).map((e) => ({
+    ...e, keys: e.keys.split(",").map((k) => k.trim()).filter(Boolean) }));
+  const body = JSON.stringify({ entries, format: "world_info", name: project.name || "" });
+  const blob = await (await api("/api/lorebooks/write", { method: "POST", body })).blob();
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `${project.name || "lorebook"}.json`;
+  a.click();
 }
 
 async function loadPersonas() {
   try {
+    cards = Object.fromEntries((await (await api("/api/cards")).json()).cards.map((c) => [c.name, c]));
     personas = (await (await api("/api/personas")).json()).personas;
     $("#persona-pick").innerHTML = personas.map((p) =>
       `<option value="${escapeHtml(p.name)}">${escapeHtml(p.name)}${p.language && p.language !== "en" ? " (" + escapeHtml(p.language) + ")" : ""}</option>`).join("");
