@@ -143,17 +143,17 @@ def card_from_dict(data, where: str, fallback_name: str = "lorebook") -> Card:
     )
 
 
-def _check_sizes(obj, where: str, path: str = "card"):
+def _check_sizes(obj, where: str):
     """Every text field under the limit (a megabyte of 'description' is an attack, not a character)."""
-    if isinstance(obj, str):
-        if len(obj) > MAX_FIELD:
-            raise CardError(f"{where}: {path} is {len(obj) / 1e6:.1f} MB of text; the limit is {MAX_FIELD // 2**20} MB a field")
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            _check_sizes(v, where, f"{path}.{k}")
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            _check_sizes(v, where, f"{path}[{i}]")
+    stack = [("card", obj)]
+    while stack:  # not recursive: a deeply nested upload must not exhaust the stack
+        path, value = stack.pop()
+        if isinstance(value, str) and len(value) > MAX_FIELD:
+            raise CardError(f"{where}: {path} is {len(value) / 1e6:.1f} MB of text; the limit is {MAX_FIELD // 2**20} MB a field")
+        if isinstance(value, dict):
+            stack += [(f"{path}.{k}", v) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", v) for i, v in enumerate(value)]
 
 
 # -- PNG --------------------------------------------------------------------------------------

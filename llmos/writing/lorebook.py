@@ -393,7 +393,8 @@ def to_character_book(entries: list[LoreEntry], name: str = "") -> dict:
     out = []
     for i, e in enumerate(entries):
         extra = dict(e.extra) if e.origin == "character_book" else {}
-        ext = dict(extra.pop("extensions", None) or {})
+        ext = extra.pop("extensions", None)
+        ext = dict(ext) if isinstance(ext, dict) else {}
         ext.update({"position": POSITIONS.index(e.position), "selectiveLogic": LOGICS.index(e.logic),
                     "depth": e.depth, "role": ROLES.index(e.role), "probability": e.probability,
                     "useProbability": e.probability < 100, "group": e.group, "group_weight": e.group_weight,
@@ -435,9 +436,10 @@ def to_novelai(entries: list[LoreEntry]) -> dict:
     out = []
     for e in entries:
         extra = dict(e.extra) if e.origin == "novelai" else {}
+        own = extra.pop("contextConfig", None)
         config = {"prefix": "", "suffix": "\n", "tokenBudget": 1, "reservedTokens": 0, "trimDirection": "trimBottom",
                   "insertionType": "newline", "maximumTrimType": "sentence", "insertionPosition": -1,
-                  **(extra.pop("contextConfig", None) or {}), "budgetPriority": e.priority}
+                  **(own if isinstance(own, dict) else {}), "budgetPriority": e.priority}
         out.append({**extra, "text": e.content, "contextConfig": config, "displayName": e.name, "id": e.uid,
                     "keys": e.keys, "enabled": e.enabled, "forceActivation": e.constant})
     return {"lorebookVersion": 6, "entries": out, "settings": {"orderByKeyLocations": False}, "categories": []}
