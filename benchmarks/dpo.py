@@ -2,12 +2,13 @@
 them prefer the chosen answers of held-out prompts, and keep the constraint more often when it
 writes freely?
 
-    python benchmarks/dpo.py                          # ~25 minutes on 2 cores
+    python benchmarks/dpo.py                          # ~30 minutes on 2 cores
     python benchmarks/dpo.py --prompts 40 --steps 40  # a quicker look
 
 The constraint is stated in each prompt: answer in at most --limit words. The bundled
 SmolLM2-135M-Instruct writes --samples answers to each of --prompts prompts (one topic each,
-temperature 1.0, top-p 0.95, --max-tokens, weights in --precision for both models); an answer within the limit is "kept", one over it "broken". Each prompt with
+temperature 1.0, top-p 0.95, --max-tokens, weights in --precision for both models); an answer
+within the limit is "kept", one over it "broken". Each prompt with
 both gives up to two pairs (kept chosen, broken rejected). The pairs are split by prompt (so by
 topic): 75% train a LoRA adapter with `--objective dpo` through the one training loop; the rest
 are held out.
@@ -91,7 +92,7 @@ def main():
     ap.add_argument("--samples", type=int, default=4, help="answers per prompt")
     ap.add_argument("--limit", type=int, default=20, help="the word limit stated in each prompt")
     ap.add_argument("--max-tokens", type=int, default=40)
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lora", type=int, default=8)
@@ -110,9 +111,18 @@ def main():
     base = LLM.load(MODEL, precision=args.precision)
     texts = prompts(args.prompts, args.limit, args.seed)
     t0 = time.perf_counter()
-    print(f"base model: {args.samples} answers to each of {len(texts)} prompts", flush=True)
-    before = sample(base, texts, args.samples, args.max_tokens, args.seed, "base")
-    sample_s = time.perf_counter() - t0
+    # the base model's answers, kept in --work for a rerun with the same settings (they take a while)
+    cache = work / "base_answers.json"
+    key = {k: getattr(args, k) for k in ("prompts", "samples", "limit", "max_tokens", "seed", "precision")}
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if saved.get("settings") == key:
+        before, sample_s = saved["answers"], saved["seconds"]
+        print(f"base model: answers read from {cache}", flush=True)
+    else:
+        print(f"base model: {args.samples} answers to each of {len(texts)} prompts", flush=True)
+        before = sample(base, texts, args.samples, args.max_tokens, args.seed, "base")
+        sample_s = time.perf_counter() - t0
+        cache.write_text(json.dumps({"settings": key, "answers": before, "seconds": sample_s}, ensure_ascii=False))
 
     pairs = []
     for p, answers in before.items():
