@@ -22,6 +22,7 @@ from pathlib import Path
 
 MAX_FILE = 20 * 1024 * 1024
 MAX_FIELD = 1024 * 1024
+MAX_ASSETS = 200 * 1024 * 1024  # a CHARX's assets, unpacked
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 V1_FIELDS = ("name", "description", "personality", "scenario", "first_mes", "mes_example")
 IMAGE_TYPES = {b"\x89PNG": "png", b"\xff\xd8\xff": "jpeg", b"GIF8": "gif", b"RIFF": "webp"}
@@ -49,6 +50,7 @@ class Card:
     raw: dict = field(default_factory=dict)  # the whole card object as read (V1 wrapped as V2)
     image: bytes | None = None  # the picture (a PNG card's image, a CHARX icon)
     image_ext: str = "png"
+    archive: bytes | None = None  # a CHARX card's zip, whose other assets an export keeps
     is_lorebook: bool = False  # a world-info or NovelAI lorebook file, no character
 
     @property
@@ -279,6 +281,9 @@ def card_from_charx(data: bytes, where: str) -> Card:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise CardError(f"{where}: its card.json is not valid JSON ({e})") from None
             card = card_from_dict(obj, where)
+            if sum(i.file_size for i in z.infolist()) > MAX_ASSETS:
+                raise CardError(f"{where}: its assets unpack to over {MAX_ASSETS // 2**20} MB")
+            card.archive = data
             icon = _icon_asset(card.raw, names)
             if icon and z.getinfo(icon).file_size <= MAX_FILE:
                 card.image = z.read(icon)
@@ -304,7 +309,16 @@ def image_ext(image: bytes) -> str:
 
 
 def card_charx(card: Card, image: bytes | None = None) -> bytes:
-    """The card as CHARX: card.json (V3) and its picture as the main icon."""
+    """The card as CHARX: card.json (V3) and its picture as the main icon; a card read from a
+    CHARX keeps every asset of its zip."""
+    if card.archive:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(card.archive)) as old, zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("card.json", _json(as_v3(card.raw)))
+            for info in old.infolist():
+                if info.filename != "card.json":
+                    z.writestr(info, old.read(info))
+        return buf.getvalue()
     raw = as_v3(card.raw)
     image = image or blank_png()
     ext = image_ext(image)

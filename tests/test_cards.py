@@ -6,6 +6,7 @@ import base64
 import copy
 import io
 import json
+import shutil
 import struct
 import zipfile
 import zlib
@@ -57,13 +58,18 @@ def png_card(*pairs, image=None) -> bytes:
     return png_from_chunks(chunks[:-1] + texts + chunks[-1:])
 
 
-def charx(card: dict, icon: bytes | None, icon_path="assets/icon/images/main.png") -> bytes:
+def charx(card: dict, icon: bytes | None, icon_path="assets/icon/images/main.png", **others: bytes) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("card.json", json.dumps(card))
         if icon is not None:
             z.writestr(icon_path, icon)
+        for path, data in others.items():
+            z.writestr(path, data)
     return buf.getvalue()
+
+
+HAPPY = {"assets/emotion/images/happy.png": b"a happy face"}
 
 
 def with_icon(card: dict) -> dict:
@@ -149,12 +155,13 @@ def test_a_card_without_a_picture_gets_a_valid_png():
 
 def test_charx_import_and_export():
     icon = picture((1, 2, 3))
-    card = card_from_bytes(charx(with_icon(V3), icon), "mira.charx")
+    card = card_from_bytes(charx(with_icon(V3), icon, **HAPPY), "mira.charx")
     assert card.raw == with_icon(V3) and card.image == icon
     out = export_card(card, "charx", card.image)
     with zipfile.ZipFile(io.BytesIO(out)) as z:
         assert json.loads(z.read("card.json")) == with_icon(V3)
         assert z.read("assets/icon/images/main.png") == icon
+        assert z.read("assets/emotion/images/happy.png") == b"a happy face"  # every asset kept
     again = card_from_bytes(out, "again.charx")
     assert again.raw == with_icon(V3) and again.image == icon
     plain = card_from_bytes(export_card(card_from_dict(copy.deepcopy(V2), "tom"), "charx"), "tom.charx")
@@ -214,6 +221,12 @@ def test_cli_import_export_round_trip(tmp_path):
     assert read_card(tmp_path / "out.charx").raw["data"] == {**V3["data"], "assets": [
         {"type": "icon", "uri": "embeded://assets/icon/images/main.png", "name": "main", "ext": "png"}]}
     assert read_card(tmp_path / "out.png").image == (personas_dir() / "Mira-Vey.png").read_bytes()
+    (tmp_path / "mira.charx").write_bytes(charx(with_icon(V3), picture(), **HAPPY))
+    assert runner.invoke(app, ["personas", "import", str(tmp_path / "mira.charx")]).exit_code == 0
+    assert runner.invoke(app, ["personas", "export", "Mira-Vey", str(tmp_path / "again.charx")]).exit_code == 0
+    with zipfile.ZipFile(tmp_path / "again.charx") as z:
+        assert z.read("assets/emotion/images/happy.png") == b"a happy face"
+        assert json.loads(z.read("card.json")) == with_icon(V3)
     # a persona of our own exports as a V2 card that imports back to the same persona
     r = runner.invoke(app, ["personas", "export", "history-teacher", str(tmp_path / "teacher.json")])
     assert r.exit_code == 0, r.output
@@ -280,3 +293,25 @@ def test_cards_over_http(server):
     assert r.status_code == 400 and "lorebookVersion 77" in r.json()["error"]["message"]
     r = call("POST", "/api/lorebooks/write", {"entries": [{"keys": [], "content": "x", "position": "up"}]})
     assert r.status_code == 400 and "position must be one of" in r.json()["error"]["message"]
+
+
+def test_studio_imports_a_card_and_shows_its_picture(server, tmp_path):
+    card = tmp_path / "mira.png"
+    card.write_bytes(png_card(("ccv3", {**V3, "data": {**V3["data"], "name": "Studio Mira"}}), image=picture((200, 10, 10))))
+    from playwright.sync_api import sync_playwright
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "Debian's chromium is needed for the studio tests: apt-get install chromium"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = b.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function("() => document.body.dataset.ready === 'true'")
+        page.click(".tabs button[data-tab=chat]")
+        page.set_input_files("#card-file", str(card))
+        page.wait_for_function("() => { const i = document.querySelector('#persona-picture');"
+                               " return !i.classList.contains('hidden') && i.complete && i.naturalWidth === 2; }")
+        assert page.eval_on_selector("#persona-pick", "e => e.value") == "Studio-Mira"
+        assert "Tags: adventure, airship" in page.inner_text("#persona-about")
+        assert "imported Studio Mira" in page.inner_text("#chat-status")
+        b.close()

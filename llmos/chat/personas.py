@@ -193,7 +193,15 @@ def persona_from_card_data(card, where: str) -> Persona:
 def import_card(card, where: str) -> tuple[Persona, Path]:
     """A parsed card saved as a persona, with its picture."""
     persona = persona_from_card_data(card, where)
-    return persona, save_persona(persona, card.image, card.image_ext)
+    path = save_persona(persona, card.image, card.image_ext)
+    archive = path.with_suffix(".charx")  # a CHARX card's zip, for its other assets on export
+    if card.archive:
+        tmp = archive.with_name(archive.name + ".tmp")
+        tmp.write_bytes(card.archive)
+        tmp.replace(archive)
+    else:
+        archive.unlink(missing_ok=True)
+    return persona, path
 
 
 def example_dialogue(text: str, char: str) -> list[dict]:
@@ -257,6 +265,9 @@ def card_of(persona: Persona):
         card = card_from_dict(raw, persona.name)
     path = picture_path(persona)
     card.image = path.read_bytes() if path else None
+    source = Path(persona.source) if persona.source else None
+    if persona.card and source is not None and source.with_suffix(".charx").is_file():
+        card.archive = source.with_suffix(".charx").read_bytes()
     return card
 
 
