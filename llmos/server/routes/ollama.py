@@ -246,12 +246,10 @@ async def _run(st, served, prompt, body: OllamaBase, http: HTTPRequest, chat: bo
         try:
             async for batch in batches(req, http):
                 text = "".join(e.text for e in batch)
-                if text:
-                    yield json.dumps({"model": served.name, "created_at": _now(), **shape(text), "done": False},
-                                     ensure_ascii=False) + "\n"
                 ended = next((e.finish_reason for e in batch if e.finish_reason), None)
-                if ended:
-                    yield json.dumps({"model": served.name, "created_at": _now(), **shape(""), **last(ended)}) + "\n"
+                if text or ended:  # the last text rides on the done object: one write, never two at once
+                    yield json.dumps({"model": served.name, "created_at": _now(), **shape(text),
+                                      **(last(ended) if ended else {"done": False})}, ensure_ascii=False) + "\n"
         except APIError as e:
             yield json.dumps({"error": e.message}) + "\n"
         finally:
