@@ -88,16 +88,19 @@ def test_character_book_shape_and_sillytavern_extensions():
          "name": "ship", "comment": "the ship", "secondary_keys": ["deck"], "selective": True, "constant": False,
          "position": "after_char", "id": 7, "extensions": {"position": 4, "depth": 1, "role": 2, "selectiveLogic": 1,
                                                            "probability": 40, "useProbability": True, "custom": {"a": 1}}},
-        {"keys": ["storm"], "content": "Storms come from the north.", "enabled": False, "insertion_order": 5}]}
-    a, b = from_character_book(copy.deepcopy(book), "card")
+        {"keys": ["storm"], "content": "Storms come from the north.", "enabled": False, "insertion_order": 5},
+        {"keys": ["^gale\\b"], "use_regex": True, "content": "A V3 regex entry.", "insertion_order": 1}]}
+    a, b, c = from_character_book(copy.deepcopy(book), "card")
+    assert c.regex and c.first_key("Gale force") == "^gale\\b" and c.first_key("a gale") is None
     assert (a.priority, a.position, a.depth, a.role, a.logic, a.probability) == (20, "at_depth", 1, "assistant", "not_all", 40)
     assert a.name == "the ship" and a.uid == "7" and not b.enabled and b.position == "before_char"
-    out = to_character_book([a, b], "Mira's book")
+    out = to_character_book([a, b, c], "Mira's book")
+    assert out["entries"][2]["use_regex"] is True
     assert out["entries"][0]["extensions"]["custom"] == {"a": 1}  # unknown extensions kept
     assert out["entries"][0]["name"] == "ship" and out["entries"][0]["extensions"]["position"] == 4
     again = from_character_book(out, "again")
     assert [(x.keys, x.position, x.depth, x.role, x.logic, x.probability, x.enabled) for x in again] == \
-        [(x.keys, x.position, x.depth, x.role, x.logic, x.probability, x.enabled) for x in (a, b)]
+        [(x.keys, x.position, x.depth, x.role, x.logic, x.probability, x.enabled) for x in (a, b, c)]
 
 
 def test_novelai_lorebook_and_unknown_version():

@@ -61,6 +61,7 @@ class LoreEntry:
     scan_depth: int | None = None  # recent messages (chat) or lines (story) searched; None: the caller's
     exclude_recursion: bool = False  # fires only from the text, never from other entries
     prevent_recursion: bool = False  # its content triggers no other entry
+    regex: bool = False  # every key is a regular expression (V3 cards' use_regex)
     uid: str = ""
     origin: str = ""  # the format it was read from: world_info, character_book or novelai
     extra: dict = field(default_factory=dict)  # that format's fields the engine does not use
@@ -71,13 +72,13 @@ class LoreEntry:
 
     def first_key(self, text: str) -> str | None:
         """The first of `keys` found in `text`."""
-        return next((k for k in self.keys if key_in(k, text, self.case_sensitive, self.whole_words)), None)
+        return next((k for k in self.keys if key_in(k, text, self.case_sensitive, self.whole_words, self.regex)), None)
 
     def secondary_ok(self, text: str) -> tuple[bool, str]:
         """Whether the secondary keys agree with the logic, and how."""
         if not self.secondary_keys:
             return True, ""
-        found = [k for k in self.secondary_keys if key_in(k, text, self.case_sensitive, self.whole_words)]
+        found = [k for k in self.secondary_keys if key_in(k, text, self.case_sensitive, self.whole_words, self.regex)]
         ok = {"and_any": bool(found), "and_all": len(found) == len(self.secondary_keys),
               "not_any": not found, "not_all": len(found) < len(self.secondary_keys)}[self.logic]
         how = f"secondary {self.logic.upper()}" + (f" ({', '.join(found)} found)" if found else " (none found)")
@@ -88,7 +89,7 @@ _FIELD_TYPES = {"keys": list, "content": str, "priority": int, "enabled": bool, 
                 "constant": bool, "name": str, "secondary_keys": list, "logic": str, "whole_words": bool,
                 "position": str, "depth": int, "role": str, "probability": int, "group": str, "group_weight": int,
                 "group_override": bool, "scan_depth": (int, type(None)), "exclude_recursion": bool,
-                "prevent_recursion": bool, "uid": str, "origin": str, "extra": dict}
+                "prevent_recursion": bool, "regex": bool, "uid": str, "origin": str, "extra": dict}
 
 
 def entry_from_dict(e, where: str) -> LoreEntry:
@@ -119,10 +120,16 @@ def _check_choices(entry: LoreEntry, where: str):
 _REGEX_KEY = re.compile(r"^/(.+)/([imsux]*)$", re.S)
 
 
-def key_in(key: str, text: str, case_sensitive: bool = False, whole_words: bool = False) -> bool:
-    """Whether `key` occurs in `text`. A key written /pattern/flags is a regular expression."""
+def key_in(key: str, text: str, case_sensitive: bool = False, whole_words: bool = False, regex: bool = False) -> bool:
+    """Whether `key` occurs in `text`. A key written /pattern/flags is a regular expression, and
+    so is every key with `regex`."""
     if not key:
         return False
+    if regex:
+        try:
+            return re.search(key, text, 0 if case_sensitive else re.I) is not None
+        except re.error:
+            pass
     m = _REGEX_KEY.match(key)
     if m:
         flags = sum({"i": re.I, "m": re.M, "s": re.S, "u": 0, "x": re.X}[f] for f in set(m.group(2)))
@@ -382,7 +389,8 @@ def from_character_book(book: dict, where: str) -> list[LoreEntry]:
             group_override=bool(ext.get("group_override")),
             scan_depth=_int(ext.get("scan_depth"), 0) if ext.get("scan_depth") is not None else None,
             whole_words=bool(ext.get("match_whole_words")), exclude_recursion=bool(ext.get("exclude_recursion")),
-            prevent_recursion=bool(ext.get("prevent_recursion")), uid=str(e.get("id", i)), origin="character_book",
+            prevent_recursion=bool(ext.get("prevent_recursion")), regex=e.get("use_regex") is True,
+            uid=str(e.get("id", i)), origin="character_book",
             extra={k: v for k, v in e.items() if k not in _BOOK_FIELDS},
         ))
     return out
@@ -405,6 +413,7 @@ def to_character_book(entries: list[LoreEntry], name: str = "") -> dict:
                     "secondary_keys": e.secondary_keys, "comment": e.name, "content": e.content,
                     "constant": e.constant, "selective": bool(e.secondary_keys), "insertion_order": e.priority,
                     "enabled": e.enabled, "position": "before_char" if e.position == "before_char" else "after_char",
+                    **({"use_regex": True} if e.regex else {}),
                     "case_sensitive": e.case_sensitive, "extensions": ext})
     return {"name": name, "entries": out, "extensions": {}}
 
