@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from llmos.cards import (MAX_FIELD, CardError, as_v2, blank_png, card_from_bytes, card_from_dict, card_png,
                          export_card, png_chunks, png_from_chunks, read_card, text_chunks)
-from llmos.chat.personas import card_of, import_card, load_persona, personas_dir, persona_from_card_data
+from llmos.chat.personas import import_card, list_personas, load_persona, personas_dir, persona_from_card_data
 from llmos.cli import app
 
 V3 = {"spec": "chara_card_v3", "spec_version": "3.0", "data": {
@@ -221,6 +221,10 @@ def test_cli_import_export_round_trip(tmp_path):
     assert read_card(tmp_path / "out.charx").raw["data"] == {**V3["data"], "assets": [
         {"type": "icon", "uri": "embeded://assets/icon/images/main.png", "name": "main", "ext": "png"}]}
     assert read_card(tmp_path / "out.png").image == (personas_dir() / "Mira-Vey.png").read_bytes()
+    listed = " ".join(runner.invoke(app, ["personas"]).output.split())
+    assert "Mira-Vey │ card │" in listed
+    row = next(p for p in list_personas() if p["name"] == "Mira-Vey")
+    assert (row["card"], row["tags"]) == ("chara_card_v3", ["adventure", "airship"])
     (tmp_path / "mira.charx").write_bytes(charx(with_icon(V3), picture(), **HAPPY))
     assert runner.invoke(app, ["personas", "import", str(tmp_path / "mira.charx")]).exit_code == 0
     assert runner.invoke(app, ["personas", "export", "Mira-Vey", str(tmp_path / "again.charx")]).exit_code == 0

@@ -142,9 +142,12 @@ def list_personas() -> list[dict]:
     for name, path in _files().items():
         try:
             p = read_persona_file(path)
-            rows.append({"name": p.name, "description": p.description, "builtin": path.parent == BUILTIN_DIR, "path": str(path)})
+            rows.append({"name": p.name, "description": p.description, "builtin": path.parent == BUILTIN_DIR, "path": str(path),
+                         "card": p.card.get("spec") if p.card else None,
+                         "tags": (p.card.get("data", {}).get("tags") or []) if p.card else []})
         except PersonaError as e:
-            rows.append({"name": name, "description": f"(invalid: {e})", "builtin": False, "path": str(path)})
+            rows.append({"name": name, "description": f"(invalid: {e})", "builtin": False, "path": str(path),
+                         "card": None, "tags": []})
     return rows
 
 

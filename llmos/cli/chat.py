@@ -364,7 +364,9 @@ def personas_list(ctx: typer.Context):
 
     table = Table("name", "", "description")
     for p in list_personas():
-        table.add_row(p["name"], "built-in" if p["builtin"] else "yours", p["description"][:90])
+        kind = "built-in" if p["builtin"] else "card" if p["card"] else "yours"
+        tags = f" [{', '.join(p['tags'][:4])}]" if p["tags"] else ""
+        table.add_row(p["name"], kind, p["description"][:90] + tags)
     out.print(table)
     err.print(f"add your own as YAML or JSON in {personas_dir()}", highlight=False)
 
