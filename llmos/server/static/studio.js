@@ -870,7 +870,9 @@ let cards = {}; // persona name -> what its character card adds (GET /api/cards)
 async function describePersona() {
   const name = $("#persona-pick").value;
   const p = personas.find((x) => x.name === name), card = cards[name];
-  const notes = card ? [card.tags.length ? "Tags: " + card.tags.join(", ") : "", card.creator_notes] : [];
+  const language = (navigator.language || "en").slice(0, 2);  // V3 cards' notes come in several languages
+  const notes = card ? [card.tags.length ? "Tags: " + card.tags.join(", ") : "",
+    card.creator_notes_multilingual[language] || card.creator_notes] : [];
   $("#persona-about").textContent = [p ? p.description : "", ...notes].filter(Boolean).join("\n");
   $("#card-export").classList.toggle("hidden", !p || p.builtin);
   const img = $("#persona-picture");
