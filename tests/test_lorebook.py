@@ -4,6 +4,7 @@ card-embedded character_book, NovelAI .lorebook; its use in story mode and in ch
 import copy
 import json
 import random
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -152,6 +153,10 @@ def test_case_whole_words_and_regex_keys():
                entry(["/drag(on|ons)\\b/i"], name="regex"), entry(["art"], name="part")]
     assert sorted(names(fire(entries, "the sea, a party, DRAGONS").placed)) == ["part", "regex"]
     assert sorted(names(fire(entries, "The Sea of art").placed)) == ["case", "part", "whole"]
+    start = time.perf_counter()  # a catastrophic pattern gets a time limit, not the whole prompt's time
+    assert names(fire([entry(["/(a+)+$/"], name="slow")], "a" * 40 + "!").placed) == []
+    assert time.perf_counter() - start < 2
+    assert names(fire([entry(["/[unclosed/"], name="plain")], "see /[unclosed/ here").placed) == ["plain"]
 
 
 def test_recursion_reasons_and_its_switches():

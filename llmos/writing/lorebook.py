@@ -27,6 +27,9 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+
+import regex
 
 POSITIONS = ("before_char", "after_char", "an_top", "an_bottom", "at_depth", "em_top", "em_bottom", "outlet")
 LOGICS = ("and_any", "not_all", "not_any", "and_all")  # SillyTavern's selectiveLogic 0..3
@@ -120,23 +123,42 @@ def _check_choices(entry: LoreEntry, where: str):
 _REGEX_KEY = re.compile(r"^/(.+)/([imsux]*)$", re.S)
 
 
-def key_in(key: str, text: str, case_sensitive: bool = False, whole_words: bool = False, regex: bool = False) -> bool:
+REGEX_SECONDS = 0.05  # a key's regular expression gets this long on one text (catastrophic patterns exist)
+
+
+@lru_cache(maxsize=1024)
+def _compiled(pattern: str, flags: int):
+    try:
+        return regex.compile(pattern, flags | regex.V0)
+    except (regex.error, ValueError):
+        return None  # not a valid expression: the key is plain text
+
+
+def _search(pattern: str, flags: int, text: str) -> bool | None:
+    compiled = _compiled(pattern, flags)
+    if compiled is None:
+        return None
+    try:
+        return compiled.search(text, timeout=REGEX_SECONDS) is not None
+    except TimeoutError:
+        return False
+
+
+def key_in(key: str, text: str, case_sensitive: bool = False, whole_words: bool = False, regex_key: bool = False) -> bool:
     """Whether `key` occurs in `text`. A key written /pattern/flags is a regular expression, and
-    so is every key with `regex`."""
+    so is every key with `regex_key`."""
     if not key:
         return False
-    if regex:
-        try:
-            return re.search(key, text, 0 if case_sensitive else re.I) is not None
-        except re.error:
-            pass
+    if regex_key:
+        found = _search(key, 0 if case_sensitive else regex.I, text)
+        if found is not None:
+            return found
     m = _REGEX_KEY.match(key)
     if m:
-        flags = sum({"i": re.I, "m": re.M, "s": re.S, "u": 0, "x": re.X}[f] for f in set(m.group(2)))
-        try:
-            return re.search(m.group(1), text, flags) is not None
-        except re.error:
-            pass  # not a valid expression: the key is plain text
+        flags = sum({"i": regex.I, "m": regex.M, "s": regex.S, "u": 0, "x": regex.X}[f] for f in set(m.group(2)))
+        found = _search(m.group(1), flags, text)
+        if found is not None:
+            return found
     if not case_sensitive:
         key, text = key.lower(), text.lower()
     if whole_words:
