@@ -319,3 +319,16 @@ def test_studio_imports_a_card_and_shows_its_picture(server, tmp_path):
         assert "Tags: adventure, airship" in page.inner_text("#persona-about")
         assert "imported Studio Mira" in page.inner_text("#chat-status")
         b.close()
+
+
+def test_a_card_persona_opens_with_its_greetings_to_swipe(tiny_llm, tmp_path):
+    from llmos.chat.conversation import Conversation
+    from llmos.chat.sessions import Sessions
+    from llmos.db import Store
+
+    persona, _ = import_card(card_from_dict(copy.deepcopy(V3), "mira.json"), "mira.json")
+    conv = Conversation(tiny_llm, Sessions(Store(tmp_path / "c.db")), None, "Mira-Vey")
+    turns = conv.sessions.turns(conv.id, include_inactive=True)
+    assert [(t["content"], bool(t["active"])) for t in turns] == [
+        ("Welcome aboard, you.", True), ("Storm's coming, you.", False), ("Mira Vey waves at you.", False)]
+    assert [t["content"] for t in conv.turns()] == ["Welcome aboard, you."]  # the first opens the chat
