@@ -18,7 +18,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from llmos.writing.lorebook import Activation, Fired, activate
+from llmos.cards import fill_macros
+from llmos.writing.lorebook import MAX_STEPS, Activation, Fired, activate
 
 LORE_SCAN_DEPTH = 2  # recent messages a lore entry searches, unless its book or itself says otherwise
 LORE_SHARE = 4  # lore may take a quarter of the budget, unless its book sets a token_budget
@@ -108,7 +109,7 @@ def chat_lore(count_tokens, persona, turns: list[dict], budget: int, seed: int =
         return count_tokens([{"role": "system", "content": text}])
 
     lore_budget = min(token_budget, budget // 2) if token_budget else budget // LORE_SHARE
-    return activate(entries, scan, count, lore_budget, rng=random.Random(seed), max_steps=3 if recursive else 0)
+    return activate(entries, scan, count, lore_budget, rng=random.Random(seed), max_steps=MAX_STEPS if recursive else 0)
 
 
 def _lore_lines(lore: Activation) -> list[str]:
@@ -123,11 +124,12 @@ def build_context(count_tokens, persona, facts: list[str], summary: str, summary
                   turns: list[dict], passages: list, budget: int) -> Context:
     """The messages to send. `turns` are the session's active turns, oldest first, the last
     one being the user's new message; `count_tokens(messages)` measures a prompt."""
-    from llmos.cards import fill_macros
-
     fresh = [t for t in turns if t["id"] > summary_upto]
     lore = chat_lore(count_tokens, persona, turns, budget, seed=turns[-1]["id"] if turns else 0)
-    text = lambda f: fill_macros(f.entry.content.strip(), persona.display_name)  # noqa: E731
+
+    def text(fired: Fired) -> str:
+        return fill_macros(fired.entry.content.strip(), persona.display_name)
+
     before = [text(f) for f in lore.at("before_char")]
     after = [text(f) for f in lore.at("after_char", "an_top", "an_bottom", "em_top", "em_bottom")]
     at_depth = [(f.entry.depth, {"role": f.entry.role, "content": text(f)}) for f in lore.at("at_depth")]

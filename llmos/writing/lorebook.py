@@ -26,7 +26,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 import regex
@@ -510,5 +510,3 @@ def write_entries(entries: list[LoreEntry], fmt: str, name: str = "") -> dict:
 def entries_to_dicts(entries: list[LoreEntry]) -> list[dict]:
     return [asdict(e) for e in entries]
 
-
-ENTRY_FIELDS = tuple(f.name for f in fields(LoreEntry))
