@@ -17,7 +17,7 @@ from pathlib import Path
 
 from llmos.engine import generate as engine
 from llmos.engine.beam import beam_search
-from llmos.engine.generate import ContextError, Event, Request, Timings, TokenLogprob
+from llmos.engine.generate import ContextError, Event, Request, Rewind, Timings, TokenLogprob
 from llmos.engine.sampling import SamplingParams
 from llmos.weights.store import LoadedModel, load
 
@@ -100,14 +100,141 @@ class StopStrings:
         return out
 
 
+MAX_REWINDS = 8  # rewinds to one position before a banned string found there is let through
+
+
+def banned_pattern(strings: list[str], as_regex: bool = False):
+    """One case-insensitive pattern for banned strings. Plain strings are literal and, when ASCII,
+    matched as whole words (as llmos eval counts slop, so
+    "delve into" does not ban "delve intone"); with as_regex each string is a regular expression
+    (the `regex` module's syntax). A bad expression raises ValueError."""
+    import regex
+
+    parts = []
+    for s in strings:
+        if not s:
+            continue
+        if as_regex:
+            try:
+                regex.compile(s)
+            except regex.error as e:
+                raise ValueError(f"banned string {s!r} is not a valid regular expression ({e}); "
+                                 f"fix it, or send the strings as plain text (banned_regex off)") from None
+            parts.append(f"(?:{s})")
+        else:
+            whole = s.isascii()  # Chinese has no spaces between words: there a phrase is matched anywhere
+            lead = r"(?<!\w)" if whole and regex.match(r"\w", s) else ""
+            tail = r"(?!\w)" if whole and regex.search(r"\w$", s) else ""
+            parts.append(lead + regex.escape(s) + tail)
+    return regex.compile("|".join(parts), regex.IGNORECASE | regex.V0) if parts else None
+
+
+class BannedText:
+    """One candidate's text checked against banned strings as tokens arrive. Text is passed on
+    only once no banned string can still complete within it; what may still become one is held
+    back, from the start of the token where it begins, the way the safety StreamGuard holds a
+    partial match (the `regex` module's partial matching, a match that the end of the text may
+    still change counting as open). A complete match asks for a rewind to the token where it
+    began; after MAX_REWINDS at one position it is let through, so generation always ends."""
+
+    def __init__(self, pattern, as_regex: bool = False):
+        self.pattern, self.regex = pattern, as_regex
+        self.text = ""  # the accepted text of the candidate so far
+        self.ends: list[int] = []  # len(self.text) after each token
+        self.tokens: list[int] = []
+        self.sent = 0  # characters passed on
+        self.rewinds: dict[int, int] = {}  # token position -> rewinds there
+        self.allowed: set[int] = set()  # starts of matches let through after too many rewinds
+
+    def _token_at(self, char: int) -> int:
+        """The token whose text holds character `char` (the first of the tokens that emitted
+        nothing before it: their bytes are part of it)."""
+        k = next((i for i, e in enumerate(self.ends) if e > char), len(self.ends))
+        while k > 0 and self.ends[k - 1] == (self.ends[k - 2] if k >= 2 else 0):
+            k -= 1
+        return k
+
+    def _start_of(self, token: int) -> int:
+        return self.ends[token - 1] if token > 0 else 0
+
+    def _open(self, m) -> bool:
+        """May more text still undo this match? A partial one, or one at the very end that a
+        following letter would stop being a whole word (any, for a regular expression: it may
+        end in a lookahead). A match that may only grow is banned as it is."""
+        if m.partial:
+            return True
+        if m.end() < len(self.text):
+            return False
+        return self.regex or (m.group()[-1:].isascii() and (m.group()[-1:].isalnum() or m.group()[-1:] == "_"))
+
+    def _scan(self, final: bool) -> tuple[int | None, int]:
+        """(start of the first complete banned match, or None; where held text begins)."""
+        hold = len(self.text)
+        for m in self.pattern.finditer(self.text, self.sent, partial=not final, overlapped=True):
+            if m.start() in self.allowed or m.start() >= len(self.text):
+                continue
+            if not final and self._open(m):
+                hold = min(hold, m.start())
+            else:
+                return m.start(), hold
+        return None, hold
+
+    def feed(self, token: int, piece: str) -> str | Rewind:
+        """The text to pass on after this token, or the Rewind it calls for."""
+        self.tokens.append(token)
+        self.text += piece
+        self.ends.append(len(self.text))
+        while True:
+            banned, hold = self._scan(final=False)
+            if banned is None:
+                break
+            rewind = self._rewind(banned)  # None: let through (now allowed), so scan again
+            if rewind is not None:
+                return rewind
+        boundary = self._start_of(self._token_at(hold)) if hold < len(self.text) else hold
+        boundary = max(self.sent, boundary)
+        out, self.sent = self.text[self.sent : boundary], boundary
+        return out
+
+    def _rewind(self, start: int) -> Rewind | None:
+        k = self._token_at(start)
+        self.rewinds[k] = self.rewinds.get(k, 0) + 1
+        if self.rewinds[k] > MAX_REWINDS:
+            self.allowed.add(start)
+            return None
+        cut = self._start_of(k)
+        self.text, self.sent = self.text[:cut], min(self.sent, cut)
+        del self.ends[k:], self.tokens[k:]
+        return Rewind(k)
+
+    def at_end(self) -> Rewind | None:
+        """A banned string that only the end of the text completes (a whole word at the very end)."""
+        banned, _ = self._scan(final=True)
+        return self._rewind(banned) if banned is not None else None
+
+    def finish(self, piece: str = "") -> str:
+        """The rest of the text, cut before any banned string still in it (an end the candidate
+        was not asked about: a deadline, a stop string)."""
+        self.text += piece
+        banned, _ = self._scan(final=True)
+        end = banned if banned is not None else len(self.text)
+        out, self.sent = self.text[self.sent : max(end, self.sent)], len(self.text)
+        return out
+
+
 class TextHook:
     """The text side of one request, plugged into the engine: each candidate's tokens are
-    detokenized as they stream, cut at the first stop string and, when a safety policy is on,
-    passed through that candidate's guard (redactions applied; a block rule ends the candidate
-    with finish reason "content_filter")."""
+    detokenized as they stream, checked against banned strings (a banned string rewinds the
+    candidate), cut at the first stop string and, when a safety policy is on, passed through
+    that candidate's guard (redactions applied; a block rule ends the candidate with finish
+    reason "content_filter")."""
 
-    def __init__(self, tokenizer, n: int, stops: list[str], truncated: int = 0, guards: list | None = None):
+    def __init__(self, tokenizer, n: int, stops: list[str], truncated: int = 0, guards: list | None = None,
+                 banned=None, banned_regex: bool = False):
+        self.tokenizer = tokenizer
         self.decoders = [tokenizer.stream() for _ in range(n)]
+        # banned: the pattern of banned_pattern
+        self.bans = [BannedText(banned, banned_regex) for _ in range(n)] if banned is not None else None
         self.cutters = [StopStrings(stops) for _ in range(n)]
         self.guards = guards  # one llmos.safety.StreamGuard per candidate, or None
         self.released = [""] * n  # each candidate's text as streamed
@@ -121,18 +248,39 @@ class TextHook:
         self.released[index] += text
         return text
 
-    def token(self, index: int, token: int) -> tuple[str, bool | str]:
+    def token(self, index: int, token: int) -> tuple[str, bool | str | Rewind]:
         cutter = self.cutters[index]
-        text = self._release(index, cutter.feed(self.decoders[index].push(token)), end=cutter.hit)
+        piece = self.decoders[index].push(token)
+        if self.bans is not None:
+            piece = self.bans[index].feed(token, piece)
+            if isinstance(piece, Rewind):
+                return "", self._rewound(index, piece)
+        text = self._release(index, cutter.feed(piece), end=cutter.hit)
         if self.guards is not None and self.guards[index].blocked:
             return text, "content_filter"
         return text, cutter.hit
+
+    def _rewound(self, index: int, rewind: Rewind) -> Rewind:
+        """The candidate's decoder as it was after the tokens the rewind keeps."""
+        decoder = self.decoders[index] = self.tokenizer.stream()
+        for t in self.bans[index].tokens:
+            decoder.push(t)
+        return rewind
+
+    def at_end(self, index: int) -> Rewind | None:
+        if self.bans is None:
+            return None
+        rewind = self.bans[index].at_end()
+        return self._rewound(index, rewind) if rewind is not None else None
 
     def finish(self, index: int) -> str:
         cutter = self.cutters[index]
         if cutter.hit or (self.guards is not None and self.guards[index].blocked):
             return ""
-        return self._release(index, cutter.feed(self.decoders[index].flush()) + cutter.finish(), end=True)
+        piece = self.decoders[index].flush()
+        if self.bans is not None:
+            piece = self.bans[index].finish(piece)
+        return self._release(index, cutter.feed(piece) + cutter.finish(), end=True)
 
     @property
     def texts(self) -> list[str]:
@@ -214,10 +362,16 @@ class LLM:
         truncate: str = "error",
         ignore_eos: bool = False,
         empty_ok: bool = False,
+        banned_strings: list[str] | None = None,
+        banned_regex: bool = False,
     ) -> Request:
         """The engine request for a prompt: token ids, the model's end tokens (unless
         ignore_eos), and a TextHook with the stop strings (the chat template's too). empty_ok:
-        an empty prompt starts from the beginning-of-text token (a story's first words)."""
+        an empty prompt starts from the beginning-of-text token (a story's first words).
+        banned_strings: text never to produce, in any case and any tokenisation; when a candidate
+        completes one it is rewound to where that began and samples again (with banned_regex,
+        each is a regular expression); see BannedText."""
+        banned = banned_pattern(banned_strings, banned_regex) if banned_strings else None
         params = params or self.sampling()
         ids, dropped = self._fit(self.encode_prompt(prompt, chat), params.max_tokens, truncate)
         if not ids and empty_ok:
@@ -227,7 +381,8 @@ class LLM:
             stops += self.tokenizer.chat_stop_strings()
         if not ignore_eos:
             params = replace(params, stop_token_ids=sorted(set(params.stop_token_ids) | set(self.tokenizer.stop_ids)))
-        return Request(ids, params, n, TextHook(self.tokenizer, n, stops, dropped, self._guards(prompt, n)))
+        return Request(ids, params, n, TextHook(self.tokenizer, n, stops, dropped, self._guards(prompt, n), banned,
+                                                banned_regex))
 
     def _guards(self, prompt: str | list[dict], n: int) -> list | None:
         """With a safety policy on: check the prompt's newest text (a chat's last user message;
@@ -275,11 +430,16 @@ class LLM:
         chat: bool | None = None,
         truncate: str = "error",
         result: Result | None = None,
+        banned_strings: list[str] | None = None,
+        banned_regex: bool = False,
     ) -> Iterator[Delta]:
         """Yield text deltas as they are generated; `result`, when given, is filled in as the
-        stream ends (completions, finish reasons, timings)."""
+        stream ends (completions, finish reasons, timings). banned_strings (regular expressions
+        with banned_regex) are never produced: see `request`. Streamed text is never taken back;
+        a token id in a delta may be (its text was held back, then rewound)."""
         t0 = time.perf_counter()
-        req = self.request(prompt, params, n, stop, chat, truncate)
+        req = self.request(prompt, params, n, stop, chat, truncate, banned_strings=banned_strings,
+                           banned_regex=banned_regex)
         stop_ids = req.params.stop_token_ids
         steps = self.run(req)
         try:
@@ -315,9 +475,10 @@ class LLM:
         return into
 
     def generate(self, prompt: str | list[dict], params: SamplingParams | None = None, n: int = 1,
-                 stop: list[str] | None = None, chat: bool | None = None, truncate: str = "error") -> Result:
+                 stop: list[str] | None = None, chat: bool | None = None, truncate: str = "error",
+                 banned_strings: list[str] | None = None, banned_regex: bool = False) -> Result:
         result = Result("", 0, [])
-        for _ in self.stream(prompt, params, n, stop, chat, truncate, result):
+        for _ in self.stream(prompt, params, n, stop, chat, truncate, result, banned_strings, banned_regex):
             pass
         return result
 

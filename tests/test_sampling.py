@@ -152,3 +152,110 @@ def test_top_p_is_exact_for_peaked_flat_and_mixed_rows():
     for logits in (peaky, flat, mixed):
         for p in (0.5, 0.9, 0.99):
             assert torch.equal(S.top_p_filter(logits, p), reference(logits, p))
+
+# --- XTC, top-a, tail-free sampling and the sampler order ------------------------------------
+
+
+def test_xtc_drops_the_top_choices_but_the_least_likely_of_them():
+    probs = [0.4, 0.3, 0.15, 0.1, 0.05]
+    always = [torch.Generator().manual_seed(0)]
+    # 0.4, 0.3 and 0.15 reach 0.12: all go but 0.15, the least likely of them
+    assert kept(S.xtc_filter(logits_of(probs), 0.12, 1.0, always)) == [2, 3, 4]
+    # only one token reaches 0.35: nothing to exclude
+    assert kept(S.xtc_filter(logits_of(probs), 0.35, 1.0, always)) == [0, 1, 2, 3, 4]
+    assert kept(S.xtc_filter(logits_of(probs), 0.12, 0.0, always)) == [0, 1, 2, 3, 4]  # off
+
+
+def test_xtc_acts_with_its_probability_and_a_seed_reproduces_it():
+    probs = logits_of([0.5, 0.3, 0.2])
+
+    def acted(seed, probability, steps=400):
+        g = torch.Generator().manual_seed(seed)
+        return [kept(S.xtc_filter(probs, 0.1, probability, [g])) != [0, 1, 2] for _ in range(steps)]
+
+    share = sum(acted(0, 0.3)) / 400
+    assert 0.24 < share < 0.36
+    assert acted(5, 0.5) == acted(5, 0.5)
+    assert acted(5, 0.5) != acted(6, 0.5)
+    # rows draw from their own generators: a row's coin does not depend on its neighbours
+    batch = probs.expand(3, -1)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    together = [S.xtc_filter(batch, 0.1, 0.5, gens) for _ in range(20)]
+    alone = [S.xtc_filter(probs, 0.1, 0.5, [g]) for g in [torch.Generator().manual_seed(2)] for _ in range(20)]
+    assert all(torch.equal(t[1:2], a) for t, a in zip(together, alone))
+
+
+def test_top_a_scales_with_the_square_of_the_top_probability():
+    probs = [0.6, 0.2, 0.1, 0.06, 0.04]
+    assert kept(S.top_a_filter(logits_of(probs), 0.2)) == [0, 1, 2]  # threshold 0.072
+    assert kept(S.top_a_filter(logits_of(probs), 0.5)) == [0, 1]  # threshold 0.18
+    flat = [0.25, 0.25, 0.25, 0.25]
+    assert kept(S.top_a_filter(logits_of(flat), 1.0)) == [0, 1, 2, 3]  # threshold 0.0625
+
+
+def test_tail_free_cuts_where_the_curve_flattens():
+    def reference(probs, z):  # the loop as KoboldCpp and llama.cpp write it
+        p = sorted(probs, reverse=True)
+        d1 = [p[i] - p[i + 1] for i in range(len(p) - 1)]
+        d2 = [abs(d1[i] - d1[i + 1]) for i in range(len(d1) - 1)]
+        total = sum(d2)
+        cum, last = 0.0, len(p)
+        for i, d in enumerate(d2):
+            cum += d / total
+            if cum > z and i >= 1:
+                last = i
+                break
+        return sorted(probs.index(x) for x in p[:last])
+
+    probs = [0.5, 0.25, 0.12, 0.06, 0.04, 0.02, 0.01]
+    for z in (0.3, 0.6, 0.9, 0.97):
+        assert kept(S.tail_free_filter(logits_of(probs), z)) == reference(probs, z), z
+    assert len(kept(S.tail_free_filter(logits_of(probs), 0.6))) < len(probs)
+    assert kept(S.tail_free_filter(logits_of(probs), 1.0)) == list(range(7))
+
+
+def test_sampler_order_changes_the_result_where_it_must():
+    # min_p before temperature keeps what clears 0.25 x the top probability at temperature 1;
+    # temperature 3 first flattens the distribution, so more tokens clear it
+    logits = logits_of([0.6, 0.2, 0.12, 0.08])
+    first = S.SamplingParams(temperature=3.0, min_p=0.25, sampler_order=["min_p", "temperature"])
+    after = S.SamplingParams(temperature=3.0, min_p=0.25, sampler_order=["temperature", "min_p"])
+    assert first.order[:2] == ("min_p", "temperature") and after.order[:2] == ("temperature", "min_p")
+
+    def support(params):
+        seen = set()
+        for seed in range(300):
+            seen.add(int(S.sample(logits, params, [torch.Generator().manual_seed(seed)])))
+        return seen
+
+    assert support(first) == {0, 1}
+    assert support(after) == {0, 1, 2, 3}
+
+
+def test_sampler_order_aliases_duplicates_and_the_samplers_left_out():
+    p = S.SamplingParams(sampler_order=["penalties", "dry", "typ_p", "tfs_z", "temp"])
+    assert p.sampler_order == ["rep_pen", "typical", "tfs", "temperature"]
+    assert p.order == ("rep_pen", "typical", "tfs", "temperature", "top_k", "top_p", "min_p", "top_a", "xtc")
+
+
+def test_greedy_ignores_xtc_and_sampling_with_xtc_is_reproducible():
+    logits = torch.randn(2, 50)
+    greedy = S.SamplingParams(temperature=0, xtc_probability=1.0, xtc_threshold=0.0)
+    assert S.sample(logits, greedy, [None, None]).tolist() == logits.argmax(-1).tolist()
+    params = S.SamplingParams(xtc_probability=0.5, xtc_threshold=0.02)
+    a = [S.sample(logits, params, [torch.Generator().manual_seed(s) for s in (1, 2)]).tolist() for _ in range(3)]
+    b = [S.sample(logits, params, [torch.Generator().manual_seed(s) for s in (1, 2)]).tolist() for _ in range(3)]
+    assert a == b
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("xtc_threshold", 1.5, "xtc_threshold must be in \\[0, 1\\]"),
+    ("xtc_probability", -0.1, "xtc_probability must be in \\[0, 1\\].*0 turns XTC off"),
+    ("top_a", 2.0, "top_a must be in \\[0, 1\\]"),
+    ("tfs", 0.0, "tfs must be in \\(0, 1\\].*1 turns it off"),
+    ("sampler_order", ["temperature", "nucleus"], "unknown sampler 'nucleus'.*name samplers from: rep_pen"),
+    ("sampler_order", [], "sampler_order is empty"),
+])
+def test_new_samplers_are_validated_with_what_to_do(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        S.SamplingParams(**{field: value})

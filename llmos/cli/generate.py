@@ -8,9 +8,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli.common import (CheckCopyingOpt, CopyAgainstOpt, ModelOpt, PrecisionOpt, PullProgress, SafetyOpt,
-                              attach_safety, banned_sequences, copy_index_for, err, fail, load_llm, out,
-                              print_copying, result_json, run_stream, sampling_from_options)
+from llmos.cli.common import (BannedFileOpt, BannedRegexOpt, BannedStringsOpt, CheckCopyingOpt, CopyAgainstOpt,
+                              ModelOpt, PrecisionOpt, PullProgress, SafetyOpt, SamplerOrderOpt, SlopOpt, TfsOpt,
+                              TopAOpt, XtcProbabilityOpt, XtcThresholdOpt, attach_safety, banned_sequences,
+                              banned_strings, copy_index_for, err, fail, load_llm, out, print_copying, result_json,
+                              run_stream, sampler_order, sampling_from_options)
 from llmos.weights import store
 
 
@@ -27,7 +29,16 @@ def generate(
     presence_penalty: Annotated[Optional[float], typer.Option(help="OpenAI-style: subtract this from tokens already generated.")] = None,
     frequency_penalty: Annotated[Optional[float], typer.Option(help="OpenAI-style: subtract this per earlier occurrence.")] = None,
     no_repeat_ngram: Annotated[Optional[int], typer.Option(help="Never repeat an n-gram of this size (0 = off).")] = None,
-    ban: Annotated[list[str], typer.Option(help="A word or phrase never to produce (repeatable).")] = [],
+    top_a: TopAOpt = None,
+    tfs: TfsOpt = None,
+    xtc_threshold: XtcThresholdOpt = None,
+    xtc_probability: XtcProbabilityOpt = None,
+    order: SamplerOrderOpt = None,
+    ban: Annotated[list[str], typer.Option(help="A word or phrase never to produce, by masking its tokens (repeatable).")] = [],
+    banned: BannedStringsOpt = [],
+    banned_file: BannedFileOpt = None,
+    slop: SlopOpt = None,
+    banned_regex: BannedRegexOpt = False,
     seed: Annotated[Optional[int], typer.Option(help="Make sampling reproducible.")] = None,
     lookahead: Annotated[Optional[int], typer.Option(help="Greedy only: check up to this many tokens copied from earlier in the text per step (prompt-lookup speculative decoding; same output, faster when the output copies the prompt, as rewrites do; 0 = off).")] = None,
     n: Annotated[int, typer.Option("-n", help="Number of candidates (they share one prefill).")] = 1,
@@ -51,11 +62,14 @@ def generate(
       llmos generate "The harbour at dawn" --beams 4 --max-tokens 40
 
       echo "Dear diary," | llmos generate - --json --logprobs 3
+
+      llmos generate "The old house" --slop en --xtc-probability 0.5 --min-p 0.05
     """
     if prompt == "-":
         prompt = sys.stdin.read()
     if n < 1:
         fail("-n must be at least 1")
+    bans = banned_strings(banned, banned_file, slop, banned_regex)
     from llmos.weights.store import model_for
 
     llm = attach_safety(load_llm(model_for(model, prompt), precision), safety)  # Chinese: the multilingual model
@@ -63,9 +77,11 @@ def generate(
     from llmos.engine.generate import ContextError
     from llmos.llm import Result
 
-    if llm.tokenizer is None and (beams or ban or logprobs is not None):
-        fail("--beams, --ban and --logprobs need a local model")
+    if llm.tokenizer is None and (beams or ban or bans or logprobs is not None):
+        fail("--beams, --ban, banned strings and --logprobs need a local model")
     if beams:
+        if bans:
+            fail("banned strings need sampling: leave out --beams, or the banned strings")
         if any(v is not None for v in (temperature, top_k, top_p, min_p, typical_p, seed)):
             err.print("[yellow]note:[/] beam search is deterministic; sampling options are ignored")
         try:
@@ -86,10 +102,13 @@ def generate(
         typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty, no_repeat_ngram_size=no_repeat_ngram, seed=seed,
         logprobs=logprobs, banned_sequences=banned_sequences(llm, ban) or None, lookahead=lookahead,
+        top_a=top_a, tfs=tfs, xtc_threshold=xtc_threshold, xtc_probability=xtc_probability,
+        sampler_order=sampler_order(order),
     ))
     result = Result("", 0, [])
+    extra = dict(banned_strings=bans, banned_regex=banned_regex) if bans else {}
     try:
-        stream = llm.stream(prompt, params, n=n, stop=stop, chat=chat, truncate=truncate, result=result)
+        stream = llm.stream(prompt, params, n=n, stop=stop, chat=chat, truncate=truncate, result=result, **extra)
         first = next(stream, None)  # surfaces prompt errors before any output
     except (ContextError, ValueError) as e:
         fail(str(e))

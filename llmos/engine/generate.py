@@ -7,7 +7,9 @@ string), its deadline, or cancellation. Running rows stay packed at the front of
 decode step runs on exactly the live sequences, each at its own position.
 
 The engine is plain synchronous code and knows nothing about text: a request's `hook`, supplied
-by the text layer (llm.py), turns each sampled token into text and may end the candidate.
+by the text layer (llm.py), turns each sampled token into text and may end the candidate, or
+`Rewind` it: the candidate goes back to an earlier position of its output and samples there
+again without the token it had taken (banned strings).
 Single-request generation runs it with `run`; a server drives one engine from its scheduler
 thread. Beam search (beam.py) is a separate algorithm on the same `prefill` / `decode_step`.
 """
@@ -24,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from llmos.engine.sampling import SamplingParams, logprobs_of, process_logits, sample
+from llmos.engine.sampling import SamplingParams, apply_bans, logprobs_of, sample
 from llmos.model import KVCache, Transformer
 
 
@@ -53,6 +55,7 @@ class Sequence:
     seen: torch.Tensor | None = None  # (V,) bool: prompt and output tokens, for repetition penalty
     counts: torch.Tensor | None = None  # (V,) output token counts, for presence/frequency
     constraint_state: object = None  # where params.constraint's state machine stands
+    excluded: dict[int, set[int]] = field(default_factory=dict)  # output position -> tokens rewound from it
 
     @classmethod
     def start(cls, prompt: list[int], params: SamplingParams, vocab_size: int, index: int = 0):
@@ -96,6 +99,25 @@ class Sequence:
         elif len(self.output) >= self.params.max_tokens:
             self.finish_reason = "length"
 
+    def rewind(self, keep: int):
+        """Back to the first `keep` output tokens; the token that followed them is excluded at
+        that position from now on, so sampling there again takes another."""
+        removed = self.output[keep:]
+        self.excluded.setdefault(keep, set()).add(removed[0])
+        del self.output[keep:]
+        del self.logprobs[keep:]
+        self.finish_reason = None
+        if self.seen is not None:
+            self.seen.zero_()
+            self.seen[torch.tensor(self.history, dtype=torch.long)] = True
+        if self.counts is not None:
+            for t in removed:
+                self.counts[t] -= 1
+        if self.params.constraint is not None:
+            self.constraint_state = self.params.constraint.start()
+            for t in self.output:
+                self.constraint_state = self.params.constraint.advance(self.constraint_state, t)
+
 
 def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Choose the next token of each row (B, V) -> (B,), then record it in its sequence.
@@ -120,11 +142,18 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         sub = logits[rows] if len(rows) < len(seqs) else logits
         seen = torch.stack([s.seen for s in group]) if group[0].seen is not None else None
         counts = torch.stack([s.counts for s in group]) if group[0].counts is not None else None
-        processed = process_logits(sub, params, [s.history for s in group], seen, counts)
+        histories = [s.history for s in group]
+        processed = apply_bans(sub, params, histories)
         if params.constraint is not None:
             allowed = torch.stack([params.constraint.mask(s.constraint_state) for s in group])
             processed = processed.masked_fill(~allowed[:, : processed.shape[-1]], float("-inf"))
-        tokens[rows] = sample(processed, params, [s.generator for s in group])
+        excluded = [(i, s.excluded.get(len(s.output))) for i, s in enumerate(group) if s.excluded]
+        if any(ex for _, ex in excluded):
+            processed = processed.clone()  # never write into the model's logits (logprobs read them)
+            for i, ex in excluded:
+                if ex:
+                    processed[i, list(ex)] = float("-inf")
+        tokens[rows] = sample(processed, params, [s.generator for s in group], histories, seen, counts)
     for row, seq in enumerate(seqs):
         lp = None
         if seq.params.logprobs is not None:
@@ -167,12 +196,26 @@ class Timings:
         }
 
 
+@dataclass
+class Rewind:
+    """A hook's answer that takes a candidate back: keep its first `keep` output tokens and
+    sample the next one again, never the token it had there. The row's cache position goes
+    back with it (the entries past it are simply overwritten)."""
+
+    keep: int
+
+
 class TokenHook(Protocol):
     """What the text layer plugs into a request: text for each token, and the end of a candidate."""
 
-    def token(self, index: int, token: int) -> tuple[str, bool | str]:
+    def token(self, index: int, token: int) -> tuple[str, bool | str | Rewind]:
         """The text candidate `index` releases with this (non-stop) token, and whether it ends
-        there: True ends it as "stop", a string ends it with that finish reason."""
+        there: True ends it as "stop", a string ends it with that finish reason, a Rewind takes
+        it back to an earlier position."""
+
+    def at_end(self, index: int) -> Rewind | None:
+        """Optional: asked when candidate `index` is about to end by a stop token or max_tokens;
+        a Rewind takes it back instead (what it held only the end could decide)."""
 
     def finish(self, index: int) -> str:
         """Text still held back when candidate `index` ends ("" after the hook ended it)."""
@@ -228,6 +271,7 @@ class Row:
     token: int = 0  # the token to feed next
     misses: int = 0  # lookahead: drafts in a row the model rejected outright
     pause: int = 0  # lookahead: plain steps to take before drafting again (2 ** misses)
+    rewound: bool = False  # its hook took it back in the step just sampled
 
     @property
     def sequence(self) -> Sequence:
@@ -500,7 +544,7 @@ class Engine:
         accepted = 0
         for j in range(len(tokens)):
             if j:
-                if row.sequence.done or row.token != tokens[j]:
+                if row.sequence.done or row.rewound or row.token != tokens[j]:
                     break
                 accepted += 1
             row.pos += 1
@@ -523,18 +567,35 @@ class Engine:
             if prefill_start is None:
                 t.decode_tokens += 1
             self.stats["generated_tokens"] += 1
-            row.token = token
-            text = ""
+            row.token, row.rewound = token, False
+            text, ended = "", False
             if req.hook is not None and token not in seq.params.stop_token_ids:
                 text, ended = req.hook.token(row.index, token)
-                if ended:
-                    seq.finish_reason = ended if isinstance(ended, str) else "stop"
+            if req.hook is not None and seq.finish_reason in ("stop", "length") and not ended:
+                at_end = getattr(req.hook, "at_end", None)
+                ended = at_end(row.index) if at_end is not None else False
+            if isinstance(ended, Rewind):
+                self._rewind(row, ended.keep)
+                token = None  # taken back: no token to report
+            elif ended:
+                seq.finish_reason = ended if isinstance(ended, str) else "stop"
             if req.cancelled:
                 seq.finish_reason = "cancelled"
             elif req.deadline is not None and now > req.deadline and not seq.done:
                 seq.finish_reason = "length"
-            events.append(Event(req, row.index, token, text, seq.logprobs[-1] if seq.logprobs else None))
+            logprob = seq.logprobs[-1] if seq.logprobs and token is not None else None
+            events.append(Event(req, row.index, token, text, logprob))
         self._end([row for row in rows if row.sequence.done], events)
+
+    def _rewind(self, row: Row, keep: int):
+        """Take the row back to its first `keep` output tokens: the next step feeds the token
+        before that position again (rewriting its cache entry with the same keys and values)
+        and samples the position anew, its rewound token excluded."""
+        seq = row.sequence
+        seq.rewind(keep)
+        history_len = len(seq.prompt) + keep
+        row.pos, row.token, row.rewound = history_len - 1, seq.history[history_len - 1], True
+        row.misses = row.pause = 0
 
     def _end(self, ended: list[Row], events: list[Event]):
         """Close the ended rows and keep the running ones packed at the front of the cache:

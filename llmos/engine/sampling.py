@@ -1,8 +1,13 @@
-"""Samplers: small pure functions on a (B, V) float logits tensor, applied in a fixed order.
+"""Samplers: small pure functions on a (B, V) float logits tensor, applied in order.
 
-Order (as in HF and vLLM): bans and biases -> penalties -> temperature -> truncation
-(top-k, top-p, min-p, typical-p) -> draw. Filters return new tensors with removed tokens set to
--inf; nothing here knows about text.
+Bans and biases (logit_bias, banned_sequences, no_repeat_ngram_size, a constraint's mask, a
+rewound position's excluded tokens) always come first; then the samplers run in
+`SamplingParams.sampler_order`, by default DEFAULT_ORDER (as in HF and vLLM, with the samplers
+added later at the end): rep_pen (repetition, presence, frequency and DRY penalties) ->
+temperature -> top_k -> top_p -> min_p -> typical -> top_a -> tfs -> xtc; then the draw.
+A custom order runs the samplers it names in that order and any it leaves out after them, in
+the default order (so KoboldCpp's `sampler_order`, which has no min_p or XTC, keeps them on). Filters return new tensors with removed tokens set to -inf; nothing here
+knows about text.
 """
 
 from __future__ import annotations
@@ -14,6 +19,10 @@ from typing import Protocol
 import torch
 
 NEG_INF = float("-inf")
+DEFAULT_ORDER = ("rep_pen", "temperature", "top_k", "top_p", "min_p", "typical", "top_a", "tfs", "xtc")
+# Names front ends use for the same samplers (llama.cpp's `samplers`, SillyTavern's lists).
+SAMPLER_ALIASES = {"penalties": "rep_pen", "repetition_penalty": "rep_pen", "dry": "rep_pen", "temp": "temperature",
+                   "typical_p": "typical", "typ_p": "typical", "tfs_z": "tfs"}
 
 
 class Constraint(Protocol):
@@ -53,8 +62,17 @@ class SamplingParams:
     # followed the latest earlier occurrence of the text's last few tokens are checked in one
     # forward pass. Output is unchanged; rewrites and edits, which copy their input, run faster.
     lookahead: int = 0
+    top_a: float = 0.0  # drop tokens below top_a * (top probability)**2 (0: off)
+    tfs: float = 1.0  # tail-free sampling: the z of the cut in the sorted probabilities' curvature (1: off)
+    xtc_threshold: float = 0.1  # XTC ("exclude top choices"): tokens at least this likely are "top choices"
+    xtc_probability: float = 0.0  # how often XTC acts on a step (0: off); needs sampling, not greedy
+    sampler_order: list[str] | None = None  # None: DEFAULT_ORDER; aliases (typ_p, tfs_z, penalties...) accepted
 
     def __post_init__(self):
+        if self.sampler_order is not None:
+            # aliases to their names; a sampler named twice (SillyTavern sends "penalties" and "dry") runs once
+            self.sampler_order = list(dict.fromkeys(SAMPLER_ALIASES.get(str(n).lower(), str(n).lower())
+                                                    for n in self.sampler_order))
         self.validate()
 
     def validate(self):
@@ -87,6 +105,24 @@ class SamplingParams:
         check(self.dry_multiplier >= 0, f"dry_multiplier must be >= 0 (0 turns it off), got {self.dry_multiplier}")
         check(self.dry_base >= 1, f"dry_base must be >= 1, got {self.dry_base}")
         check(self.dry_allowed_length >= 1, f"dry_allowed_length must be >= 1, got {self.dry_allowed_length}")
+        check(0 <= self.top_a <= 1, f"top_a must be in [0, 1], got {self.top_a} (0 turns it off)")
+        check(0 < self.tfs <= 1, f"tfs must be in (0, 1], got {self.tfs} (1 turns it off; 0.95 is typical)")
+        check(0 <= self.xtc_threshold <= 1,
+              f"xtc_threshold must be in [0, 1], got {self.xtc_threshold} (0.1 is typical; above 0.5 XTC never acts)")
+        check(0 <= self.xtc_probability <= 1,
+              f"xtc_probability must be in [0, 1], got {self.xtc_probability} (0 turns XTC off; 0.5 is typical)")
+        if self.sampler_order is not None:
+            unknown = [n for n in self.sampler_order if n not in DEFAULT_ORDER]
+            check(not unknown, f"sampler_order: unknown sampler {unknown[0] if unknown else ''!r}; "
+                               f"name samplers from: {', '.join(DEFAULT_ORDER)}")
+            check(bool(self.sampler_order), "sampler_order is empty: name at least one sampler, e.g. temperature "
+                                            "(or leave it out for the default order)")
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        if self.sampler_order is None:
+            return DEFAULT_ORDER
+        return tuple(self.sampler_order) + tuple(n for n in DEFAULT_ORDER if n not in self.sampler_order)
 
     @property
     def greedy(self) -> bool:
@@ -265,6 +301,59 @@ def typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
     return logits.masked_fill(remove, NEG_INF)
 
 
+def top_a_filter(logits: torch.Tensor, a: float) -> torch.Tensor:
+    """Top-a: drop tokens less likely than a times the square of the top token's probability
+    (a confident distribution is cut hard, a flat one barely)."""
+    if a <= 0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    top = probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < a * top * top, NEG_INF)
+
+
+def tail_free_filter(logits: torch.Tensor, z: float) -> torch.Tensor:
+    """Tail-free sampling: sort the probabilities, take the absolute second differences of that
+    curve (where it flattens into the tail), normalise them to sum 1, and cut the tokens after
+    the point where their running sum passes z. The top token always stays."""
+    if z >= 1.0 or logits.shape[-1] < 4:
+        return logits
+    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+    d2 = (probs[:, :-2] - 2 * probs[:, 1:-1] + probs[:, 2:]).abs()  # (B, V-2)
+    total = d2.sum(dim=-1, keepdim=True)
+    cum = (d2 / total.clamp_min(1e-12)).cumsum(dim=-1)
+    keep_sorted = torch.ones_like(probs, dtype=torch.bool)
+    # sorted token j (1 <= j <= V-3) stays while the sum up to its curvature is within z; the last
+    # two, which have none of their own, stay only if nothing was cut
+    keep_sorted[:, 1:-2] = cum[:, 1:] <= z
+    keep_sorted[:, -2:] = cum[:, -1:] <= z
+    keep_sorted |= total == 0  # a flat distribution has no tail to cut
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, NEG_INF)
+
+
+def xtc_filter(logits: torch.Tensor, threshold: float, probability: float,
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+    """XTC, "exclude top choices": on a step where the row's coin (from its own generator, so a
+    seed reproduces it) comes up below `probability`, the tokens at least `threshold` likely are
+    removed except the least likely of them, so the text leaves its most predictable path while
+    staying among plausible tokens. Nothing changes when fewer than two tokens reach the threshold."""
+    if probability <= 0:
+        return logits
+    coins = torch.cat([torch.rand(1, generator=g) for g in generators])
+    act = coins < probability
+    if not act.any():
+        return logits
+    probs = logits.softmax(dim=-1)
+    top = probs >= threshold
+    enough = top.sum(dim=-1) >= 2
+    rows = act & enough
+    if not rows.any():
+        return logits
+    least = torch.where(top, probs, torch.inf).min(dim=-1, keepdim=True).values  # the weakest top choice
+    remove = top & (probs > least) & rows[:, None]
+    return logits.masked_fill(remove, NEG_INF)
+
+
 # --- drawing ---------------------------------------------------------------------------------
 
 
@@ -282,18 +371,22 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torc
     return tokens.clamp_(max=logits.shape[-1] - 1)
 
 
-def process_logits(
+def apply_bans(logits: torch.Tensor, params: SamplingParams, histories: list[list[int]]) -> torch.Tensor:
+    """What always comes first: logit bias, banned sequences and repeated n-grams.
+    histories: prompt + output token ids per row."""
+    logits = apply_logit_bias(logits, params.logit_bias)
+    logits = ban_sequences(logits, histories, params.banned_sequences)
+    return ban_repeated_ngrams(logits, histories, params.no_repeat_ngram_size)
+
+
+def apply_penalties(
     logits: torch.Tensor,
     params: SamplingParams,
     histories: list[list[int]],
     seen: torch.Tensor | None,
     counts: torch.Tensor | None,
 ) -> torch.Tensor:
-    """All logit transformations of `params` except temperature and truncation, in order.
-    histories: prompt + output token ids per row (for n-gram and sequence bans)."""
-    logits = apply_logit_bias(logits, params.logit_bias)
-    logits = ban_sequences(logits, histories, params.banned_sequences)
-    logits = ban_repeated_ngrams(logits, histories, params.no_repeat_ngram_size)
+    """The "rep_pen" step: repetition, presence/frequency and DRY penalties."""
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if counts is not None:
@@ -303,17 +396,44 @@ def process_logits(
     return apply_dry(logits, histories, params.dry_multiplier, params.dry_base, params.dry_allowed_length)
 
 
-def sample(
-    logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    histories: list[list[int]],
+    seen: torch.Tensor | None,
+    counts: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Temperature, truncation and the draw (or the argmax, with temperature 0)."""
+    """Bans, biases and penalties (the default order's start), without temperature and truncation."""
+    return apply_penalties(apply_bans(logits, params, histories), params, histories, seen, counts)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generators: list[torch.Generator | None],
+    histories: list[list[int]] | None = None,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The samplers in params.order, then the draw (or the argmax, with temperature 0: only the
+    penalties matter then; XTC, being random, needs sampling). Bans come before, from the caller.
+    Without histories the penalties are taken as applied already (process_logits)."""
+    penalize = histories is not None and "rep_pen" in params.order
     if params.greedy:
-        return greedy(logits)
-    logits = apply_temperature(logits, params.temperature)
-    logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    logits = min_p_filter(logits, params.min_p)
-    logits = typical_filter(logits, params.typical_p)
+        return greedy(apply_penalties(logits, params, histories, seen, counts) if penalize else logits)
+    steps = {
+        "rep_pen": lambda x: apply_penalties(x, params, histories, seen, counts) if penalize else x,
+        "temperature": lambda x: apply_temperature(x, params.temperature),
+        "top_k": lambda x: top_k_filter(x, params.top_k),
+        "top_p": lambda x: top_p_filter(x, params.top_p),
+        "min_p": lambda x: min_p_filter(x, params.min_p),
+        "typical": lambda x: typical_filter(x, params.typical_p),
+        "top_a": lambda x: top_a_filter(x, params.top_a),
+        "tfs": lambda x: tail_free_filter(x, params.tfs),
+        "xtc": lambda x: xtc_filter(x, params.xtc_threshold, params.xtc_probability, generators),
+    }
+    for name in params.order:
+        logits = steps[name](logits)
     return draw(logits, generators)
 
 

@@ -33,7 +33,8 @@ async def engine_request(llm, prompt, params, body: P.SamplingFields):
     """The engine request of a prompt or chat; tokenized in a worker thread, since a long
     prompt takes a while and the event loop is feeding every other stream meanwhile."""
     try:
-        return await asyncio.to_thread(llm.request, prompt, params, body.n, body.stops(), ignore_eos=body.ignore_eos)
+        return await asyncio.to_thread(llm.request, prompt, params, body.n, body.stops(), ignore_eos=body.ignore_eos,
+                                       banned_strings=body.banned(), banned_regex=body.banned_regex)
     except ValueError as e:  # an empty prompt, a chat template that rejects the messages
         raise APIError(400, str(e), "messages" if isinstance(prompt, list) else "prompt") from None
 
