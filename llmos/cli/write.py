@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from llmos.cli.common import (CheckCopyingOpt, CopyAgainstOpt, ModelOpt, PrecisionOpt, SafetyOpt, attach_safety,
-                              copy_index_for, err, fail, load_llm, out, parse_vars, print_copying, result_json,
-                              run_stream)
+from llmos.cli.common import (BannedFileOpt, BannedRegexOpt, BannedStringsOpt, CheckCopyingOpt, CopyAgainstOpt,
+                              ModelOpt, PrecisionOpt, SafetyOpt, SamplerOrderOpt, SlopOpt, TfsOpt, TopAOpt,
+                              XtcProbabilityOpt, XtcThresholdOpt, attach_safety, banned_strings, copy_index_for, err,
+                              fail, load_llm, out, parse_vars, print_copying, result_json, run_stream, sampler_order)
 
 
 TonesOpt = Annotated[Optional[str], typer.Option(
@@ -39,6 +40,16 @@ def write(
     dry: Annotated[Optional[float], typer.Option(help="DRY repetition penalty strength (0.8 is typical; 0 = off).")] = None,
     allow_phrases: Annotated[bool, typer.Option(help="Do not ban stock phrases such as 'a testament to'.")] = False,
     seed: Annotated[Optional[int], typer.Option(help="Make the text reproducible.")] = None,
+    min_p: Annotated[Optional[float], typer.Option(help="Drop tokens below min_p x the top token's probability (0 = off).")] = None,
+    top_a: TopAOpt = None,
+    tfs: TfsOpt = None,
+    xtc_threshold: XtcThresholdOpt = None,
+    xtc_probability: XtcProbabilityOpt = None,
+    order: SamplerOrderOpt = None,
+    banned: BannedStringsOpt = [],
+    banned_file: BannedFileOpt = None,
+    slop: SlopOpt = None,
+    banned_regex: BannedRegexOpt = False,
     chapters: Annotated[int, typer.Option(help="novel: number of chapters.")] = 5,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="novel: the book folder.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
@@ -68,6 +79,8 @@ def write(
 
       llmos write rewrite "me and him goes to the market yesterday"
 
+      llmos write story "a storm at sea" --slop en --xtc-probability 0.5
+
       llmos write novel "a city where it never rains" --chapters 5 -o book/
     """
     from llmos.llm import Result
@@ -89,6 +102,7 @@ def write(
         return _novel(brief, chapters, output, model, language, seed, precision, safety)
     if n < 1:
         fail("-n must be at least 1")
+    bans = banned_strings(banned, banned_file, slop, banned_regex)
     kept = _check_pick(pick, n)
     if style:
         rank = f"style:{style}"
@@ -100,14 +114,19 @@ def write(
             fail(str(e))
     req = WriteRequest(task, brief, variables, language, form, n,
                        dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            dry_multiplier=dry, logprobs=0 if rank else None),
+                            dry_multiplier=dry, logprobs=0 if rank else None, min_p=min_p, top_a=top_a, tfs=tfs,
+                            xtc_threshold=xtc_threshold, xtc_probability=xtc_probability,
+                            sampler_order=sampler_order(order)),
                        [] if allow_phrases else None)
     llm = attach_safety(load_llm(model, precision), safety)
     copying = copy_index_for(llm, check_copying, copy_against)
     result = Result("", 0, [])
     try:
         prompt, params, stops, chosen_form = prepare_write(llm, req)
-        stream = llm.stream(prompt, params, n=n, stop=stops, result=result)
+        if bans and llm.tokenizer is None:
+            fail("banned strings need a local model (-m with a local name)")
+        extra = dict(banned_strings=bans, banned_regex=banned_regex) if bans else {}
+        stream = llm.stream(prompt, params, n=n, stop=stops, result=result, **extra)
         first = next(stream, None)
     except (TaskError, form_lib.FormError, ValueError) as e:
         fail(str(e))
