@@ -9,7 +9,7 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import Path
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmos.engine.sampling import SamplingParams
 
@@ -24,12 +24,38 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields real front ends send to an OpenAI-compatible server that LLMOS does not implement:
+# accepted and ignored, so that they work unchanged (SillyTavern 1.19's text-completion body,
+# createTextGenGenerationData in public/scripts/textgen-settings.js, and its chat-completion
+# body; OpenAI's own chat fields for tools and reasoning). Any other unknown field is a 400.
+IGNORED_FIELDS = frozenset("""
+    max_new_tokens typical sampler_seed skew min_length minimum_message_content_tokens min_tokens num_beams
+    early_stopping add_bos_token dynamic_temperature dynatemp_low dynatemp_high dynatemp_range
+    dynatemp_exponent dynatemp_min dynatemp_max dynatemp_mode smoothing_factor smoothing_curve
+    dry_sequence_breakers dry_penalty_last_n max_tokens_second sampler_priority samplers_priorities
+    stopping_strings truncation_length ban_eos_token skip_special_tokens include_reasoning epsilon_cutoff
+    eta_cutoff mirostat_mode mirostat_tau mirostat_eta mirostat custom_token_bans api_type api_server
+    legacy_api nsigma top_n_sigma min_keep adaptive_target adaptive_decay rep_pen rep_pen_range
+    rep_pen_size rep_pen_slope repetition_decay repetition_penalty_range encoder_repetition_penalty
+    penalty_alpha temperature_last speculative_ngram do_sample guidance_scale negative_prompt
+    grammar_string grammar grammar_retain_state json_schema repeat_penalty repeat_last_n n_predict
+    num_predict num_ctx n_probs trim_stop cache_prompt spaces_between_special_tokens guided_grammar
+    guided_json include_stop_str_in_output tfs_z bypass_status_check streaming best_of
+    tools tool_choice parallel_tool_calls functions function_call response_format reasoning_effort
+    metadata store modalities audio prediction service_tier web_search_options
+""".split())
+# llama.cpp's `samplers` names that have no sampler here: dropped from an order, not refused
+SAMPLERS_NOT_HERE = frozenset({"top_n_sigma", "nsigma", "infill", "mirostat", "adaptive_p"})
+
+
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, max_length=300)
+    logit_bias: dict[str, float | bool] | list[list[str | int | float | bool]] | None = Field(
+        None, max_length=300, description="Token id (or text: each of its tokens) -> bias in [-100, 100]; false bans. "
+                                          "Also llama.cpp's list of [token or text, bias] pairs.")
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
@@ -49,6 +75,39 @@ class SamplingFields(BaseModel):
     ban: list[str] | None = Field(None, max_length=256,
                                   description="Words or phrases never to produce (as `llmos generate --ban`).")
     ignore_eos: bool = False  # run to max_tokens past end-of-text (fixed-length load tests)
+    top_a: float | None = Field(None, ge=0, le=1)
+    tfs: float | None = Field(None, gt=0, le=1)
+    xtc_threshold: float | None = Field(None, ge=0, le=1)
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    dry_multiplier: float | None = Field(None, ge=0)
+    dry_base: float | None = Field(None, ge=1)
+    dry_allowed_length: int | None = Field(None, ge=1)
+    samplers: list[str] | None = Field(None, max_length=32, description="Sampler order by name (llama.cpp's "
+                                       "`samplers`): rep_pen, temperature, top_k, top_p, min_p, typical, top_a, tfs, xtc.")
+    sampler_order: list[int] | None = Field(None, max_length=32, description="KoboldCpp's sampler order by number.")
+    banned_strings: list[str] | None = Field(None, max_length=1024, description="Text never to produce, in any "
+                                             "case and tokenisation: generation rewinds and samples again.")
+    banned_regex: bool = Field(False, description="banned_strings are regular expressions.")
+    slop: Literal["en", "zh"] | None = Field(None, description="Also ban the shipped slop list of this language.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _front_end_fields(cls, data):
+        """Fields front ends send under other names are read as LLMOS's; the ones LLMOS does not
+        implement are dropped (see IGNORED_FIELDS)."""
+        if not isinstance(data, dict):
+            return data
+        aliases = {"rep_pen": "repetition_penalty", "repeat_penalty": "repetition_penalty", "typical": "typical_p",
+                   "sampler_seed": "seed", "tfs_z": "tfs"}
+        out = {k: v for k, v in data.items() if k not in IGNORED_FIELDS}
+        for alias, name in aliases.items():
+            if data.get(alias) is not None and data.get(name) is None:
+                out[name] = data[alias]
+        if data.get("ban_eos_token") and "ignore_eos" not in data:
+            out["ignore_eos"] = True
+        if out.get("logit_bias") == []:  # SillyTavern's "no bias"
+            out["logit_bias"] = None
+        return out
 
     @field_validator("stop")
     @classmethod
@@ -60,21 +119,74 @@ class SamplingFields(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v):
+        if isinstance(v, list):
+            if any(len(pair) != 2 for pair in v):
+                raise ValueError("logit_bias as a list holds [token id or text, bias] pairs")
+            v = {str(key): value for key, value in v}
         for key, value in (v or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -100 <= value <= 100:
-                raise ValueError("logit_bias values must be between -100 and 100")
+            if not key:
+                raise ValueError("logit_bias keys must be token ids or non-empty text")
+            if not isinstance(value, bool) and not -100 <= value <= 100:
+                raise ValueError("logit_bias values must be between -100 and 100 (or false to ban)")
         return v
+
+    @field_validator("banned_strings")
+    @classmethod
+    def _banned(cls, v):
+        return [s for s in v if s] if v else v
+
+    @model_validator(mode="after")
+    def _banned_regex(self):
+        if self.banned_regex and self.banned_strings:
+            from llmos.llm import banned_pattern
+
+            banned_pattern(self.banned_strings, True)  # a bad expression: ValueError, a 400 naming it
+        return self
+
+    def banned(self) -> list[str] | None:
+        """banned_strings with the slop list, if asked for (regex mode applies to banned_strings only)."""
+        if not self.slop:
+            return self.banned_strings or None
+        from llmos.writing.slop import load_slop
+
+        if self.banned_regex:
+            import regex
+
+            return list(self.banned_strings or []) + [regex.escape(p) for p in load_slop(self.slop)]
+        return list(self.banned_strings or []) + list(load_slop(self.slop))
+
+    def order(self) -> list[str] | None:
+        """The sampler order, from `samplers` (names) or KoboldCpp's `sampler_order` (numbers)."""
+        if self.samplers:
+            return [n for n in self.samplers if n.lower() not in SAMPLERS_NOT_HERE] or None
+        if self.sampler_order:
+            bad = next((n for n in self.sampler_order if not 0 <= n < len(KOBOLD_SAMPLERS)), None)
+            if bad is not None:
+                raise ValueError(f"sampler_order: {bad} is not a KoboldCpp sampler number; use 0-6 "
+                                 f"({', '.join(f'{k} {v}' for k, v in enumerate(KOBOLD_SAMPLERS))})")
+            return [KOBOLD_SAMPLERS[n] for n in self.sampler_order]
+        return None
+
+    def token_bias(self, tokenizer, vocab_size: int) -> dict[int, float]:
+        """logit_bias by token id; a text key biases each of its tokens; false bans (-100)."""
+        bias: dict[int, float] = {}
+        for key, value in (self.logit_bias or {}).items():
+            value = -100.0 if value is False else 0.0 if value is True else float(value)
+            if key.lstrip("-").isdigit():
+                ids = [int(key)]
+                if not 0 <= ids[0] < vocab_size:
+                    raise ValueError(f"logit_bias: token id {ids[0]} is outside the vocabulary (size {vocab_size})")
+            else:
+                ids = tokenizer.encode(key, add_bos=False)
+            for i in ids:
+                bias[i] = value
+        return bias
 
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self, llm, logprobs: int | None, vocab_size: int) -> SamplingParams:
-        bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
-        bad = [k for k in bias if not 0 <= k < vocab_size]
-        if bad:
-            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+        bias = self.token_bias(llm.tokenizer, vocab_size)
         from llmos.writing.tasks import banned_sequences
 
         return llm.sampling(
@@ -83,6 +195,9 @@ class SamplingFields(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             no_repeat_ngram_size=self.no_repeat_ngram_size, seed=self.seed, logprobs=logprobs,
             logit_bias=bias or None, banned_sequences=banned_sequences(llm.tokenizer, self.ban) if self.ban else None,
+            top_a=self.top_a, tfs=self.tfs, xtc_threshold=self.xtc_threshold, xtc_probability=self.xtc_probability,
+            dry_multiplier=self.dry_multiplier, dry_base=self.dry_base, dry_allowed_length=self.dry_allowed_length,
+            sampler_order=self.order(),
         )
 
 
