@@ -98,7 +98,7 @@ def test_kobold_banned_strings_and_token_bans(server, tiny_llm):
     banned = post(server, "/api/v1/generate", {**base, "banned_tokens": ["o"]}).json()["results"][0]["text"]
     o = tiny_llm.tokenizer.encode("o", add_bos=False)[0]
     by_id = post(server, "/api/v1/generate", {**base, "custom_token_bans": f"{o}"}).json()["results"][0]["text"]
-    assert "o" not in banned and "o" not in by_id
+    assert "o" not in banned.lower() and "o" not in by_id
 
 
 def test_kobold_abort_by_genkey_frees_the_rows_and_check_reads_the_text(server):
@@ -294,3 +294,61 @@ def test_with_a_key_the_native_routes_need_it_and_count_in_metrics(tiny_llm, tmp
         assert 'llmos_requests_total{path="/api/generate",status="200"} 1' in metrics
     finally:
         s.stop()
+
+
+# -- the samplers front ends send beyond OpenAI's: XTC, top-a, tail-free, the order ---------------
+
+
+def test_kobold_top_a_xtc_and_sampler_order_reach_the_engine(server):
+    base = {"prompt": "Hello", "max_length": 8, "sampler_seed": 5}
+    greedy = post(server, "/api/v1/generate", {**base, "temperature": 0}).json()["results"][0]["text"]
+    # top-a at 1 keeps only the most likely token (the tiny model is all but sure of it): greedy, however hot
+    hot = {**base, "temperature": 1.5, "top_a": 1.0, "sampler_order": [6, 0, 1, 3, 4, 2, 5]}
+    assert post(server, "/api/v1/generate", hot).json()["results"][0]["text"] == greedy
+    # XTC that always fires, with every token a "top choice", leaves only the least likely of them
+    xtc = {**base, "temperature": 1.0, "xtc_probability": 1.0, "xtc_threshold": 0.0}
+    assert post(server, "/api/v1/generate", xtc).json()["results"][0]["text"] != greedy
+    tfs = post(server, "/api/v1/generate", {**base, "temperature": 0.7, "tfs": 0.5, "sampler_order": [5, 3, 0]})
+    assert tfs.status_code == 200, tfs.text
+    bad = post(server, "/api/v1/generate", {**base, "xtc_probability": 1.5}).json()["detail"]
+    assert "xtc_probability" in bad["msg"]
+
+
+def test_ollama_and_llamacpp_new_samplers(server, tiny_llm):
+    r = post(server, "/api/generate", {"model": tiny_llm.name, "prompt": "Hi", "stream": False,
+                                       "options": {"num_predict": 4, "tfs_z": 0.9}})
+    assert r.status_code == 200, r.text
+    base = {"prompt": "Hello", "n_predict": 6, "seed": 2}
+    greedy = post(server, "/completion", {**base, "temperature": 0}).json()["content"]
+    ordered = post(server, "/completion", {**base, "temperature": 1.5, "top_k": 1,
+                                           "samplers": ["top_k", "tfs_z", "temperature"]}).json()["content"]
+    assert ordered == greedy  # top-k 1 first: the temperature after it has one token left to choose
+    xtc = post(server, "/completion", {**base, "temperature": 1, "xtc_probability": 1, "xtc_threshold": 0})
+    assert xtc.json()["content"] != greedy
+
+
+# -- JSON answers: Ollama's format, llama.cpp's json_schema -----------------------------------------
+
+SCHEMA = {"type": "object", "properties": {"done": {"type": "boolean"}, "mood": {"enum": ["calm", "wild"]}},
+          "required": ["done", "mood"], "additionalProperties": False}
+
+
+def test_ollama_format_and_llamacpp_json_schema_keep_the_answer_json(server, tiny_llm):
+    from llmos.writing.json_schema import validate
+
+    client = ollama.Client(host=server.url)
+    for fmt in (SCHEMA, "json"):
+        answer = client.generate(model=tiny_llm.name, prompt="Answer in JSON.", format=fmt,
+                                 options={"num_predict": 120, "seed": 1}).response
+        value = json.loads(answer)
+        assert isinstance(value, dict) and (fmt == "json" or validate(value, SCHEMA) == [])
+    parts = list(client.chat(model=tiny_llm.name, messages=[{"role": "user", "content": "JSON please"}], format=SCHEMA,
+                             options={"num_predict": 120, "seed": 2}, stream=True))
+    assert validate(json.loads("".join(p.message.content for p in parts)), SCHEMA) == []
+    body = {"prompt": "Answer:", "n_predict": 120, "seed": 3, "json_schema": SCHEMA}
+    assert validate(json.loads(post(server, "/completion", body).json()["content"]), SCHEMA) == []
+    bad = post(server, "/completion", {**body, "json_schema": {"type": "object", "patternProperties": {"a": {}}}})
+    assert bad.status_code == 400 and "json_schema" in bad.json()["error"]["message"]
+    with pytest.raises(ollama.ResponseError) as err:
+        client.generate(model=tiny_llm.name, prompt="x", format={"type": "nonsense"})
+    assert err.value.status_code == 400 and "format" in err.value.error

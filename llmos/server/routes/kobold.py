@@ -19,6 +19,8 @@ import asyncio
 import json
 from collections import OrderedDict
 
+import regex
+
 from fastapi import APIRouter, Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -136,8 +138,6 @@ class KoboldToken(BaseModel):
 
 def kobold_params(llm, body: KoboldGenerate):
     """The request's SamplingParams (400 for an unknown sampler or a value out of range)."""
-    from llmos.writing.tasks import banned_sequences
-
     vocab = llm.model.config.vocab_size
     order = None
     if body.sampler_order:
@@ -156,9 +156,6 @@ def kobold_params(llm, body: KoboldGenerate):
     banned = [[int(t)] for t in (t.strip() for t in body.custom_token_bans.split(",")) if t.isdigit()]
     if any(b[0] >= vocab for b in banned):
         raise APIError(400, f"custom_token_bans: token ids must be below {vocab}", "custom_token_bans")
-    strings = [s for s in (body.banned_tokens or body.banned_strings or []) if s]
-    if strings:
-        banned += banned_sequences(llm.tokenizer, strings)
     values = {
         "max_tokens": body.max_length, "temperature": body.temperature, "top_k": body.top_k, "top_a": body.top_a,
         "top_p": body.top_p or None, "min_p": body.min_p, "typical_p": body.typical or None, "tfs": body.tfs,
@@ -192,9 +189,12 @@ async def _start(body: KoboldGenerate, http: HTTPRequest):
     st.check_max_tokens(body.max_length, "max_length")
     params = kobold_params(llm, body)
     stops = [s for s in body.stop_sequence or [] if s]
+    # KoboldCpp bans a string wherever it appears, in any case: as a pattern, not a whole word
+    banned = [regex.escape(s) for s in body.banned_tokens or body.banned_strings or [] if s]
     try:
         req = await asyncio.to_thread(llm.request, body.memory + body.prompt, params, 1, stops,
-                                      ignore_eos=body.ban_eos_token, empty_ok=True)
+                                      ignore_eos=body.ban_eos_token, empty_ok=True, banned_strings=banned or None,
+                                      banned_regex=True)
     except ValueError as e:
         raise APIError(400, str(e), "prompt") from None
     P.fit_prompt(req, min(body.max_context_length or served.scheduler.max_len, served.scheduler.max_len))
