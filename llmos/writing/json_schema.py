@@ -8,7 +8,8 @@ parsed value breaks, for the same subset of JSON Schema:
 
 - type: object, array, string, number, integer, boolean, null, or a list of these
 - properties, required, additionalProperties (false, true or a schema)
-- items, minItems, maxItems; enum, const; anyOf
+- items, minItems, maxItems; enum, const; anyOf; $ref to the schema's own $defs (or any
+  "#/..." pointer into it; a schema may refer to itself)
 - annotations (title, description, default, examples, $schema, $id, $comment) are ignored;
   any other keyword is a SchemaError that names it.
 
@@ -30,6 +31,7 @@ allowed at once from a precomputed list.
 from __future__ import annotations
 
 import json
+import threading
 from bisect import bisect_left
 from collections import OrderedDict
 from functools import lru_cache
@@ -44,7 +46,8 @@ class SchemaError(ValueError):
     pass
 
 
-ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment"}
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment",
+               "$defs", "definitions"}  # definitions are read where a $ref points into them
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 MAX_DIGITS, MAX_EXPONENT, MAX_DEPTH = 16, 2, 16  # 2 exponent digits: no number overflows to inf
 WHITESPACE = " \t\n\r"
@@ -80,8 +83,43 @@ KEYWORDS = {
 }
 
 
-def compile_schema(schema: dict | bool | None, where: str = "schema") -> Node:
+class Refs:
+    """The root schema (for "$ref": "#/$defs/Name") and the nodes made for each reference, so
+    that a schema that refers to itself becomes a machine that loops."""
+
+    def __init__(self, root):
+        self.root, self.nodes = root, {}
+
+    def resolve(self, ref, where: str):
+        if not isinstance(ref, str) or not ref.startswith("#"):
+            raise SchemaError(f"{where}.$ref {ref!r}: only references inside the schema (#/$defs/Name) are supported")
+        target = self.root
+        for part in filter(None, ref[1:].split("/")):
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"{where}.$ref {ref!r} points to nothing in the schema")
+            target = target[part]
+        return target
+
+
+def resolve_ref(schema: dict, refs: Refs, where: str) -> Node:
+    ref = schema["$ref"]
+    node = refs.nodes.get(ref)
+    if node is None:
+        node = refs.nodes[ref] = Node("pending")  # filled below; a reference back to it loops
+        real = compile_schema(refs.resolve(ref, where), f"{where}.$ref", refs)
+        if real in (STRING, NUMBER, INTEGER, BOOLEAN, NULL, ANY, ANY_OBJECT, ANY_ARRAY):
+            refs.nodes[ref] = real  # shared nodes have no children, so nothing refers to the placeholder
+            return real
+        for name in Node.__slots__:
+            setattr(node, name, getattr(real, name))
+    return node
+
+
+def compile_schema(schema: dict | bool | None, where: str = "schema", refs: Refs | None = None) -> Node:
     """The node that generates values of `schema` (None: any JSON object)."""
+    if refs is None:
+        refs = Refs(schema)
     if schema is None:
         return ANY_OBJECT
     if schema is True or schema == {}:
@@ -89,6 +127,9 @@ def compile_schema(schema: dict | bool | None, where: str = "schema") -> Node:
     if not isinstance(schema, dict):
         raise SchemaError(f"{where} must be a JSON object (a dict), got {schema!r}")
     keys = set(schema) - ANNOTATIONS
+    if "$ref" in keys:
+        _reject(keys, {"$ref"}, where)
+        return resolve_ref(schema, refs, where)
     if "enum" in keys or "const" in keys:
         return _compile_enum(schema, keys, where)
     if "anyOf" in keys:
@@ -99,7 +140,7 @@ def compile_schema(schema: dict | bool | None, where: str = "schema") -> Node:
         options = schema["anyOf"]
         if not isinstance(options, list) or not options:
             raise SchemaError(f"{where}.anyOf must be a non-empty list of schemas")
-        return _union([compile_schema(s, f"{where}.anyOf[{i}]") for i, s in enumerate(options)])
+        return _union([compile_schema(s, f"{where}.anyOf[{i}]", refs) for i, s in enumerate(options)])
     kind = schema.get("type")
     if kind is None:
         kind = "object" if keys & KEYWORDS["object"] else "array" if keys & KEYWORDS["array"] else None
@@ -111,13 +152,13 @@ def compile_schema(schema: dict | bool | None, where: str = "schema") -> Node:
             raise SchemaError(f"{where}.type must name types among {', '.join(TYPES)}, got {kind!r}")
         _reject(keys, {"type"} | KEYWORDS["object"] | KEYWORDS["array"], where)
         return _union([compile_schema({key: v for key, v in schema.items() if key in KEYWORDS.get(k, ()) or key == "type"}
-                                      | {"type": k}, where) for k in dict.fromkeys(kind)])
+                                      | {"type": k}, where, refs) for k in dict.fromkeys(kind)])
     if kind not in TYPES:
         raise SchemaError(f"{where}.type {kind!r} is not a JSON Schema type; use one of {', '.join(TYPES)}")
     if kind == "object":
-        return _compile_object(schema, keys, where)
+        return _compile_object(schema, keys, where, refs)
     if kind == "array":
-        return _compile_array(schema, keys, where)
+        return _compile_array(schema, keys, where, refs)
     _reject(keys, {"type"}, where)
     return {"string": STRING, "number": NUMBER, "integer": INTEGER, "boolean": BOOLEAN, "null": NULL}[kind]
 
@@ -127,10 +168,10 @@ def _reject(keys: set, allowed: set, where: str):
     if unknown:
         raise SchemaError(f"{where}: keyword {unknown[0]!r} is not supported by JSON output "
                           f"(supported: type, properties, required, additionalProperties, items, "
-                          f"minItems, maxItems, enum, const, anyOf); remove it from the schema")
+                          f"minItems, maxItems, enum, const, anyOf, $ref); remove it from the schema")
 
 
-def _compile_object(schema: dict, keys: set, where: str) -> Node:
+def _compile_object(schema: dict, keys: set, where: str, refs: Refs) -> Node:
     _reject(keys, KEYWORDS["object"], where)
     props = schema.get("properties", {})
     required = schema.get("required", [])
@@ -152,15 +193,15 @@ def _compile_object(schema: dict, keys: set, where: str) -> Node:
     elif props:
         additional = None  # a free key could repeat a declared name with another value
     else:
-        additional = compile_schema(extra, f"{where}.additionalProperties")
+        additional = compile_schema(extra, f"{where}.additionalProperties", refs)
     compiled = tuple(
-        (json.dumps(name, ensure_ascii=False), compile_schema(sub, f"{where}.properties.{name}"), name in required)
+        (json.dumps(name, ensure_ascii=False), compile_schema(sub, f"{where}.properties.{name}", refs), name in required)
         for name, sub in props.items()
     )
     return Node("object", props=compiled, additional=additional)
 
 
-def _compile_array(schema: dict, keys: set, where: str) -> Node:
+def _compile_array(schema: dict, keys: set, where: str, refs: Refs) -> Node:
     _reject(keys, KEYWORDS["array"], where)
     lo, hi = schema.get("minItems", 0), schema.get("maxItems")
     for name, value in (("minItems", lo), ("maxItems", hi)):
@@ -171,7 +212,7 @@ def _compile_array(schema: dict, keys: set, where: str) -> Node:
     items = schema.get("items", {})
     if isinstance(items, list):
         raise SchemaError(f"{where}.items must be one schema (tuple items are not supported)")
-    return Node("array", items=compile_schema(items, f"{where}.items"), min=lo, max=hi)
+    return Node("array", items=compile_schema(items, f"{where}.items", refs), min=lo, max=hi)
 
 
 def _compile_enum(schema: dict, keys: set, where: str) -> Node:
@@ -220,18 +261,20 @@ def validate(value, schema: dict | None, where: str = "$") -> list[str]:
     """What `value` (parsed JSON) breaks of `schema` (None: any object), as messages; [] if valid.
     The schema must be in the supported subset (compile_schema raises SchemaError otherwise)."""
     compile_schema(schema)
-    return _check(value, {"type": "object"} if schema is None else schema, where)
+    return _check(value, {"type": "object"} if schema is None else schema, where, Refs(schema))
 
 
-def _check(value, schema, where: str) -> list[str]:
+def _check(value, schema, where: str, refs: Refs) -> list[str]:
     if schema is True or schema == {} or not isinstance(schema, dict):
         return []
+    if "$ref" in schema:
+        return _check(value, refs.resolve(schema["$ref"], where), where, refs)
     if "const" in schema and not _equal(value, schema["const"]):
         return [f"{where}: {value!r} is not {schema['const']!r}"]
     if "enum" in schema and not any(_equal(value, v) for v in schema["enum"]):
         return [f"{where}: {value!r} is not one of {schema['enum']!r}"]
     if "anyOf" in schema:
-        if all(_check(value, s, where) for s in schema["anyOf"]):
+        if all(_check(value, s, where, refs) for s in schema["anyOf"]):
             return [f"{where}: {value!r} matches no anyOf branch"]
         return []
     kind = schema.get("type")
@@ -250,18 +293,18 @@ def _check(value, schema, where: str) -> list[str]:
         extra = schema.get("additionalProperties", True)
         for name, item in value.items():
             if name in props:
-                problems += _check(item, props[name], f"{where}.{name}")
+                problems += _check(item, props[name], f"{where}.{name}", refs)
             elif extra is False:
                 problems.append(f"{where}: property {name!r} is not allowed")
             else:
-                problems += _check(item, extra, f"{where}.{name}")
+                problems += _check(item, extra, f"{where}.{name}", refs)
     if isinstance(value, list):
         if len(value) < schema.get("minItems", 0):
             problems.append(f"{where}: {len(value)} items, fewer than minItems {schema['minItems']}")
         if schema.get("maxItems") is not None and len(value) > schema["maxItems"]:
             problems.append(f"{where}: {len(value)} items, more than maxItems {schema['maxItems']}")
         for i, item in enumerate(value):
-            problems += _check(item, schema.get("items", {}), f"{where}[{i}]")
+            problems += _check(item, schema.get("items", {}), f"{where}[{i}]", refs)
     return problems
 
 
@@ -735,6 +778,7 @@ class JSONConstraint:
 
 
 _CACHE: OrderedDict = OrderedDict()
+_CACHE_LOCK = threading.Lock()  # requests may ask from several server threads at once
 
 
 def json_constraint(llm_or_tokenizer, schema: dict | None = None) -> JSONConstraint:
@@ -750,10 +794,14 @@ def json_constraint(llm_or_tokenizer, schema: dict | None = None) -> JSONConstra
     except (TypeError, ValueError) as e:
         raise SchemaError(f"the schema must be JSON (dicts, lists, strings, numbers): {e}") from None
     key = (id(tokenizer), text, vocab_size)
-    c = _CACHE.get(key)
-    if c is None or c.vocab is not vocabulary(tokenizer):
-        c = JSONConstraint(vocabulary(tokenizer), compile_schema(schema), vocab_size)
-        _CACHE[key] = c
-        if len(_CACHE) > 16:
-            _CACHE.popitem(last=False)
+    node = compile_schema(schema)  # checked first: a bad schema fails fast, before any vocabulary work
+    vocab = vocabulary(tokenizer)
+    with _CACHE_LOCK:
+        c = _CACHE.get(key)
+        if c is None or c.vocab is not vocab:
+            c = _CACHE[key] = JSONConstraint(vocab, node, vocab_size)
+            if len(_CACHE) > 16:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
     return c
