@@ -1013,29 +1013,14 @@ def native_errors(render):
 
 # KoboldCpp's sampler_order numbers, 0..6 (its expose.h), as the engine's sampler names.
 KOBOLD_SAMPLERS = ("top_k", "top_a", "top_p", "tfs", "typical", "temperature", "rep_pen")
-# The order each front end sends by default, which the engine's fixed order stands in for
-# until it takes an order of its own: KoboldCpp's [6,0,1,3,4,2,5], llama.cpp's default samplers.
-DEFAULT_ORDERS = (("rep_pen", "top_k", "top_a", "tfs", "typical", "top_p", "temperature"),
-                  ("rep_pen", "top_k", "typical", "top_p", "min_p", "xtc", "temperature"))
-OFF = {"top_a": 0.0, "tfs": 1.0, "xtc_probability": 0.0}  # a sampler the engine lacks is fine when off
 
 
 def native_sampling(llm, values: dict, names: dict[str, str]) -> SamplingParams:
     """The SamplingParams of a native API's request. values: LLMOS's field names (None: the
-    model's default); names: the API's own name of each, which error messages use. A sampler
-    the engine does not have is a ValueError unless it is off."""
-    from dataclasses import fields
-
-    have = {f.name for f in fields(SamplingParams)}
+    model's default); names: the API's own name of each, which error messages use."""
     values = {k: v for k, v in values.items() if v is not None}
-    if "xtc_threshold" not in have or not values.get("xtc_probability"):
+    if not values.get("xtc_probability"):
         values.pop("xtc_threshold", None)  # the threshold means nothing while XTC is off
-    for key in [k for k in values if k not in have]:
-        value = values.pop(key)
-        if (key == "sampler_order" and tuple(value) in DEFAULT_ORDERS) or OFF.get(key, object()) == value:
-            continue
-        hint = f" or send {OFF[key]} (off)" if key in OFF else " or send the default order"
-        raise ValueError(f"{names.get(key, key)} is not supported yet by this server: leave it out{hint}")
     try:
         return llm.sampling(**values)
     except ValueError as e:

@@ -8,8 +8,8 @@ Fields a llama.cpp client sends that LLMOS does not implement, and so ignores: c
 (LLMOS's prefix cache reuses a prompt's start on its own), id_slot, repeat_last_n,
 dry_penalty_last_n, dry_sequence_breakers, mirostat, mirostat_tau, mirostat_eta, top_n_sigma,
 dynatemp_range, dynatemp_exponent, penalize_nl, min_keep, t_max_predict_ms, n_indent,
-timings_per_token, return_progress, response_fields, lora. In `samplers`, "dry" and
-"top_n_sigma" are dropped (DRY runs with the penalties; top-n-sigma is not implemented).
+timings_per_token, return_progress, response_fields, lora. In `samplers`, the samplers LLMOS
+lacks (top_n_sigma, infill, ...) are dropped; "dry" and "penalties" both name the penalties step.
 """
 
 from __future__ import annotations
@@ -27,12 +27,6 @@ from llmos.server import protocol as P
 from llmos.server.errors import APIError
 from llmos.server.state import state
 from llmos.server.streaming import batches, finish, sse, submit
-
-# llama.cpp's sampler names (and their older spellings) as the engine's.
-SAMPLER_NAMES = {"penalties": "rep_pen", "top_k": "top_k", "typ_p": "typical", "typical_p": "typical",
-                 "top_p": "top_p", "min_p": "min_p", "xtc": "xtc", "temperature": "temperature", "temp": "temperature",
-                 "tfs_z": "tfs", "dry": None, "top_n_sigma": None}
-
 
 def llamacpp_error(status: int, message: str, kind: str) -> dict:
     kind = {404: "not_found_error", 429: "unavailable_error", 503: "unavailable_error"}.get(
@@ -166,11 +160,7 @@ def completion_params(st, served, body: CompletionBody):
         if isinstance(body.samplers, str):
             raise APIError(400, "samplers: send a list of names (such as [\"top_k\", \"top_p\", \"temperature\"])",
                            "samplers")
-        unknown = [s for s in body.samplers if s not in SAMPLER_NAMES]
-        if unknown:
-            raise APIError(400, f"samplers: unknown sampler {unknown[0]!r}; known: {', '.join(SAMPLER_NAMES)}",
-                           "samplers")
-        order = list(dict.fromkeys(SAMPLER_NAMES[s] for s in body.samplers if SAMPLER_NAMES[s]))
+        order = [s for s in body.samplers if s.lower() not in P.SAMPLERS_NOT_HERE] or None  # the engine knows the rest
     max_tokens = body.n_predict if body.n_predict > 0 else min(st.limits.max_tokens, served.scheduler.max_len)
     if body.n_predict == 0:
         raise APIError(400, "n_predict must be at least 1, or -1 (up to the server's limit)", "n_predict")
@@ -189,7 +179,7 @@ def completion_params(st, served, body: CompletionBody):
     try:
         params = P.native_sampling(llm, values, names)
     except ValueError as e:
-        raise APIError(400, str(e)) from None
+        raise APIError(400, str(e).replace("sampler_order", "samplers")) from None
     if body.json_schema is not None:
         try:
             from llmos.writing.json_schema import json_constraint

@@ -7,8 +7,7 @@ chunk: SillyTavern's parser loses text when several arrive in one.
 
 Fields an Ollama client sends that LLMOS does not implement, and so ignores: keep_alive,
 template, context (the token ids of an earlier answer), think, logprobs, top_logprobs, and
-the options repeat_last_n, tfs_z (until the engine has tail-free sampling, unless off),
-mirostat, mirostat_tau, mirostat_eta, penalize_newline, numa, num_batch, num_gpu, main_gpu,
+the options repeat_last_n, mirostat, mirostat_tau, mirostat_eta, penalize_newline, numa, num_batch, num_gpu, main_gpu,
 low_vram, f16_kv, logits_all, vocab_only, use_mmap, use_mlock, embedding_only, num_thread.
 An option Ollama does not have is a 400 naming it.
 """
