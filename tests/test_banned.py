@@ -77,8 +77,8 @@ def test_rewinds_are_bounded_so_generation_always_ends(tiny_llm):
     assert c.finish_reason == "length" and len(c.token_ids) == 5
     assert r.timings["generated_tokens"] >= 5 * (MAX_REWINDS + 1)
     b = BannedText(banned_pattern(["x"]))
-    answers = [b.feed(0, "x") for _ in range(MAX_REWINDS + 1)]
-    assert answers[:MAX_REWINDS] == [Rewind(0)] * MAX_REWINDS and answers[-1] == "x"
+    answers = [b.feed(0, "x ") for _ in range(MAX_REWINDS + 1)]
+    assert answers[:MAX_REWINDS] == [Rewind(0)] * MAX_REWINDS and answers[-1] == "x "
 
 
 def test_whole_words_and_chinese_phrases():
