@@ -318,6 +318,11 @@ def test_studio_imports_a_card_and_shows_its_picture(server, tmp_path):
         assert page.eval_on_selector("#persona-pick", "e => e.value") == "Studio-Mira"
         assert "Tags: adventure, airship" in page.inner_text("#persona-about")
         assert "imported Studio Mira" in page.inner_text("#chat-status")
+        page.click("#chat-new")
+        page.fill("#chat-message", "Is the Kestrel fast?")
+        page.click("#chat-send")
+        page.wait_for_function("() => document.querySelector('#chat-context').textContent.includes('(lore)')", timeout=120_000)
+        assert "(lore) 'Kestrel' fired (before char)" in page.eval_on_selector("#chat-context", "e => e.textContent")
         b.close()
 
 

@@ -705,6 +705,7 @@ async function chatTurn(path, body) {
   try {
     for await (const ev of sse(path, { ...body, stream: true }, controller.signal)) {
       if (ev.error) throw new Error(ev.error.message);
+      if (ev.context) $("#chat-context").textContent = ev.context;  // what was sent, lore entries and why
       if (ev.text) { reply.content += ev.text; renderChat(); }
     }
     chatStatus("");
