@@ -5,6 +5,7 @@ Streaming, abort and disconnects, each API's own error shape, and no auth asked 
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import ollama
@@ -352,3 +353,26 @@ def test_ollama_format_and_llamacpp_json_schema_keep_the_answer_json(server, tin
     with pytest.raises(ollama.ResponseError) as err:
         client.generate(model=tiny_llm.name, prompt="x", format={"type": "nonsense"})
     assert err.value.status_code == 400 and "format" in err.value.error
+
+
+def test_llamacpp_client_that_leaves_and_a_kobold_generate_aborted_from_elsewhere(server):
+    before = scheduler(server).stats["generated_tokens"]
+    with httpx.stream("POST", server.url + "/completion", timeout=60,
+                      json={"prompt": "Hello", "n_predict": 480, "ignore_eos": True, "stream": True}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 4:
+                break
+    assert wait_idle(server) == 0
+    assert scheduler(server).stats["generated_tokens"] - before < 480
+    # a whole (not streamed) KoboldCpp generation, aborted by its genkey from another connection
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(post, server, "/api/v1/generate",
+                              {"prompt": "Hello", "max_length": 480, "ban_eos_token": True, "genkey": "KCPPwhole"})
+        deadline = time.time() + 20
+        while not post(server, "/api/extra/generate/check", {"genkey": "KCPPwhole"}).json()["results"][0]["text"]:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        assert post(server, "/api/extra/abort", {"genkey": "KCPPwhole"}).json()["success"] == "true"
+        result = pending.result(timeout=30).json()["results"][0]
+    assert result["finish_reason"] == "stop" and 0 < len(result["text"]) < 480  # what was written so far
+    assert wait_idle(server) == 0
