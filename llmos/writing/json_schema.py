@@ -31,6 +31,7 @@ allowed at once from a precomputed list.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from bisect import bisect_left
 from collections import OrderedDict
@@ -563,6 +564,9 @@ def _valid_start(b: bytes) -> bool:
         return False
 
 
+_UP_TO_SPECIAL = re.compile(r'.*["\\\x00-\x1f]', re.S)  # a text up to its last special character
+
+
 def _special(c: str) -> bool:
     """A character that changes a string's state: a quote, a backslash or a control character."""
     return c == '"' or c == "\\" or c < " "
@@ -595,8 +599,8 @@ class Vocabulary:
                 entries.setdefault(p.text, ([], []))[1 if p.tail else 0].append(i)
         self.keys = sorted(entries)
         self.ids = [entries[k] for k in self.keys]  # (tokens ending whole with this text, with a tail)
-        self.last_special = np.array([max((j for j, c in enumerate(k) if _special(c)), default=-1)
-                                      for k in self.keys], dtype=np.int32)
+        self.last_special = np.array([m.end() - 1 if (m := _UP_TO_SPECIAL.match(k)) else -1 for k in self.keys],
+                                     dtype=np.int32)
         counts = [len(w) + len(t) for w, t in self.ids]
         self.tokens = np.array([i for w, t in self.ids for i in w + t], dtype=np.int64)  # by key
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
