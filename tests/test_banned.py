@@ -208,3 +208,21 @@ def test_cli_generate_bans_strings_from_a_file(tiny_dir, tmp_path):
 
     text = json.loads(proc.stdout)["completions"][0]["text"]
     assert text and "e" not in text.lower()
+
+
+def test_cli_write_refuses_a_bad_sampler_value(tiny_dir, tmp_path):
+    proc = llmos("write", "story", "a storm", "-m", str(tiny_dir), "--xtc-threshold", "3", "--safety", "off",
+                 home=tmp_path)
+    assert_clean_error(proc, "xtc_threshold must be in [0, 1]")
+
+
+def test_logit_bias_by_token_id_text_or_llamacpp_pairs(tiny_llm):
+    from llmos.server.protocol import CompletionRequest
+
+    vocab = tiny_llm.model.config.vocab_size
+    the = tiny_llm.tokenizer.encode(" the", add_bos=False)
+    by_text = CompletionRequest(prompt="x", logit_bias={" the": 5, "7": -2}).token_bias(tiny_llm.tokenizer, vocab)
+    assert by_text == {**{t: 5.0 for t in the}, 7: -2.0}
+    pairs = CompletionRequest(prompt="x", logit_bias=[[" the", False], [7, 3]]).token_bias(tiny_llm.tokenizer, vocab)
+    assert pairs == {**{t: -100.0 for t in the}, 7: 3.0}
+    assert CompletionRequest(prompt="x", logit_bias=[]).logit_bias is None  # SillyTavern's "no bias"
