@@ -11,7 +11,18 @@ const PRESETS = {
   creative: { temperature: 1.1, top_p: 0.98, top_k: 0, min_p: 0.05, repetition_penalty: 1.05, max_tokens: 120 },
   precise: { temperature: 0.3, top_p: 0.9, top_k: 40, min_p: 0.0, repetition_penalty: 1.15, max_tokens: 60 },
 };
-const SAMPLER_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens"];
+const SAMPLER_FIELDS = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "max_tokens",
+  "xtc_threshold", "xtc_probability", "banned_strings"];
+// XTC and banned strings: made here, after the sampler inputs of index.html
+const SAMPLER_EXTRAS = `
+  <label title="Exclude top choices: on this share of tokens, drop the likeliest ones but the least likely of them (0 = off)">XTC probability <input id="xtc_probability" type="number" step="0.05" min="0" max="1" placeholder="0"></label>
+  <label title="Tokens at least this likely count as top choices">XTC threshold <input id="xtc_threshold" type="number" step="0.01" min="0" max="0.5" placeholder="0.1"></label>
+  <label title="Text never to write, one per line, any case: generation goes back and writes something else">Banned strings
+    <textarea id="banned_strings" rows="3" placeholder="a testament to&#10;shivers down her spine"></textarea></label>`;
+
+function addSamplerExtras() {
+  if (!$("#xtc_probability")) $("#max_tokens").closest("label").insertAdjacentHTML("afterend", SAMPLER_EXTRAS);
+}
 
 let project = null; // {id, name, data}
 let history = { undo: [], redo: [] };
@@ -335,6 +346,8 @@ function storyBody(text) {
       priority: e.priority ?? 100, enabled: e.enabled ?? true, constant: e.constant ?? false })),
     max_tokens: Number(s.max_tokens) || 80, temperature: Number(s.temperature), top_p: Number(s.top_p),
     top_k: Number(s.top_k) || 0, min_p: Number(s.min_p) || 0, repetition_penalty: Number(s.repetition_penalty) || 1,
+    xtc_probability: Number(s.xtc_probability) || 0, xtc_threshold: s.xtc_threshold === "" || s.xtc_threshold == null ? 0.1 : Number(s.xtc_threshold),
+    banned_strings: (s.banned_strings || "").split("\n").map((b) => b.trim()).filter(Boolean),
     logprobs: 5,
   };
 }
@@ -420,7 +433,8 @@ function renderContext(parts) {
 
 function loadPanels() {
   const d = project.data;
-  for (const f of SAMPLER_FIELDS) $("#" + f).value = d.sampler[f];
+  addSamplerExtras();
+  for (const f of SAMPLER_FIELDS) $("#" + f).value = d.sampler[f] ?? "";
   $("#preset").value = d.preset || "balanced";
   $("#memory").value = d.memory;
   $("#authors-note").value = d.authors_note;
@@ -816,6 +830,7 @@ function wire() {
     loadPanels();
     scheduleSave();
   };
+  addSamplerExtras();
   for (const f of SAMPLER_FIELDS) $("#" + f).oninput = () => { project.data.sampler[f] = $("#" + f).value; scheduleSave(); };
   $("#memory").oninput = () => { project.data.memory = $("#memory").value; scheduleSave(); };
   $("#authors-note").oninput = () => { project.data.authors_note = $("#authors-note").value; scheduleSave(); };
