@@ -51,3 +51,29 @@ def install(app: FastAPI):
         """A fault of the server's, not the request's: still an error object (and a traceback in
         the server's log, from uvicorn)."""
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", kind="server_error"), status_code=500)
+
+
+def native_errors(render):
+    """A route class whose errors (an APIError, a request that fails validation) are answered
+    in another server's error shape: render(status, message, kind) -> the JSON body. Front ends
+    written for KoboldCpp or Ollama read their own shape, not OpenAI's."""
+    from fastapi.routing import APIRoute
+
+    class NativeRoute(APIRoute):
+        def get_route_handler(self):
+            handler = super().get_route_handler()
+
+            async def shaped(request):
+                try:
+                    return await handler(request)
+                except RequestValidationError as exc:
+                    first = exc.errors()[0]
+                    where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
+                    message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
+                    return JSONResponse(render(400, message, "invalid_request_error"), status_code=400)
+                except APIError as e:
+                    return JSONResponse(render(e.status, e.message, e.kind), status_code=e.status, headers=e.headers)
+
+            return shaped
+
+    return NativeRoute

@@ -978,37 +978,7 @@ class JobList(BaseModel):
     jobs: list[JobInfo]
 
 
-# -- the native APIs of other servers (KoboldCpp, Ollama, llama.cpp): errors in their own shapes --
-
-
-def native_errors(render):
-    """A route class whose errors (an APIError, a request that fails validation) are answered
-    in another server's error shape: render(status, message, kind) -> the JSON body. Front ends
-    written for KoboldCpp or Ollama read their own shape, not OpenAI's."""
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from fastapi.routing import APIRoute
-
-    from llmos.server.errors import APIError
-
-    class NativeRoute(APIRoute):
-        def get_route_handler(self):
-            handler = super().get_route_handler()
-
-            async def shaped(request):
-                try:
-                    return await handler(request)
-                except RequestValidationError as exc:
-                    first = exc.errors()[0]
-                    where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
-                    message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
-                    return JSONResponse(render(400, message, "invalid_request_error"), status_code=400)
-                except APIError as e:
-                    return JSONResponse(render(e.status, e.message, e.kind), status_code=e.status, headers=e.headers)
-
-            return shaped
-
-    return NativeRoute
+# -- the native APIs of other servers (KoboldCpp, Ollama, llama.cpp); their error shapes: errors.native_errors --
 
 
 # KoboldCpp's sampler_order numbers, 0..6 (its expose.h), as the engine's sampler names.

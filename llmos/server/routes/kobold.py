@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.server import protocol as P
-from llmos.server.errors import APIError
+from llmos.server.errors import APIError, native_errors
 from llmos.server.state import state
 from llmos.server.streaming import batches, finish, submit
 
@@ -41,7 +41,7 @@ def kobold_error(status: int, message: str, kind: str) -> dict:
     return {"detail": {"msg": message, "type": kind}}
 
 
-router = APIRouter(tags=["KoboldCpp-compatible"], route_class=P.native_errors(kobold_error))
+router = APIRouter(tags=["KoboldCpp-compatible"], route_class=native_errors(kobold_error))
 
 
 class KoboldGenerate(BaseModel):

@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.server import protocol as P
-from llmos.server.errors import APIError
+from llmos.server.errors import APIError, native_errors
 from llmos.server.state import state
 from llmos.server.streaming import batches, finish, sse, submit
 
@@ -34,7 +34,7 @@ def llamacpp_error(status: int, message: str, kind: str) -> dict:
     return {"error": {"code": status, "message": message, "type": kind}}
 
 
-router = APIRouter(tags=["llama.cpp-compatible"], route_class=P.native_errors(llamacpp_error))
+router = APIRouter(tags=["llama.cpp-compatible"], route_class=native_errors(llamacpp_error))
 
 
 class CompletionBody(BaseModel):

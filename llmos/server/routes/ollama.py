@@ -26,7 +26,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmos.server import protocol as P
-from llmos.server.errors import APIError, not_found
+from llmos.server.errors import APIError, native_errors, not_found
 from llmos.server.state import state
 from llmos.server.streaming import batches, finish, submit
 
@@ -46,7 +46,7 @@ def ollama_error(status: int, message: str, kind: str) -> dict:
     return {"error": message}
 
 
-router = APIRouter(tags=["Ollama-compatible"], route_class=P.native_errors(ollama_error))
+router = APIRouter(tags=["Ollama-compatible"], route_class=native_errors(ollama_error))
 
 
 class OllamaMessage(BaseModel):
