@@ -374,3 +374,24 @@ def test_prepare_train_resume_stop_and_export_as_jobs(server, in_home, tmp_path)
     listed = [j["id"] for j in call(server, "GET", "/api/jobs").json()["jobs"]]
     assert listed[:2] == [exported["id"], ngram["id"]]
     assert call(server, "GET", "/api/jobs/999").status_code == 404
+
+
+def test_story_continue_takes_every_lore_field_and_the_new_samplers(server, in_home):
+    lore = [{"keys": ["harbour"], "secondary_keys": ["storm"], "logic": "and_any", "content": "The harbour floods.",
+             "name": "flood"},
+            {"keys": ["harbour"], "secondary_keys": ["storm"], "logic": "not_any", "content": "The harbour is calm.",
+             "name": "calm", "position": "at_depth", "depth": 1}]
+    body = {"text": "We walked to the harbour at dawn.", "lorebook": lore, "max_tokens": 3, "seed": 1,
+            "xtc_probability": 0.5, "xtc_threshold": 0.1, "banned_strings": ["the harbour"]}
+    r = call(server, "POST", "/api/story/continue", body)
+    assert r.status_code == 200, r.text
+    parts = events(r)[0]["context"]
+    lore_parts = [p for p in parts if p["kind"].startswith("lore")]
+    # no "storm" in the text: the AND_ANY entry stays out, the NOT_ANY one fires, placed at its depth
+    assert any("calm" in p["reason"] for p in lore_parts if p["kind"] == "lore")
+    assert not any(p["kind"] == "lore" and "flood" in p["reason"] for p in lore_parts)
+    assert "The harbour is calm." in events(r)[0]["prompt"]
+    bad = call(server, "POST", "/api/story/continue", {"text": "x", "lorebook": [{"keys": ["a"], "content": "b",
+                                                                                    "logic": "maybe"}]})
+    assert bad.status_code == 400 and "logic must be one of" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "lorebook"

@@ -342,14 +342,6 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class LoreItem(BaseModel):
-    keys: list[str] = []
-    content: str
-    priority: int = 100
-    enabled: bool = True
-    constant: bool = False
-
-
 class StoryContinueBody(BaseModel):
     """POST /api/story/continue: continue a story with Memory, Author's Note and Lorebook."""
 
@@ -359,7 +351,8 @@ class StoryContinueBody(BaseModel):
     memory: str = ""
     authors_note: str = ""
     authors_note_depth: int = Field(3, ge=0)
-    lorebook: list[LoreItem] = []
+    lorebook: list[dict] = Field([], description="Entries with the lorebook engine's fields (docs/writing.md): "
+                                                 "keys, content, secondary_keys, logic, position, depth, ...")
     lore_budget: int = Field(300, ge=0)
     max_tokens: int = Field(80, ge=1, le=2048)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -367,6 +360,10 @@ class StoryContinueBody(BaseModel):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     repetition_penalty: float | None = Field(None, gt=0)
+    xtc_threshold: float | None = Field(None, ge=0, le=0.5)
+    xtc_probability: float | None = Field(None, ge=0, le=1)
+    banned_strings: list[str] | None = Field(None, description="Text never written, in any case: a candidate that "
+                                                              "completes one is rewound and samples again.")
     seed: Seed | None = None
     logprobs: int | None = Field(5, ge=0, le=20)
 

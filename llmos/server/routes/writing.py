@@ -171,12 +171,16 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
     """Server-sent events: first {"context": [...], "prompt", "model"} (what is sent, why, and to
     which model), then one event per token {"text", "token", "logprob", "top": [[text, logprob],
     ...]}, then [DONE]."""
-    from llmos.writing.story import LoreEntry, Story, StoryError, assemble_context
+    from llmos.writing.lorebook import LorebookError, entry_from_dict
+    from llmos.writing.story import Story, StoryError, assemble_context
 
     st = state(http)
+    try:
+        lore = [entry_from_dict(e, f"lorebook[{i}]") for i, e in enumerate(body.lorebook)]
+    except LorebookError as e:
+        raise APIError(400, str(e), "lorebook") from None
     story = Story(text=body.text, memory=body.memory, authors_note=body.authors_note,
-                  authors_note_depth=body.authors_note_depth, lore_budget=body.lore_budget,
-                  lorebook=[LoreEntry(e.keys, e.content, e.priority, e.enabled, constant=e.constant) for e in body.lorebook])
+                  authors_note_depth=body.authors_note_depth, lore_budget=body.lore_budget, lorebook=lore)
     served = await st.local(http, None, body.text, body.memory)
     llm = served.llm
     st.check_max_tokens(body.max_tokens)
@@ -185,11 +189,12 @@ async def story_continue(body: P.StoryContinueBody, http: HTTPRequest):
                                                 body.max_tokens)
         params = llm.sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                               top_k=body.top_k, min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              xtc_threshold=body.xtc_threshold, xtc_probability=body.xtc_probability,
                               seed=body.seed, logprobs=body.logprobs)
     except (StoryError, ValueError) as e:
         raise APIError(400, str(e), param_of(str(e))) from None
     try:
-        req = llm.request(prompt, params, empty_ok=True)
+        req = llm.request(prompt, params, empty_ok=True, banned_strings=body.banned_strings)
     except ValueError as e:  # a block rule of the safety policy
         raise APIError(400, str(e), "text") from None
     await submit(served, req, st.request_timeout)

@@ -341,9 +341,9 @@ function storyBody(text) {
   return {
     text, memory: project.data.memory, authors_note: project.data.authors_note,
     authors_note_depth: Number(project.data.an_depth) || 0,
+    // every field of an entry (an imported World Info entry keeps its logic, position, depth...)
     lorebook: project.data.lorebook.filter((e) => e.content.trim()).map((e) => ({
-      keys: e.keys.split(",").map((k) => k.trim()).filter(Boolean), content: e.content,
-      priority: e.priority ?? 100, enabled: e.enabled ?? true, constant: e.constant ?? false })),
+      ...e, keys: e.keys.split(",").map((k) => k.trim()).filter(Boolean) })),
     max_tokens: Number(s.max_tokens) || 80, temperature: Number(s.temperature), top_p: Number(s.top_p),
     top_k: Number(s.top_k) || 0, min_p: Number(s.min_p) || 0, repetition_penalty: Number(s.repetition_penalty) || 1,
     xtc_probability: Number(s.xtc_probability) || 0, xtc_threshold: s.xtc_threshold === "" || s.xtc_threshold == null ? 0.1 : Number(s.xtc_threshold),
