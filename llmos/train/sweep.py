@@ -694,10 +694,10 @@ def plot(study, path: str | Path) -> Path:
             continue
         steps, values = zip(*curve)
         if t.state.name == "COMPLETE":
-            left.plot(steps, values, "-", color=colors(t.number / max(len(trials) - 1, 1)), linewidth=1.2,
-                      label=f"trial {t.number}")
+            left.plot(steps, values, ".-", color=colors(t.number / max(len(trials) - 1, 1)), linewidth=1.2,
+                      markersize=4, label=f"trial {t.number}")  # a dot: a trial evaluated once still shows
         else:
-            left.plot(steps, values, "--", color="0.6", linewidth=0.9)
+            left.plot(steps, values, ".--", color="0.6", linewidth=0.9, markersize=4)
     left.set_xlabel("step")
     left.set_ylabel(metric)
     left.set_title("each trial (pruned and failed: grey, dashed)")
