@@ -89,6 +89,32 @@ def test_chat_streaming_matches_non_streaming(client, tiny_llm):
     assert len(two.choices[0].logprobs.content[0].top_logprobs) == 3
 
 
+def test_response_format_keeps_the_output_to_json(client, tiny_llm):
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "stars": {"type": "integer"},
+                                               "mood": {"enum": ["dark", "light"]}},
+              "required": ["title", "stars", "mood"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "a book, as JSON"}]
+    out = client.chat.completions.create(model=tiny_llm.name, messages=messages, max_tokens=120, temperature=1.0,
+                                         seed=2, n=2, response_format={"type": "json_schema",
+                                                                       "json_schema": {"name": "book", "schema": schema}})
+    for choice in out.choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        value = json.loads(choice.message.content)
+        assert set(value) == {"title", "stars", "mood"} and isinstance(value["stars"], int)
+        assert value["mood"] in ("dark", "light")
+    any_object = client.completions.create(model=tiny_llm.name, prompt="a record:", max_tokens=60, temperature=0,
+                                           extra_body={"response_format": {"type": "json_object"}}).choices[0]
+    assert any_object.text.lstrip().startswith("{")  # an object, whole unless the budget ended it
+    if any_object.finish_reason == "stop":
+        assert isinstance(json.loads(any_object.text), dict)
+    with pytest.raises(openai.BadRequestError, match="pattern"):
+        client.chat.completions.create(model=tiny_llm.name, messages=messages, max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}})
+    with pytest.raises(openai.BadRequestError, match="response_format type"):
+        client.chat.completions.create(model=tiny_llm.name, messages=messages, max_tokens=5,
+                                       response_format={"type": "yaml"})
+
+
 def test_requests_join_the_running_batch(client, tiny_llm, server):
     scheduler = server.server.config.app.state.scheduler
     before = dict(scheduler.stats)

@@ -41,7 +41,7 @@ IGNORED_FIELDS = frozenset("""
     grammar_string grammar grammar_retain_state json_schema repeat_penalty repeat_last_n n_predict
     num_predict num_ctx n_probs trim_stop cache_prompt spaces_between_special_tokens guided_grammar
     guided_json include_stop_str_in_output tfs_z bypass_status_check streaming best_of
-    tools tool_choice parallel_tool_calls functions function_call response_format reasoning_effort
+    tools tool_choice parallel_tool_calls functions function_call reasoning_effort
     metadata store modalities audio prediction service_tier web_search_options
 """.split())
 # llama.cpp's `samplers` names that have no sampler here: dropped from an order, not refused
@@ -89,6 +89,9 @@ class SamplingFields(BaseModel):
                                              "case and tokenisation: generation rewinds and samples again.")
     banned_regex: bool = Field(False, description="banned_strings are regular expressions.")
     slop: Literal["en", "zh"] | None = Field(None, description="Also ban the shipped slop list of this language.")
+    response_format: dict | None = Field(None, description='{"type": "text"}, {"type": "json_object"} (any JSON '
+                                         'object) or {"type": "json_schema", "json_schema": {"schema": {...}}}: the '
+                                         'output kept to it by constrained decoding.')
 
     @model_validator(mode="before")
     @classmethod
@@ -197,8 +200,27 @@ class SamplingFields(BaseModel):
             logit_bias=bias or None, banned_sequences=banned_sequences(llm.tokenizer, self.ban) if self.ban else None,
             top_a=self.top_a, tfs=self.tfs, xtc_threshold=self.xtc_threshold, xtc_probability=self.xtc_probability,
             dry_multiplier=self.dry_multiplier, dry_base=self.dry_base, dry_allowed_length=self.dry_allowed_length,
-            sampler_order=self.order(),
+            sampler_order=self.order(), constraint=self.json_output(llm),
         )
+
+    def json_output(self, llm):
+        """The JSON constraint response_format asks for (None for text)."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        from llmos.writing.json_schema import SchemaError, json_constraint
+
+        if kind == "json_object":
+            return json_constraint(llm, None)
+        if kind != "json_schema":
+            raise ValueError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+        spec = self.response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise ValueError('response_format of type json_schema needs {"json_schema": {"schema": {...}}}')
+        try:
+            return json_constraint(llm, spec["schema"])
+        except SchemaError as e:
+            raise ValueError(f"response_format: {e}") from None
 
 
 class CompletionRequest(SamplingFields):
