@@ -226,3 +226,17 @@ def test_logit_bias_by_token_id_text_or_llamacpp_pairs(tiny_llm):
     pairs = CompletionRequest(prompt="x", logit_bias=[[" the", False], [7, 3]]).token_bias(tiny_llm.tokenizer, vocab)
     assert pairs == {**{t: -100.0 for t in the}, 7: 3.0}
     assert CompletionRequest(prompt="x", logit_bias=[]).logit_bias is None  # SillyTavern's "no bias"
+
+
+def test_cli_story_continue_bans_strings(tiny_dir, tmp_path):
+    path = tmp_path / "tale.json"
+    assert llmos("story", "new", str(path), "--text", "Once the sea was quiet.", home=tmp_path).returncode == 0
+    proc = llmos("story", "continue", str(path), "-m", str(tiny_dir), "--max-tokens", "12", "--seed", "1",
+                 "--banned-strings", "e", "--xtc-probability", "0.5", "--safety", "off", home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from llmos.writing.story import Story
+
+    added = Story.load(path).text[len("Once the sea was quiet."):]
+    assert added and "e" not in added.lower()  # the tiny model's favourite letter, banned
+    bad = llmos("story", "continue", str(path), "-m", str(tiny_dir), "--xtc-threshold", "3", home=tmp_path)
+    assert_clean_error(bad, "xtc_threshold must be in [0, 1]")

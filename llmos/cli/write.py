@@ -350,8 +350,15 @@ def story_continue(
     show_context: Annotated[bool, typer.Option(help="Print exactly what is sent to the model, and why.")] = False,
     precision: PrecisionOpt = "auto",
     safety: SafetyOpt = "default",
+    xtc_threshold: XtcThresholdOpt = None,
+    xtc_probability: XtcProbabilityOpt = None,
+    banned: BannedStringsOpt = [],
+    banned_file: BannedFileOpt = None,
+    slop: SlopOpt = None,
+    banned_regex: BannedRegexOpt = False,
 ):
-    """Continue the story, append the new text to the file (the previous version is kept as .bak)."""
+    """Continue the story, append the new text to the file (the previous version is kept as .bak).
+    The sampler options override the story's own settings for this continuation."""
     from llmos.llm import Result
     from llmos.writing.story import StoryError, assemble_context, continue_story
 
@@ -366,7 +373,10 @@ def story_continue(
         _print_context(parts)
     result = Result("", 0, [])
     try:
-        stream = continue_story(llm, story, max_tokens=max_tokens, seed=seed, result=result)
+        stream = continue_story(llm, story, max_tokens=max_tokens, seed=seed, result=result,
+                                sampler=dict(xtc_threshold=xtc_threshold, xtc_probability=xtc_probability),
+                                banned_strings=banned_strings(banned, banned_file, slop, banned_regex),
+                                banned_regex=banned_regex)
         pieces = []
         for delta in stream:
             pieces.append(delta.text)

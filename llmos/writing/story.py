@@ -224,9 +224,13 @@ def _recent(story: Story, depth: int | None) -> str:
 
 
 def continue_story(llm, story: Story, n: int = 1, max_tokens: int | None = None, seed: int | None = None,
-                   result=None):
-    """Stream the continuation of `story` (plain completion: the story is the prompt)."""
-    settings = {**story.sampler, **({"max_tokens": max_tokens} if max_tokens else {}), **({"seed": seed} if seed is not None else {})}
+                   result=None, sampler: dict | None = None, banned_strings: list[str] | None = None,
+                   banned_regex: bool = False):
+    """Stream the continuation of `story` (plain completion: the story is the prompt). `sampler`
+    overrides the story's own sampler settings; banned strings rewind and sample again (llm.py)."""
+    given = {k: v for k, v in (sampler or {}).items() if v is not None}
+    settings = {**story.sampler, **given, **({"max_tokens": max_tokens} if max_tokens else {}),
+                **({"seed": seed} if seed is not None else {})}
     params = llm.sampling(**settings)
     prompt, _ = assemble_context(story, llm.tokenizer, llm.context_window, params.max_tokens)
-    return llm.stream(prompt, params, n=n, result=result)
+    return llm.stream(prompt, params, n=n, result=result, banned_strings=banned_strings, banned_regex=banned_regex)
