@@ -234,6 +234,17 @@ def test_banned_phrases_and_generate_options(server, tiny_llm, in_home):
     assert [c["text"] for c in beams["choices"]] == [c.text for c in direct.completions]
 
 
+def test_write_bans_strings_by_rewinding(server, in_home):
+    body = {"task": "story", "brief": "a storm", "max_tokens": 12, "seed": 1, "n": 2, "allow_phrases": True}
+    plain = call(server, "POST", "/api/write", {**body, "task": "continue"}).json()
+    written = "".join(c["text"] for c in plain["candidates"]).lower()
+    favourite = max(written, key=written.count)  # what the tiny model writes most (a newline, in chat)
+    banned = call(server, "POST", "/api/write", {**body, "task": "continue", "banned_strings": [favourite]})
+    assert banned.status_code == 200, banned.text
+    texts = [c["text"] for c in banned.json()["candidates"]]
+    assert all(t and favourite not in t.lower() for t in texts), (favourite, texts)
+
+
 def test_a_novel_over_http_resumes_from_its_files(server, in_home):
     body = {"task": "novel", "brief": "a lighthouse keeper", "book": "keeper", "chapters": 1, "seed": 1}
     first = call(server, "POST", "/api/write", body).json()

@@ -307,6 +307,10 @@ class WriteRequestBody(BaseModel):
     dry: float | None = Field(None, ge=0, description="DRY repetition penalty strength (0.8 is typical; 0 = off).")
     allow_phrases: bool = Field(False, description="Do not ban stock phrases such as 'a testament to'.")
     banned_phrases: list[str] | None = Field(None, description="Phrases to ban instead of the built-in list.")
+    banned_strings: list[str] | None = Field(None, max_length=1024, description="Text never written, in any case "
+                                             "and tokenisation: a candidate that completes one rewinds and samples "
+                                             "again (unlike banned_phrases' token masks).")
+    banned_regex: bool = Field(False, description="banned_strings are regular expressions.")
     seed: Seed | None = None
     stream: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

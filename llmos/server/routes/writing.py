@@ -72,7 +72,8 @@ async def write(body: P.WriteRequestBody, http: HTTPRequest):
 
     def make():
         prompt, params, stops, form = prepare_write(llm, _write_request(body, language))
-        return prompt, form, llm.request(prompt, params, body.n, stops)
+        return prompt, form, llm.request(prompt, params, body.n, stops, banned_strings=body.banned_strings,
+                                         banned_regex=body.banned_regex)
 
     try:
         prompt, form, req = await asyncio.to_thread(make)  # a long brief takes a while to tokenize
