@@ -149,6 +149,10 @@ def test_train_config_merges_yaml_flags_and_set(tmp_path):
     assert cfg.model == {"n_layer": 5, "n_head": 2, "dropout": 0.1}
     assert build_train_config(tmp_path / "run", config_file=yaml_file, flags=dict(time_limit="90s")).time_limit == 90.0
     assert build_train_config(tmp_path / "run") == TrainConfig()
+    # YAML reads 1e-4 (no dot) as text; a number written so is still read as one
+    yaml_file.write_text("lr: 1e-4\nmin_lr: 1e-5\nwarmup_steps: '20'\n")
+    cfg = build_train_config(tmp_path / "run", config_file=yaml_file)
+    assert (cfg.lr, cfg.min_lr, cfg.warmup_steps) == (1e-4, 1e-5, 20)
 
 
 def test_train_config_on_resume_reuses_the_saved_options(tmp_path):
@@ -172,6 +176,7 @@ def test_train_config_on_resume_reuses_the_saved_options(tmp_path):
     ("model: 3\n", [], "'model' must be a mapping"),
     ("time_limit: soon\n", [], "cannot read duration 'soon'"),
     ("lr: 2.0\n", [], "lr must be in"),
+    ("lr: fast\n", [], "lr must be a number, got 'fast'"),
 ])
 def test_train_config_errors_name_the_option(tmp_path, yaml_text, set_pairs, message):
     yaml_file = tmp_path / "run.yaml"

@@ -109,10 +109,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = set(d) - set(known)
         if unknown:
             raise TrainError(f"unknown training option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        d = dict(d)
+        for name, value in d.items():  # YAML reads 1e-4 (no dot) as text: a number written so is still one
+            kind = known[name].split(" |")[0]
+            if kind in ("float", "int") and isinstance(value, str) and name != "time_limit":
+                try:
+                    d[name] = float(value) if kind == "float" else int(value)
+                except ValueError:
+                    raise TrainError(f"{name} must be a number, got {value!r}") from None
         return cls(**d)
 
 
