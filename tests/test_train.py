@@ -336,3 +336,12 @@ def test_two_process_fsdp_matches_one_process_and_resumes(shake, tmp_path):
 
     one, two = (load_checkpoint(latest_checkpoint(tmp_path / r), "fp32").model.state_dict() for r in ("one", "fsdp"))
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+
+def test_a_context_smaller_than_the_sample_prompt_still_samples(shake, tmp_path):
+    evals = []
+    trainer = Trainer(shake, tmp_path / "r", config(model={**TINY, "max_seq_len": 12}, block_size=8, max_steps=2,
+                                                    eval_interval=2), on_eval=evals.append)
+    trainer.run()
+    trainer.close()
+    assert evals[-1]["sample"]  # the 16-token sample prompt is cut to fit

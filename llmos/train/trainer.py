@@ -516,7 +516,7 @@ class Trainer:
         from llmos.tokenizer import Tokenizer
 
         tok = Tokenizer.from_dir(self.data.path, {"tokenizer": self.data.meta["tokenizer"]})
-        prompt = self.data.sample_prompt()
+        prompt = self.data.sample_prompt()[-(self.model_config.max_seq_len // 2):]  # room to write, in a small context
         self.model.eval()
         n = min(self.cfg.sample_tokens, self.model_config.max_seq_len - len(prompt))
         seq = generate(self.model, prompt, SamplingParams(temperature=0.8, top_k=50, max_tokens=n, seed=0))[0]
