@@ -286,11 +286,9 @@ def prepare_preferences(pairs: list[Pair], model: str, out: str | Path, val_frac
     per split, ids.npy (every sequence end to end), index.npy (rows of chosen start, chosen
     answer start, chosen end, then the same for rejected) and pairs.jsonl; meta.json and
     tokenizer.json as `llmos prepare` writes them. Returns the report."""
-    import shutil
-
     import numpy as np
 
-    from llmos.tokenizer import Tokenizer
+    from llmos.data.prepare import model_tokenizer, partial_dir, publish
     from llmos.weights import store as models
 
     if not pairs:
@@ -299,22 +297,17 @@ def prepare_preferences(pairs: list[Pair], model: str, out: str | Path, val_frac
     if not 0 < val_fraction < 1:
         raise PrefsError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     try:
-        path = models.resolve(model)
+        tok, info, source_meta = model_tokenizer(model)
     except models.ModelError as e:
         raise PrefsError(str(e)) from None
-    source_meta = json.loads((path / "config.json").read_text())
-    tok = Tokenizer.from_dir(path, source_meta)
     train, val = split_by_prompt(pairs, val_fraction, seed)
     vocab_size = tok.hf.get_vocab_size(with_added_tokens=True)
     dtype = np.uint16 if vocab_size <= 65535 else np.uint32
     out = Path(out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta = {"preference": True, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name,
-            "tokenizer": dict(source_meta.get("tokenizer", {}), kind=f"model:{source_meta.get('name', path.name)}"),
+    tmp = partial_dir(out)
+    meta = {"preference": True, "vocab_size": vocab_size, "dtype": np.dtype(dtype).name, "tokenizer": info,
             "eos_id": tok.eos_id, "instruction": False, "prompt_style": source_meta.get("prompt_style"),
-            "model": source_meta.get("name", path.name)}
+            "model": info["kind"].removeprefix("model:")}
     report = {"model": meta["model"]}
     for split, chosen in (("train", train), ("val", val)):
         ids, index = [], []
@@ -334,9 +327,5 @@ def prepare_preferences(pairs: list[Pair], model: str, out: str | Path, val_frac
         report[f"{split}_pairs"], report[f"{split}_tokens"] = len(chosen), len(ids)
     report["sources"] = {s: sum(p.source == s for p in pairs) for s in sorted({p.source for p in pairs})}
     tok.hf.save(str(tmp / "tokenizer.json"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish(tmp, out, meta, report)
     return report

@@ -137,16 +137,42 @@ def build_tokenizer(cfg: PrepareConfig, train: list[str], val: list[str]):
         tok = vocab.bpe_tokenizer(train, cfg.vocab_size)
         return tok, vocab.tokenizer_meta("bpe", tok), None, None
     from llmos.weights import store as models
-    from llmos.tokenizer import Tokenizer
 
     try:
-        path = models.resolve(cfg.tokenizer)
+        tok, info, meta = model_tokenizer(cfg.tokenizer)
     except models.ModelError as e:
         raise PrepareError(f"--tokenizer must be 'char', 'bpe' or a model: {e}") from None
-    meta = json.loads((path / "config.json").read_text())
-    tok = Tokenizer.from_dir(path, meta)
-    info = dict(meta.get("tokenizer", {}), kind=f"model:{meta.get('name', path.name)}")
     return tok.hf, info, meta, tok
+
+
+def model_tokenizer(model: str):
+    """(Tokenizer, the dataset's tokenizer info, the model's config) of a model's own tokenizer,
+    for data that model will be fine-tuned on. Raises ModelError for a model not found."""
+    from llmos.tokenizer import Tokenizer
+    from llmos.weights import store as models
+
+    path = models.resolve(model)
+    meta = json.loads((path / "config.json").read_text())
+    info = dict(meta.get("tokenizer", {}), kind=f"model:{meta.get('name', path.name)}")
+    return Tokenizer.from_dir(path, meta), info, meta
+
+
+def partial_dir(out: Path) -> Path:
+    """An empty folder beside `out` to write a dataset into; `publish` puts it in out's place."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish(tmp: Path, out: Path, meta: dict, report: dict):
+    """Write meta.json and report.json into tmp, then replace out with it: a dataset folder is
+    whole or absent, never half-written."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 def write_shards(out: Path, split: str, ids: np.ndarray, shard_tokens: int) -> list[dict]:
@@ -303,9 +329,7 @@ def prepare(cfg: PrepareConfig, progress=None, translator=None) -> dict:
         val_ids, val_lengths = encode(tok, val_texts, eos_id, dtype)
     report_progress("Tokenizing", 2, 2)
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = partial_dir(out)
     meta = {
         "vocab_size": vocab_size,
         "dtype": np.dtype(dtype).name,
@@ -355,9 +379,5 @@ def prepare(cfg: PrepareConfig, progress=None, translator=None) -> dict:
             report["augmentation"] = augmentation
     if instruction:
         report["loss_tokens"] = {"train": int(train_mask.sum()), "val": int(val_mask.sum())}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish(tmp, out, meta, report)
     return report
