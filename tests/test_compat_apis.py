@@ -287,8 +287,15 @@ def test_with_a_key_the_native_routes_need_it_and_count_in_metrics(tiny_llm, tmp
     s = ServerThread(create_app(tiny_llm, store=Store(tmp_path_factory.mktemp("db") / "k.db"), api_key="k1",
                                 multilingual=None))
     try:
-        assert post(s, "/api/generate", {"model": tiny_llm.name, "prompt": "Hi"}).status_code == 401
-        assert post(s, "/api/v1/generate", {"prompt": "Hi"}).status_code == 401
+        refused = post(s, "/api/generate", {"model": tiny_llm.name, "prompt": "Hi"})
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]  # Ollama's shape, from the gate
+        refused = post(s, "/api/v1/generate", {"prompt": "Hi"})
+        assert refused.status_code == 401 and "API key" in refused.json()["detail"]["msg"]  # KoboldCpp's
+        refused = post(s, "/completion", {"prompt": "Hi"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == 401  # llama.cpp's
+        bad_json = httpx.post(s.url + "/api/chat", content=b"{not json", timeout=30,
+                              headers={"Authorization": "Bearer k1", "Content-Type": "application/json"})
+        assert bad_json.status_code == 400 and isinstance(bad_json.json()["error"], str)
         ok = ollama.Client(host=s.url, headers={"Authorization": "Bearer k1"})
         assert ok.generate(model=tiny_llm.name, prompt="Hi", options={"num_predict": 2}).done
         metrics = httpx.get(s.url + "/metrics", headers={"Authorization": "Bearer k1"}).text

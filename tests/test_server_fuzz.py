@@ -58,8 +58,8 @@ OLLAMA = r"^/api/(generate|chat|tags|show|version)$"
 
 
 def error_text(path: str, body) -> str:
-    """The message of a 4xx body in the shape its route answers in (the gate, which sees a request
-    before any route does, answers in OpenAI's on every path)."""
+    """The message of a 4xx body in the shape its route answers in (the gate answers in the shape
+    of the route a request is for; FastAPI's own 404 and 405, before any route, in OpenAI's)."""
     if "error" in body and isinstance(body["error"], dict):
         assert body["error"]["type"], body
         return body["error"]["message"]

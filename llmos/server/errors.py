@@ -53,13 +53,15 @@ def install(app: FastAPI):
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}", kind="server_error"), status_code=500)
 
 
-def native_errors(render):
+def native_errors(shape):
     """A route class whose errors (an APIError, a request that fails validation) are answered
-    in another server's error shape: render(status, message, kind) -> the JSON body. Front ends
+    in another server's error shape: shape(status, message, kind) -> the JSON body. Front ends
     written for KoboldCpp or Ollama read their own shape, not OpenAI's."""
     from fastapi.routing import APIRoute
 
     class NativeRoute(APIRoute):
+        render = staticmethod(shape)  # the gate answers in it too (a bad key, body or Host)
+
         def get_route_handler(self):
             handler = super().get_route_handler()
 
@@ -70,9 +72,9 @@ def native_errors(render):
                     first = exc.errors()[0]
                     where = ".".join(str(x) for x in first.get("loc", []) if x != "body")
                     message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request")
-                    return JSONResponse(render(400, message, "invalid_request_error"), status_code=400)
+                    return JSONResponse(shape(400, message, "invalid_request_error"), status_code=400)
                 except APIError as e:
-                    return JSONResponse(render(e.status, e.message, e.kind), status_code=e.status, headers=e.headers)
+                    return JSONResponse(shape(e.status, e.message, e.kind), status_code=e.status, headers=e.headers)
 
             return shaped
 

@@ -126,7 +126,7 @@ class Gate:
             try:
                 body = await self._admit(scope, receive)
             except Rejected as r:
-                return await send_error(send_counted, r.status, r.message, r.kind)
+                return await send_error(send_counted, r.status, r.message, r.kind, self.renderer(scope))
             if body is None:
                 return  # the client went away before its body arrived
             replayed = False
@@ -186,6 +186,15 @@ class Gate:
                 raise Rejected(400, problem)
         return body
 
+    def renderer(self, scope):
+        """The error shape of the route a request is for: a native API's (KoboldCpp, Ollama,
+        llama.cpp: its route class's `render`), else None for OpenAI's."""
+        for route in _leaves(self.routes() if self.routes else ()):
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                return getattr(route, "render", None)
+        return None
+
     def template(self, scope) -> str:
         """The route a request went to, as its template ('/api/projects/{project_id}'): a label
         that cannot grow with the paths clients invent."""
@@ -209,8 +218,9 @@ def _leaves(routes):
             yield route
 
 
-async def send_error(send, status: int, message: str, kind: str = "invalid_request_error"):
-    body = json.dumps(error_body(message, kind=kind)).encode()
+async def send_error(send, status: int, message: str, kind: str = "invalid_request_error", render=None):
+    """An error answer in OpenAI's shape, or in render(status, message, kind)'s."""
+    body = json.dumps(render(status, message, kind) if render else error_body(message, kind=kind)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
