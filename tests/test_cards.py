@@ -279,6 +279,14 @@ def test_cards_over_http(server):
     png = call("GET", "/api/personas/Mira-Vey/card?format=png")
     assert png.status_code == 200 and chunk_json(png.content, "ccv3") == with_icon(V3)
     assert call("POST", "/api/personas/import", copy.deepcopy(V2)).json()["name"] == "Old-Tom"  # plain JSON too
+    # a card PNG of a few megabytes (a large picture) passes the server's 1 MB body limit for other routes
+    from llmos.cards import card_from_dict, card_png
+
+    big = card_png(card_from_dict({**copy.deepcopy(V2), "data": {**V2["data"], "name": "Big Tom"}}, "big"),
+                   picture() + b"\0" * (3 * 2**20))
+    r = call("POST", "/api/personas/import", {"file": base64.b64encode(big).decode(), "filename": "big.png"})
+    assert r.status_code == 200 and r.json()["name"] == "Big-Tom", r.text[:300]
+    assert call("POST", "/v1/completions", {"prompt": "x" * 2_000_000}).status_code == 413  # elsewhere, still 1 MB
     for body, status, needle in [
         ({"file": base64.b64encode(picture()).decode()}, 400, "holds no character card"),
         ({"file": "%%%"}, 400, "base64"),

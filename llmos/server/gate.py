@@ -28,6 +28,8 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 OPEN_PATHS = ("/health",)  # answered without a key (load balancers, `llmos serve` checks)
 STUDIO_PATHS = ("/", "/favicon.ico")  # the page asks for the key and sends it on its API calls
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Files sent as base64 JSON: character cards (PNG and CHARX, up to 20 MB: llmos/cards.py) and lorebooks
+UPLOAD_PATHS = frozenset({"/api/personas/import", "/api/lorebooks/read"})
 MAX_JSON_DEPTH = 64
 
 
@@ -39,6 +41,7 @@ class Policy:
     limit: int = 1_000_000
     api_key: str | None = None
     allowed_hosts: frozenset[str] | None = field(default=LOOPBACK_HOSTS)
+    upload_limit: int = 28 * 2**20  # on UPLOAD_PATHS: a 20 MB card in base64, with room to spare
 
 
 class Rejected(Exception):
@@ -163,17 +166,18 @@ class Gate:
             given = headers.get("authorization", "").encode("latin-1")
             if not hmac.compare_digest(given, f"Bearer {p.api_key}".encode()):
                 raise Rejected(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "authentication_error")
+        limit = max(p.limit, p.upload_limit) if path in UPLOAD_PATHS else p.limit
         declared = headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > p.limit:
-            raise Rejected(413, f"request body over {p.limit} bytes")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise Rejected(413, f"request body over {limit} bytes")
         parts, seen = [], 0  # read the (small, JSON) body here so an over-long one is a clean 413
         while True:
             message = await receive()
             if message["type"] != "http.request":
                 return None
             seen += len(message.get("body", b""))
-            if seen > p.limit:
-                raise Rejected(413, f"request body over {p.limit} bytes")
+            if seen > limit:
+                raise Rejected(413, f"request body over {limit} bytes")
             parts.append(message.get("body", b""))
             if not message.get("more_body"):
                 break
