@@ -396,17 +396,6 @@ def apply_penalties(
     return apply_dry(logits, histories, params.dry_multiplier, params.dry_base, params.dry_allowed_length)
 
 
-def process_logits(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    histories: list[list[int]],
-    seen: torch.Tensor | None,
-    counts: torch.Tensor | None,
-) -> torch.Tensor:
-    """Bans, biases and penalties (the default order's start), without temperature and truncation."""
-    return apply_penalties(apply_bans(logits, params, histories), params, histories, seen, counts)
-
-
 def sample(
     logits: torch.Tensor,
     params: SamplingParams,
@@ -417,7 +406,7 @@ def sample(
 ) -> torch.Tensor:
     """The samplers in params.order, then the draw (or the argmax, with temperature 0: only the
     penalties matter then; XTC, being random, needs sampling). Bans come before, from the caller.
-    Without histories the penalties are taken as applied already (process_logits)."""
+    Without histories (logits that need no penalties) the "rep_pen" step is skipped."""
     penalize = histories is not None and "rep_pen" in params.order
     if params.greedy:
         return greedy(apply_penalties(logits, params, histories, seen, counts) if penalize else logits)
