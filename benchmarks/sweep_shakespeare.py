@@ -2,9 +2,11 @@
 
     python benchmarks/sweep_shakespeare.py                     # 24 trials of 2 minutes, then 10 + 10 minutes (~40 min)
     python benchmarks/sweep_shakespeare.py --trials 6 --trial-minutes 0.5 --final-minutes 1   # a quick look
+    python benchmarks/sweep_shakespeare.py --trials 12 --trial-minutes 10 --random-trials 5 \
+        --pruner-startup 3 --prune-after 0.4      # trials as long as the target run (~65 min)
 
 The sweep runs through llmos.train.sweep (the library under `llmos sweep`): TPE sampling (8
-random trials first), median pruning, over the pretraining options of SPACE below, each trial
+random trials first by default), median pruning, over the pretraining options of SPACE below, each trial
 training for --trial-minutes of wall time. Two worker processes share one study in SQLite.
 Then the sweep's best options and the hand-tuned 10-minute recipe (HEADLINE of
 benchmarks/train_shakespeare.py) train for --final-minutes each, at the same time, and both
@@ -54,13 +56,16 @@ BASE = {"preset": "baby-gpt", "model": {"max_seq_len": 256}, "max_steps": 10**9,
 MEASURE = {"max_steps": 10**9, "eval_interval": 1000, "eval_iters": 20}
 
 
-def sweep_file(work: Path, data: Path, trial_minutes: float, trials: int, seed: int) -> Path:
+def sweep_file(work: Path, data: Path, args) -> Path:
     import yaml
 
-    doc = {"data": str(data.resolve()), "output": "sweep", "base": {**BASE, "time_limit": trial_minutes * 60},
-           "space": SPACE, "metric": "val_loss", "direction": "minimize", "trials": trials,
-           "pruner": {"name": "median", "startup_trials": 4, "warmup": 0.25},
-           "sampler": {"name": "tpe", "startup_trials": 8}, "seed": seed, "study": "shakespeare"}
+    pruner = {"name": args.pruner}
+    if args.pruner == "median":
+        pruner.update(startup_trials=args.pruner_startup, warmup=args.prune_after)
+    doc = {"data": str(data.resolve()), "output": "sweep", "base": {**BASE, "time_limit": args.trial_minutes * 60},
+           "space": SPACE, "metric": "val_loss", "direction": "minimize", "trials": args.trials,
+           "pruner": pruner, "sampler": {"name": "tpe", "startup_trials": args.random_trials}, "seed": args.seed,
+           "study": "shakespeare"}
     path = work / "sweep.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
@@ -100,6 +105,11 @@ def main():
     ap.add_argument("--trials", type=int, default=24, help="trials in all, shared by the workers")
     ap.add_argument("--trial-minutes", type=float, default=2.0, help="wall-time budget of each trial")
     ap.add_argument("--final-minutes", type=float, default=10.0, help="wall-time budget of each final run")
+    ap.add_argument("--random-trials", type=int, default=8, help="TPE's random trials before it models the results")
+    ap.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
+    ap.add_argument("--pruner-startup", type=int, default=4, help="median pruning: completed trials before any is pruned")
+    ap.add_argument("--prune-after", type=float, default=0.25,
+                    help="median pruning: the share of a trial's budget before it can be pruned")
     ap.add_argument("--workers", type=int, default=2, help="processes sharing the study (one thread each)")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed (worker k adds 1000 k)")
     ap.add_argument("--work", help="folder for data, the study and runs (default: a temporary folder)")
@@ -109,7 +119,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     data = prepare_data(work)
     load_before = os.getloadavg()  # the machine is shared: what else ran shows here
-    path = sweep_file(work, data, args.trial_minutes, args.trials, args.seed)
+    path = sweep_file(work, data, args)
 
     from llmos.train.sweep import best_options, load_spec, open_study, sorted_rows, summary, write_results
 
@@ -161,6 +171,7 @@ def main():
         "cpu": cpu_name(), "revision": revision(), "date": time.strftime("%Y-%m-%d"),
         "load_average": {"start": load_before, "before_final": load_final, "end": os.getloadavg()},
         "budget": {"trials": args.trials, "trial_minutes": args.trial_minutes, "workers": args.workers,
+                   "random_trials": args.random_trials, "pruner": args.pruner,
                    "threads_per_process": 1, "final_minutes": args.final_minutes, "sweep_wall_s": round(sweep_s),
                    "final_wall_s": round(final_s)},
         "sweep_file": path.read_text(), "counts": counts,
