@@ -35,11 +35,13 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
                     context=512, seed=0, quantize_embeddings=True, arch="llama",
                     layer_types: dict[str, str] | None = None, rope_freqs: np.ndarray | None = None,
                     rope_scaling: tuple[str, float] | None = None, head_dim: int | None = None,
-                    window: int | None = None, longrope: tuple[list, list, int] | None = None) -> Path:
+                    window: int | None = None, longrope: tuple[list, list, int] | None = None,
+                    meta: dict | None = None) -> Path:
     """layer_types: GGUF block type per layer tensor kind ({"attn_q": "Q4_0", ...}; "*" for
     every kind); the rest stay float32. rope_freqs: Llama 3.1's per-frequency RoPE divisors;
     rope_scaling: (llama.cpp's scaling type, factor), such as ("linear", 4.0). window: a sliding
-    window (phi3, gemma2). longrope: Phi-3's (long factors, short factors, original context)."""
+    window (phi3, gemma2). longrope: Phi-3's (long factors, short factors, original context).
+    meta: more metadata, {key without the architecture: value} (ints as uint32, floats as float32)."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -73,6 +75,8 @@ def write_tiny_gguf(path: Path, *, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
         w.add_final_logit_softcapping(30.0)
     if longrope:
         w.add_rope_scaling_orig_ctx_len(longrope[2])
+    for key, value in (meta or {}).items():
+        (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"{arch}.{key}", value)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)

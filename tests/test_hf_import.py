@@ -303,10 +303,50 @@ def test_phi3_gguf_longrope(tmp_path):
         assert (got - ref.model(ids)).abs().max().item() < 1e-5
 
 
-def test_unsupported_gguf_rope_scaling_is_a_one_line_error(tmp_path):
+def test_gguf_yarn_is_the_config_json_yarn(tmp_path):
+    """A GGUF's YaRN (type, factor, original context: what llama.cpp's converter writes for a
+    Qwen2.5 long-context model) computes what the same YaRN in a config.json does; llama.cpp's
+    yarn_attn_factor multiplies the derived magnitude, and its betas replace the defaults."""
     from helpers import write_tiny_gguf
 
-    path = write_tiny_gguf(tmp_path / "yarn.gguf", seed=8, rope_scaling=("yarn", 4.0))
-    with pytest.raises(store.ModelError, match="llama.rope.scaling.type is 'yarn'; supported: linear"):
+    from llmos.weights.hf import rope_from_hf
+
+    yarn = write_tiny_gguf(tmp_path / "y.gguf", seed=8, context=128, rope_scaling=("yarn", 4.0),
+                           meta={"rope.scaling.original_context_length": 32})
+    plain = write_tiny_gguf(tmp_path / "p.gguf", seed=8, context=128)
+    ours, ref = (store.load_checkpoint(store.resolve(str(p)), "fp32") for p in (yarn, plain))
+    _, want = rope_from_hf({"max_position_embeddings": 128, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}})
+    assert ours.config.rope_scaling == pytest.approx(want)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got, unscaled = ours.model(ids), ref.model(ids)
+        ref.model.config.rope_scaling, ref.model._rope_cache = dict(want), {}
+        assert (got - ref.model(ids)).abs().max().item() < 1e-5
+    assert (got - unscaled).abs().max().item() > 1e-3
+
+    tuned = write_tiny_gguf(tmp_path / "t.gguf", seed=8, context=128, rope_scaling=("yarn", 4.0), meta={
+        "rope.scaling.original_context_length": 32, "rope.scaling.yarn_attn_factor": 0.5,
+        "rope.scaling.yarn_beta_fast": 16.0, "rope.scaling.yarn_beta_slow": 2.0})
+    got = store.load_checkpoint(store.resolve(str(tuned)), "fp32").config.rope_scaling
+    assert got["attention_factor"] == pytest.approx(0.5 * want["attention_factor"])
+    assert (got["beta_fast"], got["beta_slow"]) == (16.0, 2.0)
+
+
+@pytest.mark.parametrize("case,message", [
+    ({"rope_scaling": ("longrope", 4.0)}, "llama.rope.scaling.type is 'longrope'; supported: linear, yarn"),
+    ({"rope_scaling": ("yarn", 4.0)}, "original_context_length is None; YaRN needs the pretraining context"),
+    ({"rope_scaling": ("yarn", 4.0), "meta": {"rope.scaling.original_context_length": 4096}},
+     "original_context_length is 4096; YaRN needs"),
+    ({"rope_scaling": ("yarn", 4.0), "meta": {"rope.scaling.original_context_length": 32,
+                                              "rope.scaling.yarn_log_multiplier": 0.1}},
+     "yarn_log_multiplier is 0.1"),
+])
+def test_unsupported_gguf_rope_scaling_is_a_one_line_error(case, message, tmp_path):
+    from helpers import write_tiny_gguf
+
+    path = write_tiny_gguf(tmp_path / "odd.gguf", seed=8, **case)
+    with pytest.raises(store.ModelError, match=message) as err:
         store.resolve(str(path))
-    assert not [p for p in store.models_dir().iterdir() if p.name.startswith("gguf-yarn")]  # nothing half-built left
+    assert "\n" not in str(err.value)
+    assert not [p for p in store.models_dir().iterdir() if p.name.startswith("gguf-odd")]  # nothing half-built left

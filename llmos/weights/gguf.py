@@ -248,8 +248,10 @@ def config_from_gguf(meta: dict) -> ModelConfig:
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
         common.update(rope_scaling={"type": "linear", "factor": positive("rope.scaling.factor")})
+    elif scaling == "yarn":
+        common.update(rope_scaling=_yarn(meta, arch, positive, common["max_seq_len"]))
     elif scaling not in (None, "none"):
-        raise ConversionError(f"{arch}.rope.scaling.type is {scaling!r}; supported: linear, and Llama 3.1's "
+        raise ConversionError(f"{arch}.rope.scaling.type is {scaling!r}; supported: linear, yarn, and Llama 3.1's "
                               f"per-frequency factors (a rope_freqs tensor)")
     if arch == "qwen2":
         common.update(qkv_bias=True)
@@ -496,6 +498,29 @@ def gguf_tensors(reader, config: ModelConfig, progress: Callable[[int], None] | 
     config.vocab_size = next(int(t.shape[-1]) for t in reader.tensors if t.name == "token_embd.weight")
     config.tie_embeddings = "lm_head.weight" not in state and "lm_head.weight" not in quant
     return state, quant
+
+
+def _yarn(meta: dict, arch: str, positive, context: int) -> dict:
+    """YaRN from a GGUF's metadata, as model.py's rope_scaling (the dict rope_from_hf builds from a
+    config.json). llama.cpp multiplies cos and sin by 1 + 0.1 ln(factor), the magnitude the
+    reference code derives, and by `yarn_attn_factor` on top (1 when absent); its ramp between
+    interpolated and kept frequencies is the reference's, scaled by `yarn_ext_factor` (1 here).
+    DeepSeek-style `yarn_log_multiplier` changes the magnitude differently: refused, not guessed."""
+    original = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if isinstance(original, bool) or not isinstance(original, int) or not 1 <= original <= context:
+        raise ConversionError(f"{arch}.rope.scaling.original_context_length is {original!r}; YaRN needs the "
+                              f"pretraining context (at most the context length, {context})")
+    factor = positive("rope.scaling.factor")
+    for key, allowed in (("yarn_ext_factor", 1.0), ("yarn_log_multiplier", 0.0)):
+        value = meta.get(f"{arch}.rope.scaling.{key}", allowed)
+        if value != allowed:
+            raise ConversionError(f"{arch}.rope.scaling.{key} is {value!r}; only YaRN with {key} {allowed:g} "
+                                  f"(or absent) is supported")
+    magnitude = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    return {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": positive("rope.scaling.yarn_beta_fast", 32.0),
+            "beta_slow": positive("rope.scaling.yarn_beta_slow", 1.0),
+            "attention_factor": positive("rope.scaling.yarn_attn_factor", 1.0) * magnitude, "truncate": True}
 
 
 def _longrope(reader, arch: str, config: ModelConfig, factors: dict) -> dict:
