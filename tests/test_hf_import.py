@@ -350,3 +350,96 @@ def test_unsupported_gguf_rope_scaling_is_a_one_line_error(case, message, tmp_pa
         store.resolve(str(path))
     assert "\n" not in str(err.value)
     assert not [p for p in store.models_dir().iterdir() if p.name.startswith("gguf-odd")]  # nothing half-built left
+
+
+def tiny_gemma3_multimodal(folder):
+    """Gemma 3's image-and-text model (Gemma3ForConditionalGeneration) with a tiny SigLIP tower,
+    written by transformers; only its text model is converted."""
+    import transformers
+
+    vocab = write_tokenizer(folder)
+    text = transformers.Gemma3TextConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, **FAMILIES["gemma3_text"]["extra"])
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=1, image_token_index=vocab + 10)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def test_gemma3_multimodal_folder_runs_its_text_model(tmp_path):
+    """A multimodal Gemma 3 folder (model_type gemma3, text_config inside, a vision tower beside
+    the text model) converts its text model: logits equal transformers' on text, under both
+    tensor layouts transformers has saved; the vision tensors are left out, and a chat template
+    kept in chat_template.jinja is found."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "gemma3-mm"
+    folder.mkdir()
+    ref = tiny_gemma3_multimodal(folder)
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "gemma3"
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}<start_of_turn>{{ m.content }}{% endfor %}")
+    loaded = store.load_checkpoint(store.resolve(str(folder)), "fp32")
+    ids = torch.randint(0, ref.config.text_config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+        got = loaded.model(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    assert loaded.config.arch == "gemma3" and loaded.config.qk_norm and loaded.config.sliding_window == 4
+    meta = json.loads((loaded.path / "config.json").read_text())
+    assert meta["prompt_style"]["chat_template"].startswith("{% for m in messages %}")
+    names = load_file(str(loaded.path / "model.safetensors")).keys()
+    assert not [n for n in names if "vision" in n or "projector" in n]
+
+    # The layout of files saved before transformers 4.52: language_model.model.*, vision_tower.*
+    old = tmp_path / "gemma3-mm-old"
+    old.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (old / f).write_bytes((folder / f).read_bytes())
+    renamed = {}
+    for name, w in load_file(str(folder / "model.safetensors")).items():
+        if name.startswith("model.language_model."):
+            name = "language_model.model." + name.removeprefix("model.language_model.")
+        elif name.startswith("model."):
+            name = name.removeprefix("model.")
+        renamed[name] = w
+    assert any(n.startswith("vision_tower.") for n in renamed)
+    save_file(renamed, str(old / "model.safetensors"))
+    again = store.load_checkpoint(store.resolve(str(old)), "fp32")
+    with torch.no_grad():
+        assert (again.model(ids) - want).abs().max().item() < 1e-4
+
+
+def test_gemma3_hub_config_takes_transformers_defaults():
+    """google/gemma-3-4b-it's config.json gives its text_config only where it differs from
+    Gemma3TextConfig's defaults (no head counts, head_dim or vocabulary size): the config read
+    here is the one transformers resolves from the same file."""
+    import transformers
+
+    from llmos.weights.hf import config_from_hf
+
+    hub = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+           "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                           "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                           "sliding_window": 1024},
+           "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                             "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                             "patch_size": 14, "vision_use_head": False}}
+    ours = config_from_hf(hub)
+    text = transformers.Gemma3Config(**{k: v for k, v in hub.items() if k != "architectures"}).text_config
+    assert (ours.vocab_size, ours.n_layer, ours.n_head, ours.n_kv_head, ours.d_model, ours.head_dim, ours.d_ff) == (
+        text.vocab_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads,
+        text.hidden_size, text.head_dim, text.intermediate_size)
+    assert ours.attn_scale == pytest.approx(text.query_pre_attn_scalar ** -0.5)
+    assert ours.layer_types == ["sliding" if k == "sliding_attention" else "global" for k in text.layer_types]
+    assert ours.sliding_window == text.sliding_window == 1024 and ours.tie_embeddings
+    assert ours.rope_scaling == {"type": "linear", "factor": 8.0}
+    assert (ours.rope_theta, ours.rope_local_theta) == (1_000_000.0, 10_000.0)

@@ -1,5 +1,6 @@
 """A Hugging Face model folder (config.json, safetensors weights, tokenizer.json) -> an LLMOS
-checkpoint folder: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5, Qwen 3, Phi-3, Gemma 2 and GPT-2.
+checkpoint folder: Llama 1/2/3.x, Mistral, Qwen 2 / 2.5, Qwen 3, Phi-3, Gemma 2, Gemma 3 (text
+models, and the text part of the multimodal ones) and GPT-2.
 
 The folder's weights may be one model.safetensors or shards listed in
 model.safetensors.index.json; only safetensors are read (never pickled .bin files). Names map
@@ -19,7 +20,16 @@ import torch
 
 from llmos.model import ModelConfig
 
-FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gpt2")
+FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "gemma3", "gpt2")
+
+# What transformers' Gemma3TextConfig assumes for a key its config.json leaves out: the
+# multimodal Gemma 3 folders (4B, 12B, 27B) write only what differs in their `text_config`
+# (google/gemma-3-4b-it's omits the head counts, head_dim and the vocabulary size).
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096, "tie_word_embeddings": True,
+}
 
 
 class HFError(ValueError):
@@ -38,6 +48,11 @@ def config_from_hf(cfg: dict) -> ModelConfig:
     kind = cfg.get("model_type")
     if kind not in FAMILY:
         raise HFError(f"model_type {kind!r} is not supported; supported: {', '.join(FAMILY)}")
+    if kind == "gemma3":  # image and text: the text model is read, the vision tower left out
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise HFError("its config.json (model_type gemma3) has no text_config")
+        cfg, kind = {**GEMMA3_TEXT_DEFAULTS, **text}, "gemma3_text"
     if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
         raise HFError(f"partial_rotary_factor {cfg['partial_rotary_factor']} (RoPE on part of each head) is not supported yet")
     if kind in ("gemma2", "gemma3_text"):
@@ -217,12 +232,32 @@ _GEMMA = {  # Gemma 2 and 3
 }
 
 
+# Multimodal Gemma 3: the text model's tensors under either layout transformers has saved
+# (`language_model.model.*` before 4.52, `model.language_model.*` since); the rest is vision.
+_TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.",
+                  "language_model.lm_head.": "lm_head."}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _text_name(name: str) -> str | None:
+    """The tensor's name in a text-only model, or None for a vision tensor (not read)."""
+    if name.startswith(_VISION_PREFIXES):
+        return None
+    for prefix, short in _TEXT_PREFIXES.items():
+        if name.startswith(prefix):
+            return short + name[len(prefix):]
+    return name
+
+
 def hf_state_dict(path: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     raw: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
-        raw.update(load_file(str(f)))
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                if (short := _text_name(name)) is not None:
+                    raw[short] = sf.get_tensor(name)
     if config.arch == "gpt2":
         return _gpt2_state_dict(raw, config)
     state, parts = {}, {}
@@ -309,7 +344,8 @@ def stop_tokens(path: Path) -> list[str]:
 
 
 def hf_tokenizer_info(path: Path) -> tuple[dict, str | None]:
-    """Special tokens and the chat template, from tokenizer_config.json (when there is one)."""
+    """Special tokens and the chat template, from tokenizer_config.json (when there is one); the
+    template from chat_template.jinja or chat_template.json when that file has none."""
     try:
         tc = json.loads((path / "tokenizer_config.json").read_text())
     except (OSError, ValueError):
@@ -321,4 +357,12 @@ def hf_tokenizer_info(path: Path) -> tuple[dict, str | None]:
     info = {"bos_token": text(tc.get("bos_token")), "eos_token": text(tc.get("eos_token")),
             "add_bos_token": bool(tc.get("add_bos_token", False))}
     template = tc.get("chat_template")
-    return info, template if isinstance(template, str) else None
+    if not isinstance(template, str):  # newer folders keep it in a file of its own
+        try:
+            template = (path / "chat_template.jinja").read_text()
+        except OSError:
+            try:
+                template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+            except (OSError, ValueError, AttributeError):
+                template = None
+    return info, template if isinstance(template, str) and template.strip() else None
