@@ -407,7 +407,7 @@ def sample(
     """The samplers in params.order, then the draw (or the argmax, with temperature 0: only the
     penalties matter then; XTC, being random, needs sampling). Bans come before, from the caller.
     Without histories (logits that need no penalties) the "rep_pen" step is skipped."""
-    penalize = histories is not None and "rep_pen" in params.order
+    penalize = histories is not None  # params.order always holds "rep_pen" (a custom order gets the rest appended)
     if params.greedy:
         return greedy(apply_penalties(logits, params, histories, seen, counts) if penalize else logits)
     steps = {
