@@ -4,6 +4,8 @@
     python benchmarks/sweep_shakespeare.py --trials 6 --trial-minutes 0.5 --final-minutes 1   # a quick look
     python benchmarks/sweep_shakespeare.py --trials 12 --trial-minutes 10 --random-trials 5 \
         --pruner-startup 3 --prune-after 0.4      # trials as long as the target run (~65 min)
+    python benchmarks/sweep_shakespeare.py --work W --trials 12 --trial-minutes 10 --random-trials 5 \
+        --pruner-startup 3 --prune-after 0.4 --multivariate   # 12 more trials in W's study, multivariate TPE
 
 The sweep runs through llmos.train.sweep (the library under `llmos sweep`): TPE sampling (8
 random trials first by default), median pruning, over the pretraining options of SPACE below, each trial
@@ -64,7 +66,8 @@ def sweep_file(work: Path, data: Path, args) -> Path:
         pruner.update(startup_trials=args.pruner_startup, warmup=args.prune_after)
     doc = {"data": str(data.resolve()), "output": "sweep", "base": {**BASE, "time_limit": args.trial_minutes * 60},
            "space": SPACE, "metric": "val_loss", "direction": "minimize", "trials": args.trials,
-           "pruner": pruner, "sampler": {"name": "tpe", "startup_trials": args.random_trials}, "seed": args.seed,
+           "pruner": pruner, "sampler": {"name": "tpe", "startup_trials": args.random_trials,
+                                                      **({"multivariate": True, "constant_liar": True} if args.multivariate else {})}, "seed": args.seed,
            "study": "shakespeare"}
     path = work / "sweep.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -102,10 +105,12 @@ def final_run(data: str, out: str, recipe: dict, minutes: float) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--trials", type=int, default=24, help="trials in all, shared by the workers")
+    ap.add_argument("--trials", type=int, default=24, help="trials to run now, shared by the workers (a study resumed in --work keeps its earlier ones)")
     ap.add_argument("--trial-minutes", type=float, default=2.0, help="wall-time budget of each trial")
     ap.add_argument("--final-minutes", type=float, default=10.0, help="wall-time budget of each final run")
     ap.add_argument("--random-trials", type=int, default=8, help="TPE's random trials before it models the results")
+    ap.add_argument("--multivariate", action="store_true",
+                    help="TPE models the options jointly, and the workers do not draw the same point (constant liar)")
     ap.add_argument("--pruner", choices=["median", "hyperband", "none"], default="median")
     ap.add_argument("--pruner-startup", type=int, default=4, help="median pruning: completed trials before any is pruned")
     ap.add_argument("--prune-after", type=float, default=0.25,
@@ -124,7 +129,7 @@ def main():
     from llmos.train.sweep import best_options, load_spec, open_study, sorted_rows, summary, write_results
 
     spec = load_spec(path)
-    open_study(spec)  # created here once, so that the workers only join it
+    held = len(open_study(spec).trials)  # created here once, so that the workers only join it; or resumed
     shares = [args.trials // args.workers + (w < args.trials % args.workers) for w in range(args.workers)]
     t0 = time.perf_counter()
     ctx = get_context("spawn")
@@ -170,8 +175,8 @@ def main():
     write_json(args.out, {
         "cpu": cpu_name(), "revision": revision(), "date": time.strftime("%Y-%m-%d"),
         "load_average": {"start": load_before, "before_final": load_final, "end": os.getloadavg()},
-        "budget": {"trials": args.trials, "trial_minutes": args.trial_minutes, "workers": args.workers,
-                   "random_trials": args.random_trials, "pruner": args.pruner,
+        "budget": {"trials": args.trials, "trials_held_before": held, "trial_minutes": args.trial_minutes, "workers": args.workers,
+                   "random_trials": args.random_trials, "multivariate": args.multivariate, "pruner": args.pruner,
                    "threads_per_process": 1, "final_minutes": args.final_minutes, "sweep_wall_s": round(sweep_s),
                    "final_wall_s": round(final_s)},
         "sweep_file": path.read_text(), "counts": counts,

@@ -20,7 +20,10 @@ A sweep is a YAML file (read with yaml.safe_load; relative paths are relative to
     timeout: 1h                 # optional: no trial starts after this long
     pruner: median              # median | hyperband | threshold | none, or {name: median, startup_trials: 3,
                                 # warmup: 0.2}; threshold needs {name: threshold, value: 3.0}
-    sampler: tpe                # tpe | random, or {name: tpe, startup_trials: 8}
+    sampler: tpe                # tpe | random, or {name: tpe, startup_trials: 8, multivariate: true,
+                                # constant_liar: true}: multivariate models the options jointly (a
+                                # learning rate that suits one depth and not another); constant_liar
+                                # keeps processes sharing a study from drawing the same point
     seed: 0                     # the sampler's
     study: shake                # the study's name (default: the output folder's name)
     storage: sqlite:///s.db     # optional database URL (PostgreSQL or MySQL for several machines);
@@ -65,7 +68,8 @@ TOP_KEYS = ("data", "output", "base", "space", "metric", "direction", "trials", 
 RANGE_KEYS = ("low", "high", "log", "step")
 PRUNERS = {"median": ("startup_trials", "warmup"), "hyperband": ("reduction_factor",),
            "threshold": ("value", "warmup"), "none": ()}
-SAMPLERS = {"tpe": ("startup_trials",), "random": ()}
+SAMPLERS = {"tpe": ("startup_trials", "multivariate", "constant_liar"), "random": ()}
+FLAGS = {"multivariate", "constant_liar"}  # sampler options that are true or false
 
 
 class SweepError(ValueError):
@@ -237,6 +241,11 @@ def _named(what: str, spec, table: dict[str, tuple]) -> dict:
     for key in table[name]:
         if key in spec:
             value = spec[key]
+            if key in FLAGS:
+                if not isinstance(value, bool):
+                    raise SweepError(f"{what} {name}: {key} must be true or false, got {value!r}")
+                out[key] = value
+                continue
             if isinstance(value, str):
                 try:
                     value = float(value)
@@ -452,7 +461,9 @@ def _sampler(spec: SweepSpec, offset: int):
         warnings.simplefilter("ignore")
         if spec.sampler["name"] == "random":
             return optuna.samplers.RandomSampler(seed=seed)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(spec.sampler.get("startup_trials", 10)))
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(spec.sampler.get("startup_trials", 10)),
+                                          multivariate=spec.sampler.get("multivariate", False),
+                                          constant_liar=spec.sampler.get("constant_liar", False))
 
 
 def open_study(spec: SweepSpec, create: bool = True):
