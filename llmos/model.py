@@ -187,6 +187,8 @@ ROPE_SCALING_KEYS = {
     "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
     "longrope": ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor"),
     "factors": ("factors",),  # one divisor per frequency, as GGUF files store Llama 3.1's scaling
+    # dynamic NTK: past the original context, the base grows with the sequence's length
+    "dynamic": ("factor", "original_max_position_embeddings"),
 }
 
 
@@ -205,14 +207,20 @@ def check_rope_scaling(scaling: dict, head_dim: int):
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
-                     long: bool = False) -> tuple[torch.Tensor, float]:
+                     long: bool = False, length: int | None = None) -> tuple[torch.Tensor, float]:
     """(inverse frequencies (head_dim/2,), factor on cos and sin) for RoPE base theta, stretched
     as `scaling` says. The formulas are those of the models' reference code: Llama 3.1's
     smoothed low-frequency division, YaRN's ramp between interpolated and extrapolated
-    frequencies, LongRoPE's per-frequency factors (the long set when `long`)."""
+    frequencies, LongRoPE's per-frequency factors (the long set when `long`), dynamic NTK's
+    base raised for a sequence of `length` positions."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / theta**exponents
     kind = (scaling or {}).get("type")
+    if kind == "dynamic":  # unchanged up to the original context, then base * (f L / L0 - (f - 1))^(d / (d - 2))
+        factor, context = scaling["factor"], scaling["original_max_position_embeddings"]
+        length = max(length or context, context)
+        theta = theta * (factor * length / context - (factor - 1)) ** (head_dim / (head_dim - 2))
+        return 1.0 / theta**exponents, 1.0
+    inv_freq = 1.0 / theta**exponents
     if kind is None:
         return inv_freq, 1.0
     if kind == "linear":
@@ -248,10 +256,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None,
     return inv_freq / factor * (1 - keep) + inv_freq * keep, float(scaling["attention_factor"])
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float,
-                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(head_dim: int, max_len: int, theta: float, scaling: dict | None = None,
+                length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions [0, max_len); `length`: the sequence's, for dynamic NTK."""
     positions = torch.arange(max_len, dtype=torch.float32)
-    inv_freq, factor = rope_frequencies(head_dim, theta, scaling)
+    inv_freq, factor = rope_frequencies(head_dim, theta, scaling, length=length)
     angles = torch.outer(positions, inv_freq)  # (T, hd/2)
     if (scaling or {}).get("type") == "longrope":
         # Positions past the original context turn at the long factors' rates, as the reference
@@ -493,10 +502,18 @@ class Transformer(nn.Module):
 
     def _rope(self, local: bool, device, length: int):
         """cos and sin tables covering positions [0, length) at least. They grow by doubling as
-        sequences get longer: sized for the whole context at once, Gemma's would take 134 MB."""
+        sequences get longer: sized for the whole context at once, Gemma's would take 134 MB.
+        Dynamic NTK past the original context: tables for a sequence of exactly `length`."""
         c = self.config
         plain = local and c.rope_local_theta  # Gemma 3's sliding layers: their own base, never scaled
         theta, scaling = (c.rope_local_theta, None) if plain else (c.rope_theta, c.rope_scaling)
+        if (scaling or {}).get("type") == "dynamic" and length > scaling["original_max_position_embeddings"]:
+            key = (theta, "dynamic", device)  # the frequencies change with each length: the last one is kept
+            tables = self._rope_cache.get(key)
+            if tables is None or tables[0].shape[0] != length:
+                tables = tuple(t.to(device) for t in rope_tables(c.head_dim, length, theta, scaling, length=length))
+                self._rope_cache[key] = tables
+            return tables
         key = (theta, bool(scaling), device)
         tables = self._rope_cache.get(key)
         if tables is None or tables[0].shape[0] < length:
@@ -504,6 +521,13 @@ class Transformer(nn.Module):
             tables = tuple(t.to(device) for t in rope_tables(c.head_dim, size, theta, scaling))
             self._rope_cache[key] = tables
         return tables
+
+    def _rope_length(self, input_pos, kv_len: int) -> int:
+        """The length the RoPE tables are made for: kv_len, or for dynamic NTK the sequence's own
+        length, its last position + 1 (the reference code's choice, the longest row of a batch)."""
+        if (self.config.rope_scaling or {}).get("type") == "dynamic":
+            return int(input_pos.max()) + 1
+        return kv_len
 
     def forward(
         self,
@@ -548,14 +572,15 @@ class Transformer(nn.Module):
             x = x * torch.tensor(c.d_model**0.5, dtype=x.dtype)
         if not c.rope:
             x = x + self.pos_embed(input_pos)
+        rope_len = self._rope_length(input_pos, kv_len) if c.rope else kv_len
         if cache is not None and T == 1 and c.causal and _fast() and self._fused_blocks():
-            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache, kv_len)[:, None]
+            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache, kv_len, rope_len)[:, None]
             return self.norm(x) if return_hidden else self._logits(x)
         plan = {}
         for kind in set(c.layer_types):
             rope = None
             if c.rope:
-                cos, sin = self._rope(kind == "sliding", idx.device, kv_len)  # positions are below kv_len
+                cos, sin = self._rope(kind == "sliding", idx.device, rope_len)  # positions are below it
                 rope = (cos[input_pos][:, :, None].to(x.dtype), sin[input_pos][:, :, None].to(x.dtype))  # (B|1, T, 1, hd)
             window = c.sliding_window if kind == "sliding" else None
             if segments is not None:
@@ -597,10 +622,10 @@ class Transformer(nn.Module):
                 self._fused = args
         return bool(self._fused)
 
-    def _decode_fused(self, x, pos, cache: KVCache, kv_len: int):
+    def _decode_fused(self, x, pos, cache: KVCache, kv_len: int, rope_len: int):
         """One new token per row (x (B, C), row b at position pos[b] < kv_len) through every block."""
         c = self.config
-        tables = {kind: self._rope(kind == "sliding", x.device, kv_len) for kind in set(c.layer_types)}
+        tables = {kind: self._rope(kind == "sliding", x.device, rope_len) for kind in set(c.layer_types)}
         for i, kind in enumerate(c.layer_types):
             cos, sin = tables[kind]
             norms, ((wqkv, tqkv), (wo, to), (w13, t13), (w2, t2)) = self._fused[i]

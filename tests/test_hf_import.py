@@ -57,7 +57,7 @@ def tiny_hf(kind: str, folder, tie: bool, shards: bool = False, extra: dict | No
         sizes = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6)
     config = getattr(transformers, spec["config"])(
-        vocab_size=vocab, tie_word_embeddings=tie, **sizes, **{**spec["extra"], **(extra or {})})
+        vocab_size=vocab, tie_word_embeddings=tie, **{**sizes, **spec["extra"], **(extra or {})})
     torch.manual_seed(0)
     model = getattr(transformers, spec["cls"])(config).eval()
     with torch.no_grad():  # norms and biases away from their initial 1 and 0, so a wrong mapping shows
@@ -96,6 +96,7 @@ SCALINGS = {  # model type, rope_scaling as the files on the Hub write it
     "longrope": ("phi3", {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.1, 3.8],
                           "long_factor": [1.0, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 18.0],
                           "original_max_position_embeddings": 32}),
+    "dynamic": ("llama", {"rope_type": "dynamic", "factor": 2.0}),  # its original context: max_position_embeddings
 }
 
 
@@ -110,6 +111,8 @@ def test_rope_scaling_matches_transformers(scaling, tmp_path):
     extra = {"rope_parameters": {**rope, "rope_theta": 10000.0}}
     if scaling == "longrope":
         extra["original_max_position_embeddings"] = 32
+    if scaling == "dynamic":
+        extra["max_position_embeddings"] = 32
     ref = tiny_hf(kind, folder, tie=True, extra=extra)
     loaded = store.load_checkpoint(store.resolve(str(folder)), "fp32")
     assert loaded.config.rope_scaling["type"] == scaling
@@ -132,6 +135,35 @@ def test_rope_scaling_matches_transformers(scaling, tmp_path):
             assert (again(ids).logits - want).abs().max().item() < 1e-4
 
 
+def test_dynamic_ntk_decodes_past_the_original_context_as_transformers_does(tmp_path):
+    """Dynamic NTK changes the frequencies with the sequence's length: decoding with a cache,
+    each new token is rotated for the length so far and what is cached keeps its rotation, as
+    in transformers. Step by step from a 28-token prompt to 44 positions (the original context
+    is 32). (The fused C++ step against the module path: test_quantized.)"""
+    from transformers import DynamicCache
+
+    from llmos.model import KVCache
+
+    folder = tmp_path / "dyn"
+    folder.mkdir()
+    ref = tiny_hf("llama", folder, tie=False, extra={"rope_parameters": {**SCALINGS["dynamic"][1], "rope_theta": 10000.0},
+                                                     "max_position_embeddings": 32})
+    model = store.load_checkpoint(store.resolve(str(folder)), "fp32").model
+    assert model.config.max_seq_len == 64
+    ids = torch.randint(0, ref.config.vocab_size, (1, 44), generator=torch.Generator().manual_seed(5))
+    cache, past = KVCache.allocate(model.config, 1, 64), DynamicCache(config=ref.config)
+    steps = []
+    with torch.no_grad():
+        ref(ids[:, :28], past_key_values=past, use_cache=True)
+        model(ids[:, :28], cache=cache, kv_len=28)
+        for p in range(28, 44):
+            want = ref(ids[:, p:p + 1], past_key_values=past, use_cache=True).logits[:, -1]
+            steps.append((model(ids[:, p:p + 1], cache=cache, kv_len=p + 1)[:, -1] - want).abs().max().item())
+        whole = model(ids)[:, -1]  # one forward of all 44: every position at the 44-length frequencies
+    assert max(steps) < 1e-4, steps
+    assert (whole - want).abs().max().item() > 3e-4  # 10x the steps' error: the cached rotations are what matched
+
+
 def test_rope_scaling_old_style_keys_and_unsupported_kinds(tmp_path):
     from llmos.weights.hf import HFError, config_from_hf
 
@@ -150,8 +182,11 @@ def test_rope_scaling_old_style_keys_and_unsupported_kinds(tmp_path):
                              "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "sliding_window_pattern": 6})
     assert gemma3.layer_types == (["sliding"] * 5 + ["global"]) * 2  # Gemma 3 4B's config.json, shrunk
     assert (gemma3.rope_theta, gemma3.rope_local_theta, gemma3.rope_scaling) == (1e6, 1e4, {"type": "linear", "factor": 8.0})
-    with pytest.raises(HFError, match="rope_scaling 'dynamic' is not supported; supported: linear, llama3"):
-        config_from_hf({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    dynamic = config_from_hf({**base, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
+    assert dynamic.rope_scaling == {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4096}
+    assert dynamic.max_seq_len == 8192  # the stretched context is what the engine allows
+    with pytest.raises(HFError, match="rope_scaling 'ntk' is not supported; supported: linear, llama3, yarn, longrope, dynamic"):
+        config_from_hf({**base, "rope_scaling": {"type": "ntk", "factor": 2.0}})
     with pytest.raises(HFError, match="rope_scaling 'llama3' lacks low_freq_factor"):
         config_from_hf({**base, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}})
 

@@ -206,13 +206,16 @@ def quantized_copy(model, block_type: str = "Q8_0"):
     return model
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "dynamic"])
 def test_fused_decode_layers_match_the_module_path(arch):
     """decode_layer (one C++ call per block) against Block.forward, on rows at their own
-    positions, past a sliding window for Gemma 3 (QK-norm, sandwich norms, GELU)."""
+    positions, past a sliding window for Gemma 3 (QK-norm, sandwich norms, GELU), past the
+    original context of a dynamic NTK model (tables for the longest row's length)."""
     from llmos.model import KVCache, ModelConfig, Transformer
 
     extra = dict(head_dim=32, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
+    if arch == "dynamic":
+        arch, extra = "llama", dict(rope_scaling={"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 10})
     config = ModelConfig(arch=arch, vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
                          max_seq_len=64, **extra)
     torch.manual_seed(0)

@@ -64,11 +64,14 @@ def config_from_hf(cfg: dict) -> ModelConfig:
         n_head = int(cfg["num_attention_heads"])
         window = cfg.get("sliding_window") if kind in ("mistral", "phi3") or cfg.get("use_sliding_window") else None
         n_layer = int(cfg["num_hidden_layers"])
+        context = int(cfg.get("max_position_embeddings", 2048))
+        if scaling and scaling["type"] == "dynamic":  # the config gives the original context; this stretches it
+            context = int(context * max(scaling["factor"], 1.0))
         return ModelConfig(
             arch="llama", vocab_size=int(cfg["vocab_size"]), n_layer=n_layer, n_head=n_head,
             n_kv_head=int(cfg.get("num_key_value_heads") or n_head), d_model=int(cfg["hidden_size"]),
             head_dim=cfg.get("head_dim"), d_ff=int(cfg["intermediate_size"]),
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)), rope_theta=theta, rope_scaling=scaling,
+            max_seq_len=context, rope_theta=theta, rope_scaling=scaling,
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             sliding_window=int(window) if window else None, global_every=n_layer + 1,
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)), qk_norm=kind == "qwen3",
@@ -180,6 +183,8 @@ def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
         return theta, {"type": "yarn", "factor": factor, "original_max_position_embeddings": original,
                        "beta_fast": float(given.get("beta_fast") or 32), "beta_slow": float(given.get("beta_slow") or 1),
                        "attention_factor": float(attention), "truncate": bool(given.get("truncate", True))}
+    if kind == "dynamic":  # transformers' threshold is max_position_embeddings, whatever else the file says
+        return theta, {"type": "dynamic", "factor": float(get("factor")), "original_max_position_embeddings": max_len}
     if kind == "longrope":
         original = int(get("original_max_position_embeddings"))
         factor = float(given.get("factor") or max_len / original)
@@ -189,8 +194,7 @@ def rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
         return theta, {"type": "longrope", "short_factor": [float(v) for v in get("short_factor")],
                        "long_factor": [float(v) for v in get("long_factor")],
                        "original_max_position_embeddings": original, "attention_factor": float(attention)}
-    raise HFError(f"rope_scaling {kind!r} is not supported; supported: linear, llama3, yarn, longrope"
-                  + (" (dynamic NTK rescales with each sequence's length)" if kind == "dynamic" else ""))
+    raise HFError(f"rope_scaling {kind!r} is not supported; supported: linear, llama3, yarn, longrope, dynamic")
 
 
 def weight_files(path: Path) -> list[Path]:
