@@ -17,6 +17,7 @@ Results: a table on stdout and JSON in benchmarks/results/generate.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import resource
 import statistics
@@ -50,8 +51,10 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
 
     os.environ["LLMOS_PREFIX_CACHE_TOKENS"] = "0"  # every repeat prefills its prompt cold
     path = resolve(model)
-    loads = []
+    loads, loaded = [], None
     for _ in range(repeats):  # the median of several loads (page cache warm after the first)
+        loaded = None  # one model in memory at a time, as in a real process: the peak RSS is one model's
+        gc.collect()
         t0 = time.perf_counter()
         loaded = load_checkpoint(path, precision)
         loads.append(time.perf_counter() - t0)

@@ -711,7 +711,22 @@ def load_checkpoint(path: Path, precision: str = "auto") -> LoadedModel:
             tokenizer = tokenizer.result()
         except Exception as e:
             raise ModelError(f"{path}/tokenizer.json cannot be loaded ({e})") from None
+    _return_freed_memory()
     return LoadedModel(model, tokenizer, meta, path, precision, time.perf_counter() - t0)
+
+
+def _return_freed_memory():
+    """Hand the heap pages that loading freed back to the system (glibc keeps them otherwise):
+    parsing a tokenizer.json and building the model leave some 30 MiB of them for SmolLM2,
+    which would stay in the process's resident memory while it generates."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # another C library (musl) has no malloc_trim
+        pass
 
 
 def _install_quantized(model: Transformer, quant: dict):
