@@ -10,7 +10,10 @@ llama.cpp is llama-cpp-python (`pip install -e '.[bench]'`, built from source) o
 file with the same thread count; transformers loads the GGUF dequantized to float32. LLMOS runs
 at its default precision (`llmos`: the GGUF's quantized blocks), at fp16 and fp32, and `-n 8`
 (8 sampled candidates sharing one prefill) for aggregate throughput. The ratio column divides
-by llama.cpp's single stream measured in the same run.
+by llama.cpp's single stream measured in the same run. Peak RSS is each child's own: LLMOS
+holds one model at a time across its repeated loads, and llama.cpp's child imports neither torch
+nor LLMOS. "RSS bound" is the target for LLMOS rows: GGUF size + the KV cache of this run's
+384 positions (8 rows for -n 8) + 300 MiB.
 Results: a table on stdout and JSON in benchmarks/results/generate.json.
 """
 
@@ -79,7 +82,9 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
                 ttft_s=t.first_token_s, prefill_tok_s=len(ids) / t.prefill_s,
                 decode_tok_s=t.decode_tokens / t.decode_s,
             ))
-    return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib())
+    c = loaded.model.config  # the KV cache of one stream of this benchmark's length, in the model's float dtype
+    kv = c.n_layer * 2 * c.n_kv_head * c.head_dim * (PROMPT_TOKENS + NEW_TOKENS) * loaded.model.norm.weight.element_size()
+    return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib(), kv_cache_mib=n * kv / 2**20)
 
 
 def profile_llmos(model: str, steps: int = 64) -> dict:
@@ -116,13 +121,12 @@ def profile_llmos(model: str, steps: int = 64) -> dict:
     return dict(steps=steps, wall_ms_per_step=wall, profiled_ms_per_step=total, ops=rows)
 
 
-def run_llamacpp(model: str, repeats: int) -> dict:
+def run_llamacpp(gguf: str, repeats: int, threads: int) -> dict:
+    """In a process that imports neither torch nor LLMOS (the parent finds the GGUF and the
+    thread count), so that its peak RSS is llama.cpp's own."""
     import numpy as np
-    import torch
     from llama_cpp import Llama
 
-    gguf = gguf_for(model)
-    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     # n_batch=1: llama-cpp-python 0.3.36's batched prefill (any n_batch above 1) crashes with a
     # segmentation fault on these machines, so its prompt is read one token at a time.
@@ -185,6 +189,10 @@ def child(args) -> dict:
     """Run one measurement in a fresh process; it prints JSON as its last line."""
     cmd = [sys.executable, __file__, "--child", args["engine"], "--models", args["model"],
            "--precision", args.get("precision", "auto"), "--repeats", str(args["repeats"]), "-n", str(args.get("n", 1))]
+    if args["engine"] == "llamacpp":
+        import torch
+
+        cmd += ["--gguf", str(gguf_for(args["model"])), "--threads", str(torch.get_num_threads())]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         raise SystemExit(f"benchmark child failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
@@ -205,6 +213,8 @@ def main():
                     help="rows to run, comma-separated, from: llamacpp, llmos, llmos_n8, llmos_fp16, "
                          "llmos_fp16_n8, llmos_fp32, hf_fp32; the ratio column needs llamacpp")
     ap.add_argument("--child", choices=["llmos", "hf", "llamacpp"])
+    ap.add_argument("--gguf", help=argparse.SUPPRESS)  # the llama.cpp child's file and threads
+    ap.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true",
                     help="instead: where a default-precision decode step's time goes, per operation")
     ap.add_argument("--out", default=str(RESULTS / "generate.json"))
@@ -216,7 +226,7 @@ def main():
         print(json.dumps(run_hf(args.models, args.repeats)))
         return
     if args.child == "llamacpp":
-        print(json.dumps(run_llamacpp(args.models, args.repeats)))
+        print(json.dumps(run_llamacpp(args.gguf, args.repeats, args.threads)))
         return
 
     import torch
@@ -251,16 +261,21 @@ def main():
         r = {name: child(job) for name, job in jobs.items() if name in wanted}
         peer = median(r["llamacpp"]["runs"], "decode_tok_s") if "llamacpp" in r else None
         peer_prefill = median(r["llamacpp"]["runs"], "prefill_tok_s") if "llamacpp" in r else None
+        gguf_mib = gguf_for(model).stat().st_size / 2**20
         for name, res in r.items():
             decode = median(res["runs"], "decode_tok_s")
+            if "kv_cache_mib" in res:  # the issue's bound: GGUF + KV cache + 300 MiB
+                res["rss_budget_mib"] = gguf_mib + res["kv_cache_mib"] + 300
             res["median"] = {k: median(res["runs"], k) for k in ("ttft_s", "prefill_tok_s", "decode_tok_s")}
             res["decode_vs_llamacpp"] = decode / peer if peer else None
             res["prefill_vs_llamacpp"] = res["median"]["prefill_tok_s"] / peer_prefill if peer_prefill else None
             rows.append([model, name, f"{decode:.1f}", f"{decode / peer:.2f}x" if peer else "-",
                          f"{res['median']['prefill_tok_s']:.0f}", f"{res['median']['ttft_s']:.2f}",
-                         f"{res['load_s']:.2f}", f"{res['peak_rss_mib']:.0f}"])
+                         f"{res['load_s']:.2f}", f"{res['peak_rss_mib']:.0f}",
+                         f"{res['rss_budget_mib']:.0f}" if "rss_budget_mib" in res else "-"])
         results["models"][model] = r
-    header = ["model", "engine", "decode tok/s", "vs llama.cpp", "prefill tok/s", "TTFT s", "load s", "peak RSS MiB"]
+    header = ["model", "engine", "decode tok/s", "vs llama.cpp", "prefill tok/s", "TTFT s", "load s", "peak RSS MiB",
+              "RSS bound MiB"]
     print_table(header, rows)
     write_json(args.out, results)
 
