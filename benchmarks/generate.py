@@ -46,7 +46,7 @@ def peak_rss_mib() -> float:
 def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
     import torch
 
-    from llmos.engine.generate import Request, run
+    from llmos.engine.generate import Request, cache_dtype, run
     from llmos.engine.sampling import SamplingParams
     from llmos.weights.store import load_checkpoint, resolve
 
@@ -82,8 +82,8 @@ def run_llmos(model: str, precision: str, repeats: int, n: int) -> dict:
                 ttft_s=t.first_token_s, prefill_tok_s=len(ids) / t.prefill_s,
                 decode_tok_s=t.decode_tokens / t.decode_s,
             ))
-    c = loaded.model.config  # the KV cache of one stream of this benchmark's length, in the model's float dtype
-    kv = c.n_layer * 2 * c.n_kv_head * c.head_dim * (PROMPT_TOKENS + NEW_TOKENS) * loaded.model.norm.weight.element_size()
+    c = loaded.model.config  # the KV cache of one stream of this benchmark's length, in the engine's dtype
+    kv = c.n_layer * 2 * c.n_kv_head * c.head_dim * (PROMPT_TOKENS + NEW_TOKENS) * cache_dtype(loaded.model).itemsize
     return dict(load_s=load_s, runs=runs, peak_rss_mib=peak_rss_mib(), kv_cache_mib=n * kv / 2**20)
 
 
