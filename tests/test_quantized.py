@@ -69,6 +69,25 @@ def test_qmm_matches_the_float_product(block_type, path, m):
     assert err < (1e-6 if path == 0 else 2e-4), f"{kernels.PATHS[path]}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block_type", [t for t, (_, size, _) in sorted(kernels.BLOCK_TYPES.items()) if size == 32])
+@pytest.mark.parametrize("m", [1, 8])
+def test_qmm_with_an_odd_number_of_32_weight_blocks(block_type, path, m):
+    """K = 96: three blocks per row, so the AVX-512 path (which takes blocks in pairs) falls back
+    to 256-bit registers; the result must not change."""
+    k, rows = 96, 45
+    w = random_blocks(block_type, rows, k, seed=7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(7))
+    want = x.double() @ reference(block_type, w, k).double().T
+    torch.ops.llmos.set_kernel_path(path)
+    try:
+        got = kernels.qmm(x, [torch.from_numpy(w)], [block_type]).double()
+    finally:
+        torch.ops.llmos.set_kernel_path(2)
+    err = ((got - want).norm() / want.norm()).item()
+    assert err < (1e-6 if path == 0 else 2e-4), f"{kernels.PATHS[path]}: relative error {err:.2e}"
+
+
 def test_qmm_row_groups_of_different_types_sit_side_by_side():
     k = 256
     groups = [(2, random_blocks(2, 8, k, 1)), (14, random_blocks(14, 5, k, 2)), (8, random_blocks(8, 3, k, 3))]

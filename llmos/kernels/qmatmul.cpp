@@ -177,6 +177,7 @@ struct Activations {
   int64_t M, K;
   std::vector<int8_t> q, r;
   std::vector<float> d, s;
+  std::vector<float> dv;  // AVX-512 path: each block's d repeated 8 times (a pair of blocks fills a register)
 };
 
 }  // namespace llmos
@@ -243,6 +244,7 @@ static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArr
     a.r.resize(M * K);
     a.d.resize(M * K / 32);
     a.s.resize(M * K / 32);
+    if (g_path == VNNI) a.dv.resize(M * K / 4);
     if (g_path == VNNI) vnni::quantize_activations(x.data_ptr<float>(), a);
     else avx2::quantize_activations(x.data_ptr<float>(), a);
   }
