@@ -107,14 +107,20 @@ def test_qmm_rejects_mismatched_shapes():
         kernels.qmm(torch.randn(1, 64), [w], [10])
 
 
-def test_fused_inference_ops_match_torch():
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("d", [32, 36])  # 36: not a multiple of the 8 SIMD lanes
+def test_fused_inference_ops_match_torch(path, d):
     x, w = torch.randn(3, 5, 96) * 10, torch.randn(96)
-    assert torch.allclose(torch.ops.llmos.rms_norm(x, w, 1e-6), F.rms_norm(x, (96,), w, 1e-6), atol=1e-5)
-    q = torch.randn(2, 6, 1, 32)
-    cache_k, cache_v = torch.randn(2, 3, 40, 32), torch.randn(2, 3, 40, 32)
+    q = torch.randn(2, 6, 1, d)
+    cache_k, cache_v = torch.randn(2, 3, 40, d), torch.randn(2, 3, 40, d)
     k, v = cache_k[:, :, 5:29], cache_v[:, :, 5:29]  # a window of the cache: strided views
     want = F.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
-    assert torch.allclose(torch.ops.llmos.decode_attention(q, k, v, 0.2), want, atol=1e-5)
+    torch.ops.llmos.set_kernel_path(path)
+    try:
+        assert torch.allclose(torch.ops.llmos.rms_norm(x, w, 1e-6), F.rms_norm(x, (96,), w, 1e-6), atol=1e-5)
+        assert torch.allclose(torch.ops.llmos.decode_attention(q, k, v, 0.2), want, atol=1e-5)
+    finally:
+        torch.ops.llmos.set_kernel_path(2)
 
 
 @pytest.fixture(scope="module")
@@ -225,11 +231,13 @@ def quantized_copy(model, block_type: str = "Q8_0"):
     return model
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "dynamic"])
-def test_fused_decode_layers_match_the_module_path(arch):
+def test_fused_decode_layers_match_the_module_path(arch, path):
     """decode_layer (one C++ call per block) against Block.forward, on rows at their own
     positions, past a sliding window for Gemma 3 (QK-norm, sandwich norms, GELU), past the
-    original context of a dynamic NTK model (tables for the longest row's length)."""
+    original context of a dynamic NTK model (tables for the longest row's length); on every
+    kernel path this CPU has (their norms, attention and activations differ too)."""
     from llmos.model import KVCache, ModelConfig, Transformer
 
     extra = dict(head_dim=32, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
@@ -259,7 +267,11 @@ def test_fused_decode_layers_match_the_module_path(arch):
             assert module._fast() and bool(model._fused) == fused
         return torch.cat(out, 1), cache
 
-    (fused, fc), (plain, pc) = decode(True), decode(False)
+    torch.ops.llmos.set_kernel_path(path)
+    try:
+        (fused, fc), (plain, pc) = decode(True), decode(False)
+    finally:
+        torch.ops.llmos.set_kernel_path(2)
     assert torch.allclose(fused, plain, atol=2e-4 * plain.abs().max().item()), (fused - plain).abs().max()
     for a, b in zip(fc.k + fc.v, pc.k + pc.v):  # the caches hold the same keys and values
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), (a - b).abs().max()

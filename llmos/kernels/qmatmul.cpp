@@ -316,6 +316,35 @@ static void attend(const float* q, const float* k, int64_t ks, const float* v, i
   }
 }
 
+// out = act(gate) * up for B rows of gate | up (2F values each): SiLU, or GELU-tanh.
+static void gate_activation(const float* gu, float* out, int64_t B, int64_t F, bool gelu) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < F; ++i) {
+      const float g = gu[b * 2 * F + i], u = gu[b * 2 * F + F + i];
+      const float a = gelu ? 0.5f * g * (1.0f + std::tanh(0.7978845608f * (g + 0.044715f * g * g * g)))
+                           : g / (1.0f + std::exp(-g));
+      out[b * F + i] = a * u;
+    }
+}
+
+// The same three on the SIMD path when the CPU has one (its 256-bit code serves both), and the
+// plain loops above for the reference path or a width that is not a multiple of 8.
+static void rms_rows_best(float* y, const float* x, const float* w, int64_t rows, int64_t d, float eps) {
+  if (g_path != REFERENCE && d % 8 == 0) return avx2::rms_rows(y, x, w, rows, d, eps);
+  rms_rows(y, x, w, rows, d, eps);
+}
+
+static void attend_best(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t start,
+                        int64_t end, int64_t D, float scale, float* o, std::vector<float>& p) {
+  if (g_path != REFERENCE && D % 8 == 0) return avx2::attend(q, k, ks, v, vs, start, end, D, scale, o, p);
+  attend(q, k, ks, v, vs, start, end, D, scale, o, p);
+}
+
+static void gate_activation_best(const float* gu, float* out, int64_t B, int64_t F, bool gelu) {
+  if (g_path != REFERENCE) return avx2::gate_activation(gu, out, B, F, gelu);
+  gate_activation(gu, out, B, F, gelu);
+}
+
 // y = x / rms(x) * w over the last dimension, in one pass (inference: no autograd).
 static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat, "rms_norm: float32 only");
@@ -326,7 +355,7 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, doubl
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    rms_rows(yp + r0 * d, xp + r0 * d, wp, r1 - r0, d, static_cast<float>(eps));
+    rms_rows_best(yp + r0 * d, xp + r0 * d, wp, r1 - r0, d, static_cast<float>(eps));
   });
   return y;
 }
@@ -352,7 +381,7 @@ static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, 
     std::vector<float> p;
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, g = (i % H) / (H / Hkv);
-      attend(qp + i * D, kp + b * ks0 + g * ks1, ks2, vp + b * vs0 + g * vs1, vs2, 0, L, D,
+      attend_best(qp + i * D, kp + b * ks0 + g * ks1, ks2, vp + b * vs0 + g * vs1, vs2, 0, L, D,
              static_cast<float>(scale), op + i * D, p);
     }
   });
@@ -400,7 +429,7 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
   const float eps = static_cast<float>(eps_d), scale = static_cast<float>(scale_d);
 
   at::Tensor h = at::empty({B, C}, x.options());
-  rms_rows(h.data_ptr<float>(), x.data_ptr<float>(), attn_norm.data_ptr<float>(), B, C, eps);
+  rms_rows_best(h.data_ptr<float>(), x.data_ptr<float>(), attn_norm.data_ptr<float>(), B, C, eps);
   at::Tensor qkv = qmm(h, wqkv, tqkv);  // (B, (H + 2 Hkv) D)
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D, "decode_layer: the q/k/v projection has the wrong width");
   float* qp = qkv.data_ptr<float>();
@@ -408,8 +437,8 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
   float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     float* row = qp + b * (H + 2 * Hkv) * D;
-    if (q_norm.has_value()) rms_rows(row, row, q_norm->data_ptr<float>(), H, D, eps);
-    if (k_norm.has_value()) rms_rows(row + H * D, row + H * D, k_norm->data_ptr<float>(), Hkv, D, eps);
+    if (q_norm.has_value()) rms_rows_best(row, row, q_norm->data_ptr<float>(), H, D, eps);
+    if (k_norm.has_value()) rms_rows_best(row + H * D, row + H * D, k_norm->data_ptr<float>(), Hkv, D, eps);
     const float* c = cp + pp[b] * D;
     const float* s = sp + pp[b] * D;
     for (int64_t h2 = 0; h2 < H + Hkv; ++h2) rope(row + h2 * D, c, s, D);
@@ -426,32 +455,26 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / H, hh = i % H, g = hh / (H / Hkv);
       const int64_t end = pp[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      attend(qp + b * (H + 2 * Hkv) * D + hh * D, kcp + (b * Hkv + g) * L * D, D, vcp + (b * Hkv + g) * L * D, D,
+      attend_best(qp + b * (H + 2 * Hkv) * D + hh * D, kcp + (b * Hkv + g) * L * D, D, vcp + (b * Hkv + g) * L * D, D,
              start, end, D, scale, ap + b * H * D + hh * D, p);
     }
   });
   at::Tensor out = qmm(att, wo, to);  // (B, C)
   float* op = out.data_ptr<float>();
-  if (post_attn_norm.has_value()) rms_rows(op, op, post_attn_norm->data_ptr<float>(), B, C, eps);
+  if (post_attn_norm.has_value()) rms_rows_best(op, op, post_attn_norm->data_ptr<float>(), B, C, eps);
   at::Tensor y = x.clone();
   float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < B * C; ++i) yp[i] += op[i];
-  rms_rows(h.data_ptr<float>(), yp, mlp_norm.data_ptr<float>(), B, C, eps);
+  rms_rows_best(h.data_ptr<float>(), yp, mlp_norm.data_ptr<float>(), B, C, eps);
   at::Tensor gu = qmm(h, w13, t13);  // (B, 2 F): gate, then up
   const int64_t F = gu.size(1) / 2;
   at::Tensor act = at::empty({B, F}, x.options());
   const float* gp = gu.data_ptr<float>();
   float* actp = act.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < F; ++i) {
-      const float g = gp[b * 2 * F + i], u = gp[b * 2 * F + F + i];
-      const float a = gelu ? 0.5f * g * (1.0f + std::tanh(0.7978845608f * (g + 0.044715f * g * g * g)))
-                           : g / (1.0f + std::exp(-g));
-      actp[b * F + i] = a * u;
-    }
+  gate_activation_best(gp, actp, B, F, gelu);
   at::Tensor down = qmm(act, w2, t2);
   float* dp = down.data_ptr<float>();
-  if (post_mlp_norm.has_value()) rms_rows(dp, dp, post_mlp_norm->data_ptr<float>(), B, C, eps);
+  if (post_mlp_norm.has_value()) rms_rows_best(dp, dp, post_mlp_norm->data_ptr<float>(), B, C, eps);
   for (int64_t i = 0; i < B * C; ++i) yp[i] += dp[i];
   return y;
 }
