@@ -99,6 +99,22 @@ def test_qmm_row_groups_of_different_types_sit_side_by_side():
         assert (got[:, cols] - want[:, cols]).norm() / want[:, cols].norm() < 2e-4
 
 
+def test_a_long_prompt_decodes_the_weights_a_slice_of_rows_at_a_time(monkeypatch):
+    """From DEQUANTIZE_ROWS activation rows on, QLinear decodes its weights to float32 in slices
+    of rows (here 64, forced small) across its groups, into one output."""
+    from llmos.weights import quant
+
+    k = 256
+    w1, w2 = random_blocks(2, 150, k, seed=1), random_blocks(8, 70, k, seed=2)
+    layer = quant.QLinear([(2, torch.from_numpy(w1)), (8, torch.from_numpy(w2))], k)
+    monkeypatch.setattr(quant, "DEQUANTIZE_FLOATS", 64 * k)
+    x = torch.randn(quant.DEQUANTIZE_ROWS + 3, k)
+    want = x.double() @ torch.cat([reference(2, w1, k), reference(8, w2, k)]).double().T
+    got = layer(x)
+    assert got.shape == (len(x), 220)
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
 def test_qmm_rejects_mismatched_shapes():
     w = torch.from_numpy(random_blocks(2, 4, 64))
     with pytest.raises(RuntimeError, match="must be contiguous uint8"):

@@ -59,6 +59,7 @@ def fuse(groups: Groups) -> Groups:
 # From this many rows of activations on (a prompt read at once), decoding the weights to float32
 # and one matrix product beat the integer kernels, whose work grows with every row.
 DEQUANTIZE_ROWS = 32
+DEQUANTIZE_FLOATS = 1 << 18  # weights decoded at once there (a slice of rows; 1 MiB of float32)
 
 
 class QLinear(nn.Module):
@@ -74,7 +75,15 @@ class QLinear(nn.Module):
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= DEQUANTIZE_ROWS:
-            y = torch.cat([x2.float() @ kernels.dequantize(w, t, self.in_features).T for t, w in self.groups], dim=-1)
+            # a slice of rows at a time, so that no more than ~1 MiB of float weights exists at once
+            x2 = x2.float()
+            y = torch.empty(x2.shape[0], self.out_features)
+            col, step = 0, max(64, DEQUANTIZE_FLOATS // self.in_features)
+            for t, w in self.groups:
+                for start in range(0, w.shape[0], step):
+                    rows = w[start : start + step]
+                    y[:, col : col + len(rows)] = x2 @ kernels.dequantize(rows, t, self.in_features).T
+                    col += len(rows)
         else:
             y = kernels.qmm(x2, self.block_weights, self.block_types)
         if self.bias is not None:
