@@ -178,6 +178,7 @@ struct Activations {
   std::vector<int8_t> q, r;
   std::vector<float> d, s;
   std::vector<float> dv;  // AVX-512 path: each block's d repeated 8 times (a pair of blocks fills a register)
+  std::vector<uint8_t> qu, ru;  // AVX-512 path: q + 128 and r + 128 as unsigned bytes (for signed weights)
 };
 
 }  // namespace llmos
@@ -244,7 +245,11 @@ static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArr
     a.r.resize(M * K);
     a.d.resize(M * K / 32);
     a.s.resize(M * K / 32);
-    if (g_path == VNNI) a.dv.resize(M * K / 4);
+    if (g_path == VNNI) {
+      a.dv.resize(M * K / 4);
+      a.qu.resize(M * K);
+      a.ru.resize(M * K);
+    }
     if (g_path == VNNI) vnni::quantize_activations(x.data_ptr<float>(), a);
     else avx2::quantize_activations(x.data_ptr<float>(), a);
   }
