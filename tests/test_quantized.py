@@ -124,12 +124,12 @@ def test_qmm_rejects_mismatched_shapes():
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("d", [32, 36])  # 36: not a multiple of the 8 SIMD lanes
+@pytest.mark.parametrize("d", [32, 36, 72])  # 36: not a multiple of the 8 SIMD lanes; 72: 64 columns and 8
 def test_fused_inference_ops_match_torch(path, d):
     x, w = torch.randn(3, 5, 96) * 10, torch.randn(96)
     q = torch.randn(2, 6, 1, d)
     cache_k, cache_v = torch.randn(2, 3, 40, d), torch.randn(2, 3, 40, d)
-    k, v = cache_k[:, :, 5:29], cache_v[:, :, 5:29]  # a window of the cache: strided views
+    k, v = cache_k[:, :, 5:30], cache_v[:, :, 5:30]  # a window of the cache (strided views), 25 positions
     want = F.scaled_dot_product_attention(q, k, v, scale=0.2, enable_gqa=True)
     torch.ops.llmos.set_kernel_path(path)
     try:
