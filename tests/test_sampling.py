@@ -107,6 +107,23 @@ def test_draw_is_reproducible_per_row_generator():
     assert c.tolist() == a[1:2].tolist()
 
 
+def test_a_row_cut_to_few_tokens_draws_as_the_whole_row_would():
+    """draw takes the live tokens of a mostly -inf row apart; the token is the one the
+    whole-row inverse CDF gives for the same uniform number."""
+    torch.manual_seed(0)
+    logits = torch.full((2, 4000), float("-inf"))
+    logits[0, torch.randperm(4000)[:40]] = torch.randn(40) * 2  # 1% live: drawn among the 40
+    logits[1] = torch.randn(4000)  # all live: the whole row
+    for seed in range(100):
+        got = S.draw(logits, [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1000)])
+        for row, s in ((0, seed), (1, seed + 1000)):
+            cdf = logits[row].softmax(-1).cumsum(-1)
+            u = torch.rand(1, generator=torch.Generator().manual_seed(s)) * cdf[-1]
+            want = torch.searchsorted(cdf, u, right=True).clamp(max=3999).item()
+            assert got[row].item() == want, (seed, row)
+            assert logits[row, want] > float("-inf")
+
+
 def test_draw_follows_the_distribution():
     probs = torch.tensor([[0.7, 0.2, 0.1]])
     g = torch.Generator().manual_seed(0)

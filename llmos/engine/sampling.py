@@ -369,13 +369,28 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
 def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token per row by inverse-CDF sampling, each row from its own generator, so that a
     sequence's draws do not depend on which other sequences share its batch. (One uniform
-    number per row: far cheaper than torch.multinomial over a large vocabulary.)"""
+    number per row: far cheaper than torch.multinomial over a large vocabulary.) A row that the
+    samplers cut down to a few tokens (top-p, top-k and min-p leave the rest at -inf) draws among
+    those alone: over Gemma's 262,144 tokens, finding them costs less than the softmax and the
+    running sum of the whole row. Rows go one at a time, so one row's distribution is in memory."""
     tokens = torch.empty(len(logits), dtype=torch.long)
-    for i, g in enumerate(generators):  # a row at a time: one row's distribution in memory, not B
-        cdf = logits[i].softmax(dim=-1).cumsum_(dim=-1)
+    alive = logits > NEG_INF
+    live = alive.sum(dim=-1, dtype=torch.int32).tolist()
+    few = [i for i, n in enumerate(live) if 0 < n <= logits.shape[-1] // 8]
+    cols = {}
+    if few:  # one pass finds the live tokens of every such row, in row order
+        _, c = (alive[few] if len(few) < len(logits) else alive).nonzero(as_tuple=True)
+        cols = dict(zip(few, c.split([live[i] for i in few])))
+    del alive
+    for i, g in enumerate(generators):
+        row, ids = logits[i], cols.get(i)
+        if ids is not None:
+            row = row[ids]
+        cdf = row.softmax(dim=-1).cumsum_(dim=-1)
         u = torch.rand(1, generator=g) * cdf[-1]
-        tokens[i] = torch.searchsorted(cdf, u, right=True)[0]
-    return tokens.clamp_(max=logits.shape[-1] - 1)
+        t = torch.searchsorted(cdf, u, right=True).clamp_(max=len(cdf) - 1)[0]
+        tokens[i] = t if ids is None else ids[t]
+    return tokens
 
 
 def apply_bans(logits: torch.Tensor, params: SamplingParams, histories: list[list[int]]) -> torch.Tensor:
