@@ -293,9 +293,12 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: ModelConfig, batch_size: int, max_len: int, dtype=torch.float32, device=None) -> KVCache:
-        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)])
+        # one block for every layer's keys and values, one allocation: the C library maps a block
+        # this size from the system and returns it whole when the cache goes, instead of carving
+        # 2 x n_layer pieces out of its heap that later allocations then fragment
+        block = torch.zeros((2, config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim),
+                            dtype=dtype, device=device)
+        return cls(list(block[0].unbind(0)), list(block[1].unbind(0)))
 
     @property
     def batch_size(self) -> int:

@@ -119,6 +119,9 @@ class Sequence:
                 self.constraint_state = self.params.constraint.advance(self.constraint_state, t)
 
 
+SAMPLE_FLOATS = 1 << 20  # logits sampled at once (rows of them): 4 MiB
+
+
 def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Choose the next token of each row (B, V) -> (B,), then record it in its sequence.
     Rows whose samplers are the same (seeds and lengths may differ: a server's requests) are
@@ -153,7 +156,14 @@ def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             for i, ex in excluded:
                 if ex:
                     processed[i, list(ex)] = float("-inf")
-        tokens[rows] = sample(processed, params, [s.generator for s in group], histories, seen, counts)
+        # a few rows at a time: each sampler's temporaries are the size of the rows it is given
+        # (8 rows of Gemma's 262,144 logits would be 8 MiB each); every sampler works row by row
+        step = max(1, SAMPLE_FLOATS // processed.shape[-1])
+        for a in range(0, len(rows), step):
+            b = a + step
+            tokens[rows[a:b]] = sample(processed[a:b], params, [s.generator for s in group[a:b]], histories[a:b],
+                                       seen[a:b] if seen is not None else None,
+                                       counts[a:b] if counts is not None else None)
     for row, seq in enumerate(seqs):
         lp = None
         if seq.params.logprobs is not None:
