@@ -26,6 +26,7 @@ from typing import Protocol
 
 import torch
 
+from llmos import heap
 from llmos.engine.sampling import SamplingParams, apply_bans, logprobs_of, sample
 from llmos.model import KVCache, Transformer
 
@@ -119,7 +120,7 @@ class Sequence:
                 self.constraint_state = self.params.constraint.advance(self.constraint_state, t)
 
 
-SAMPLE_FLOATS = 1 << 20  # logits sampled at once (rows of them): 4 MiB
+SAMPLE_FLOATS = 1 << 19  # logits sampled at once (rows of them): 2 MiB
 
 
 def pick_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -404,6 +405,7 @@ class Engine:
         self.model = model
         self.max_batch = max_batch
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        heap.trim()  # what earlier work left free goes back before the cache takes its room
         self.cache = KVCache.allocate(model.config, max_batch, self.max_len, cache_dtype(model))
         self.prefixes = prefix_cache(model)
         self.waiting: deque[Request] = deque()

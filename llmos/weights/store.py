@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from llmos import heap
 from llmos.model import ModelConfig, Transformer
 from llmos.settings import models_dir
 from llmos.fast_bpe import FastBPE
@@ -711,30 +712,11 @@ def load_checkpoint(path: Path, precision: str = "auto") -> LoadedModel:
             tokenizer = tokenizer.result()
         except Exception as e:
             raise ModelError(f"{path}/tokenizer.json cannot be loaded ({e})") from None
-    _settle_heap()
+    # the heap pages that loading freed go back to the system (parsing a tokenizer.json and
+    # building the model leave some 30 MiB for SmolLM2); what generation frees stays for reuse
+    heap.trim()
+    heap.keep_freed_blocks()
     return LoadedModel(model, tokenizer, meta, path, precision, time.perf_counter() - t0)
-
-
-def _settle_heap():
-    """Hand the heap pages that loading freed back to the system (glibc keeps them otherwise):
-    parsing a tokenizer.json and building the model leave some 30 MiB of them for SmolLM2,
-    which would stay in the process's resident memory while it generates. Then keep what
-    generation frees for its next step: by default glibc returns each large freed block (the
-    logits of 8 candidates over Gemma's 262,144 tokens are 8 MiB) and faults it in again when
-    the next step allocates it, about a millisecond per 8 MiB, which had been most of the time
-    an 8-candidate step spent sampling."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None)
-        libc.malloc_trim(0)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)  # blocks under 32 MiB come from the heap
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)  # which keeps up to 64 MiB free for reuse
-    except (OSError, AttributeError):  # another C library (musl) has neither
-        pass
 
 
 def _install_quantized(model: Transformer, quant: dict):
