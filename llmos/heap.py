@@ -3,8 +3,10 @@
 A model process allocates the same large tensors every step (8 rows of Gemma's 262,144 logits
 are 8 MiB). By default glibc maps each such block from the system and unmaps it when freed, so
 every step faults it in again, about a millisecond per 8 MiB. `keep_freed_blocks` makes blocks
-under 32 MiB come from the heap, which keeps up to 64 MiB of freed memory for reuse; `trim`
-gives the free heap back before something large (a model, a KV cache) is built.
+under 32 MiB come from the heap, which keeps up to 64 MiB of freed memory for reuse (in an
+8-candidate Gemma run, the temperature's division went from 3.4 to 0.4 ms a step and the
+softmax from 2.1 to 0.5 ms); `trim` gives the free heap back before something large (a model,
+a KV cache) is built.
 """
 
 from __future__ import annotations
