@@ -10,7 +10,7 @@ PACKAGE = REPO / "llmos"
 
 # corpus -> tokens -> model -> engine -> text -> writing/chat -> CLI/server, bottom first
 LAYERS = [
-    {"settings", "languages", "db", "kernels"},
+    {"settings", "languages", "db", "kernels", "heap"},
     {"tokenizer", "fast_bpe", "model", "cards"},
     {"data", "weights"},
     {"engine", "embedder", "safety"},
