@@ -26,7 +26,7 @@ from typing import Protocol
 
 import torch
 
-from llmos import heap
+import llmos.heap as heap
 from llmos.engine.sampling import SamplingParams, apply_bans, logprobs_of, sample
 from llmos.model import KVCache, Transformer
 

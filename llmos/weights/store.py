@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from llmos import heap
+import llmos.heap as heap
 from llmos.model import ModelConfig, Transformer
 from llmos.settings import models_dir
 from llmos.fast_bpe import FastBPE
