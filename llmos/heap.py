@@ -12,11 +12,13 @@ a KV cache) is built.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
+@functools.cache
 def _libc():
     if not sys.platform.startswith("linux"):
         return None

@@ -249,9 +249,10 @@ static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArr
       a.dv.resize(M * K / 4);
       a.qu.resize(M * K);
       a.ru.resize(M * K);
+      vnni::quantize_activations(x.data_ptr<float>(), a);
+    } else {
+      avx2::quantize_activations(x.data_ptr<float>(), a);
     }
-    if (g_path == VNNI) vnni::quantize_activations(x.data_ptr<float>(), a);
-    else avx2::quantize_activations(x.data_ptr<float>(), a);
   }
   int64_t col = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
