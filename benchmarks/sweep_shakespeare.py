@@ -6,6 +6,8 @@
         --pruner-startup 3 --prune-after 0.4      # trials as long as the target run (~65 min)
     python benchmarks/sweep_shakespeare.py --work W --trials 12 --trial-minutes 10 --random-trials 5 \
         --pruner-startup 3 --prune-after 0.4 --multivariate   # 12 more trials in W's study, multivariate TPE
+    python benchmarks/sweep_shakespeare.py --space muon-16x128 --trials 12 --trial-minutes 10 --random-trials 5 \
+        --pruner-startup 3 --prune-after 0.4 --multivariate   # a smaller space: Muon, batch 16, context 128 fixed
 
 The sweep runs through llmos.train.sweep (the library under `llmos sweep`): TPE sampling (8
 random trials first by default), median pruning, over the pretraining options of SPACE below, each trial
@@ -48,6 +50,13 @@ SPACE = {
     "model.n_layer": [3, 4, 6],
     "model.d_model": [96, 128, 192],
 }
+# The fourth budget's space: what every one of the best trials of the two long studies shared
+# is fixed (Muon, batch 16, context 128: the top four of their 24 trials), the rest searched
+# over the same ranges as SPACE.
+NARROW_FIXED = {"optimizer": "muon", "batch_size": 16, "block_size": 128}
+SPACES = {"full": (SPACE, {}),
+          "muon-16x128": ({k: v for k, v in SPACE.items() if k not in NARROW_FIXED},
+                          {**NARROW_FIXED, "model": {"max_seq_len": 128}})}
 # Fixed: the baby GPT preset with a context that holds every block_size; min_lr is lr/10 (the
 # default, which HEADLINE also uses); evaluations often enough for the pruner to compare trials,
 # on 8 batches (each evaluation is spent out of the trial's minutes: 20 batches of 32 x 256
@@ -64,8 +73,9 @@ def sweep_file(work: Path, data: Path, args) -> Path:
     pruner = {"name": args.pruner}
     if args.pruner == "median":
         pruner.update(startup_trials=args.pruner_startup, warmup=args.prune_after)
-    doc = {"data": str(data.resolve()), "output": "sweep", "base": {**BASE, "time_limit": args.trial_minutes * 60},
-           "space": SPACE, "metric": "val_loss", "direction": "minimize", "trials": args.trials,
+    space, fixed = SPACES[args.space]
+    doc = {"data": str(data.resolve()), "output": "sweep", "base": {**BASE, **fixed, "time_limit": args.trial_minutes * 60},
+           "space": space, "metric": "val_loss", "direction": "minimize", "trials": args.trials,
            "pruner": pruner, "sampler": {"name": "tpe", "startup_trials": args.random_trials,
                                                       **({"multivariate": True, "constant_liar": True} if args.multivariate else {})}, "seed": args.seed,
            "study": "shakespeare"}
@@ -115,6 +125,9 @@ def main():
     ap.add_argument("--pruner-startup", type=int, default=4, help="median pruning: completed trials before any is pruned")
     ap.add_argument("--prune-after", type=float, default=0.25,
                     help="median pruning: the share of a trial's budget before it can be pruned")
+    ap.add_argument("--space", choices=sorted(SPACES), default="full",
+                    help="full: every option of SPACE searched; muon-16x128: optimizer, batch and context fixed "
+                         "to what the best trials of the earlier studies shared")
     ap.add_argument("--workers", type=int, default=2, help="processes sharing the study (one thread each)")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed (worker k adds 1000 k)")
     ap.add_argument("--work", help="folder for data, the study and runs (default: a temporary folder)")
@@ -176,7 +189,7 @@ def main():
         "cpu": cpu_name(), "revision": revision(), "date": time.strftime("%Y-%m-%d"),
         "load_average": {"start": load_before, "before_final": load_final, "end": os.getloadavg()},
         "budget": {"trials": args.trials, "trials_held_before": held, "trial_minutes": args.trial_minutes, "workers": args.workers,
-                   "random_trials": args.random_trials, "multivariate": args.multivariate, "pruner": args.pruner,
+                   "random_trials": args.random_trials, "space": args.space, "multivariate": args.multivariate, "pruner": args.pruner,
                    "threads_per_process": 1, "final_minutes": args.final_minutes, "sweep_wall_s": round(sweep_s),
                    "final_wall_s": round(final_s)},
         "sweep_file": path.read_text(), "counts": counts,
