@@ -4,8 +4,9 @@
     python benchmarks/quantized_quality.py --models smollm2-135m-instruct,gemma3-270m
 
 Held-out Tiny Shakespeare (its last 40,000 characters), 2,000 teacher-forced tokens fed through
-a KV cache 16 at a time (the integer kernels' path, as decoding uses them), once with the
-dequantized weights in float32 and once at the default precision: top-1 agreement of the two
+a KV cache 16 at a time (the integer kernels' path and the engine's cache, float16 for quantized
+weights, as decoding uses them), once with the dequantized weights and a float32 cache and once
+at the default precision: top-1 agreement of the two
 and each one's perplexity. Results: a table and benchmarks/results/quantized_quality.json.
 """
 
@@ -20,9 +21,10 @@ from common import RESULTS, ROOT, cpu_name, print_table, revision, write_json
 def logits_for(model, ids, chunk: int = 16):
     import torch
 
+    from llmos.engine.generate import cache_dtype
     from llmos.model import KVCache
 
-    cache, out = KVCache.allocate(model.config, 1, len(ids) + 1), []
+    cache, out = KVCache.allocate(model.config, 1, len(ids) + 1, cache_dtype(model)), []  # the engine's cache
     with torch.inference_mode():
         for start in range(0, len(ids), chunk):
             piece = torch.tensor([ids[start : start + chunk]])

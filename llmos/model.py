@@ -335,8 +335,9 @@ class KVCache:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             # (B, T, nkv, hs) at (B, T). Contiguous first: index_put from the strided view into
             # the fused qkv output is an order of magnitude slower on a CPU.
-            self.k[layer][rows, :, input_pos] = k.transpose(1, 2).contiguous()
-            self.v[layer][rows, :, input_pos] = v.transpose(1, 2).contiguous()
+            cache = self.k[layer].dtype
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2).to(cache).contiguous()
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2).to(cache).contiguous()
 
 
 @dataclass
@@ -400,16 +401,20 @@ class Attention(nn.Module):
             cache.write(self.layer, k, v, input_pos, span)
             k = cache.k[self.layer][:, :, span.start : span.end]
             v = cache.v[self.layer][:, :, span.start : span.end]
-        if self.config.attn_softcap:
-            y = softcapped_attention(q, k, v, span, self.config.attn_scale, self.config.attn_softcap)
-        elif T == 1 and span.mask is None and q.dtype == torch.float32 and _fast():
-            y = torch.ops.llmos.decode_attention(q, k, v, self.config.attn_scale)  # (B, nh, 1, hs)
+        if (T == 1 and span.mask is None and q.dtype == torch.float32 and not self.config.attn_softcap
+                and _fast()):
+            y = torch.ops.llmos.decode_attention(q, k, v, self.config.attn_scale)  # (B, nh, 1, hs); any cache dtype
         else:
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=span.mask, is_causal=span.causal,
-                dropout_p=self.config.dropout if self.training else 0.0,
-                scale=self.config.attn_scale, enable_gqa=nh != nkv,
-            )
+            if k.dtype != q.dtype:  # a float16 cache under float32 attention
+                k, v = k.to(q.dtype), v.to(q.dtype)
+            if self.config.attn_softcap:
+                y = softcapped_attention(q, k, v, span, self.config.attn_scale, self.config.attn_softcap)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=span.mask, is_causal=span.causal,
+                    dropout_p=self.config.dropout if self.training else 0.0,
+                    scale=self.config.attn_scale, enable_gqa=nh != nkv,
+                )
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -490,6 +495,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed.weight
         self._rope_cache: dict = {}
         self._fused: list | None = None  # per block, decode_layer's weight arguments (False: not fusable)
+        # what an engine's KV cache holds; None: the dtype the model computes in (the loader
+        # sets float16 for GGUF blocks kept quantized, as llama.cpp's default cache does)
+        self.kv_cache_dtype: torch.dtype | None = None
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -541,6 +549,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         return_hidden: bool = False,
         segments: torch.Tensor | None = None,
+        shared_prefix: int = 0,
     ) -> torch.Tensor:
         """Logits (float32) for idx: (B, T) token ids.
 
@@ -554,6 +563,8 @@ class Transformer(nn.Module):
         final normalised hidden states (B, T, C) instead of logits (text embeddings).
         segments (B, T), training only: short examples packed into one row, each run of equal
         ids one example; its positions start at 0 and its tokens attend within it only.
+        shared_prefix: every row of the cache holds the same first `shared_prefix` positions
+        (candidates of one prompt); decoding may read them from row 0 alone.
         """
         c = self.config
         B, T = idx.shape
@@ -577,7 +588,8 @@ class Transformer(nn.Module):
             x = x + self.pos_embed(input_pos)
         rope_len = self._rope_length(input_pos, kv_len) if c.rope else kv_len
         if cache is not None and T == 1 and c.causal and _fast() and self._fused_blocks():
-            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache, kv_len, rope_len)[:, None]
+            x = self._decode_fused(x[:, 0], input_pos.reshape(-1).expand(B), cache, kv_len, rope_len,
+                                   shared_prefix)[:, None]
             return self.norm(x) if return_hidden else self._logits(x)
         plan = {}
         for kind in set(c.layer_types):
@@ -625,8 +637,9 @@ class Transformer(nn.Module):
                 self._fused = args
         return bool(self._fused)
 
-    def _decode_fused(self, x, pos, cache: KVCache, kv_len: int, rope_len: int):
-        """One new token per row (x (B, C), row b at position pos[b] < kv_len) through every block."""
+    def _decode_fused(self, x, pos, cache: KVCache, kv_len: int, rope_len: int, shared: int):
+        """One new token per row (x (B, C), row b at position pos[b] < kv_len) through every block;
+        the first `shared` positions of every row's cache are row 0's."""
         c = self.config
         tables = {kind: self._rope(kind == "sliding", x.device, rope_len) for kind in set(c.layer_types)}
         for i, kind in enumerate(c.layer_types):
@@ -635,7 +648,7 @@ class Transformer(nn.Module):
             window = c.sliding_window if kind == "sliding" else 0
             x = torch.ops.llmos.decode_layer(
                 x, *norms, wqkv, tqkv, wo, to, w13, t13, w2, t2, cache.k[i], cache.v[i], pos, cos, sin,
-                c.n_head, c.n_kv_head, c.head_dim, window, c.norm_eps, c.attn_scale, c.gemma)
+                c.n_head, c.n_kv_head, c.head_dim, window, c.norm_eps, c.attn_scale, c.gemma, shared)
         return x
 
     def _span(self, input_pos, kv_len: int, window: int | None, shared: bool, no_cache: bool):

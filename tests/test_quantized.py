@@ -135,6 +135,11 @@ def test_fused_inference_ops_match_torch(path, d):
     try:
         assert torch.allclose(torch.ops.llmos.rms_norm(x, w, 1e-6), F.rms_norm(x, (96,), w, 1e-6), atol=1e-5)
         assert torch.allclose(torch.ops.llmos.decode_attention(q, k, v, 0.2), want, atol=1e-5)
+        # a float16 cache: read as it is, against SDPA on the same (rounded) keys and values
+        kh, vh = cache_k.half()[:, :, 5:30], cache_v.half()[:, :, 5:30]
+        want_h = F.scaled_dot_product_attention(q, kh.float(), vh.float(), scale=0.2, enable_gqa=True)
+        assert torch.allclose(torch.ops.llmos.decode_attention(q, kh, vh, 0.2), want_h, atol=1e-5)
+        assert not torch.allclose(want_h, want, atol=1e-5)  # the rounding shows: the check above can tell
     finally:
         torch.ops.llmos.set_kernel_path(2)
 
@@ -206,10 +211,11 @@ def test_an_unsupported_block_type_is_one_line_exit_2_and_nothing_stored(tmp_pat
 @pytest.mark.bundled
 @pytest.mark.slow
 def test_quality_guard_on_the_bundled_model(smollm2_dir):
-    """Decoding's path (the integer kernels, a KV cache, 16 rows at a time) against the float32
-    weights: top-1 agreement over 2,000 teacher-forced tokens and held-out perplexity."""
+    """Decoding's path (the integer kernels, the engine's float16 KV cache, 16 rows at a time)
+    against the float32 weights and cache: top-1 agreement over 2,000 teacher-forced tokens and held-out perplexity."""
     from pathlib import Path
 
+    from llmos.engine.generate import cache_dtype
     from llmos.model import KVCache
 
     text = (Path(__file__).parents[1] / "benchmarks" / "data" / "tinyshakespeare.txt").read_text()[-40000:]
@@ -218,7 +224,7 @@ def test_quality_guard_on_the_bundled_model(smollm2_dir):
         loaded = store.load_checkpoint(smollm2_dir, precision)
         ids = loaded.tokenizer.encode(text)[:2001]
         model, logits = loaded.model, []
-        cache = KVCache.allocate(model.config, 1, 2048)
+        cache = KVCache.allocate(model.config, 1, 2048, cache_dtype(model))  # the engine's: float16 when quantized
         with torch.inference_mode():
             for start in range(0, 2000, 16):
                 chunk = torch.tensor([ids[start : start + 16]])
@@ -247,13 +253,15 @@ def quantized_copy(model, block_type: str = "Q8_0"):
     return model
 
 
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "dynamic"])
-def test_fused_decode_layers_match_the_module_path(arch, path):
+def test_fused_decode_layers_match_the_module_path(arch, path, kv):
     """decode_layer (one C++ call per block) against Block.forward, on rows at their own
     positions, past a sliding window for Gemma 3 (QK-norm, sandwich norms, GELU), past the
     original context of a dynamic NTK model (tables for the longest row's length); on every
-    kernel path this CPU has (their norms, attention and activations differ too)."""
+    kernel path this CPU has (their norms, attention and activations differ too); with a float32
+    and a float16 cache."""
     from llmos.model import KVCache, ModelConfig, Transformer
 
     extra = dict(head_dim=32, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
@@ -273,7 +281,7 @@ def test_fused_decode_layers_match_the_module_path(arch, path):
         import llmos.model as module
 
         model._fused = None if fused else False
-        cache = KVCache.allocate(config, 2, 32)
+        cache = KVCache.allocate(config, 2, 32, kv)
         out = []
         with torch.inference_mode():
             model(prompt, cache=cache, kv_len=9)
@@ -291,3 +299,83 @@ def test_fused_decode_layers_match_the_module_path(arch, path):
     assert torch.allclose(fused, plain, atol=2e-4 * plain.abs().max().item()), (fused - plain).abs().max()
     for a, b in zip(fc.k + fc.v, pc.k + pc.v):  # the caches hold the same keys and values
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kv", [torch.float32, torch.float16])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_candidates_read_their_shared_prompt_from_the_first_row(arch, path, kv):
+    """shared_prefix: the rows' first positions are read from row 0 alone. The logits equal
+    those of every row reading its own copy, and scrambling the other rows' copies changes
+    nothing, while without sharing the same scrambling does (so the rows do read row 0).
+    Gemma 3's sliding layers (window 6) start their span inside the shared prompt."""
+    from llmos.model import KVCache, ModelConfig, Transformer
+
+    extra = dict(head_dim=32, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
+    config = ModelConfig(arch=arch, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=64, **extra)
+    torch.manual_seed(0)
+    model = quantized_copy(Transformer(config).eval())
+    prompt = torch.randint(0, 96, (1, 9))
+
+    def decode(shared: int, scramble: int):
+        cache = KVCache.allocate(config, 3, 32, kv)
+        out = []
+        with torch.inference_mode():
+            model(prompt, cache=cache.rows(0, 1), kv_len=9)
+            cache.copy_rows(0, slice(1, 3), 9)
+            for t in cache.k + cache.v:
+                t[1:, :, :scramble] = torch.randn_like(t[1:, :, :scramble])
+            for step in range(4):
+                tokens = torch.tensor([[3 + step], [40 + step], [7 + step]])
+                out.append(model(tokens, cache=cache, kv_len=10 + step, shared_prefix=shared))
+        assert bool(model._fused)
+        return torch.cat(out, 1)
+
+    torch.ops.llmos.set_kernel_path(path)
+    try:
+        own = decode(0, 0)
+        assert torch.equal(decode(8, 0), own)
+        assert torch.equal(decode(8, 8), own)
+        assert not torch.allclose(decode(0, 8), own, atol=1e-3)
+    finally:
+        torch.ops.llmos.set_kernel_path(2)
+
+
+def test_the_engine_shares_the_prompt_of_one_requests_candidates_only(monkeypatch):
+    """The engine asks for a shared prompt when the batch is one request's candidates (the
+    prompt's last position left out), and not when rows of two requests decode together;
+    sampled candidates come out the same as without sharing."""
+    import llmos.engine.generate as engine
+    from llmos.engine.sampling import SamplingParams
+    from llmos.model import ModelConfig, Transformer
+
+    config = ModelConfig(arch="llama", vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=64)
+    torch.manual_seed(0)
+    model = quantized_copy(Transformer(config).eval())
+    model.kv_cache_dtype = torch.float16
+    prompt = [5, 9, 11, 2, 40, 41, 7]
+    params = SamplingParams(temperature=1.0, max_tokens=6, seed=3)
+    seen, decode_step = [], engine.decode_step
+
+    def spy(*args, **kwargs):
+        seen.append(args[4] if len(args) > 4 else kwargs.get("shared_prefix", 0))
+        return decode_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_step", spy)
+    shared = [s.output for s in engine.generate(model, prompt, params, n=3)]
+    assert seen and set(seen) == {len(prompt) - 1}
+    monkeypatch.setattr(engine, "decode_step", lambda *a, **k: decode_step(*a[:4]))
+    assert [s.output for s in engine.generate(model, prompt, params, n=3)] == shared
+    assert len({tuple(o) for o in shared}) > 1  # the candidates differ: each row's own positions count
+
+    monkeypatch.setattr(engine, "decode_step", spy)
+    seen.clear()
+    eng = engine.Engine(model, max_batch=4, max_len=32)
+    eng.add(engine.Request(prompt, params, 2))
+    eng.add(engine.Request([1, 2, 3], params, 2))
+    with torch.inference_mode():
+        while eng.has_work:
+            eng.step()
+    assert 0 in seen and all(s in (0, len(prompt) - 1, 2) for s in seen)

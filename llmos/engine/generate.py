@@ -300,7 +300,9 @@ def check_context(model: Transformer, prompt_len: int):
 
 
 def cache_dtype(model: Transformer) -> torch.dtype:
-    return model.norm.weight.dtype  # the float dtype the model runs in (its embedding may be quantized)
+    """What the KV cache holds: the model's own choice (float16 for quantized weights), else the
+    float dtype it runs in (its embedding may be quantized)."""
+    return getattr(model, "kv_cache_dtype", None) or model.norm.weight.dtype
 
 
 def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tensor:
@@ -308,13 +310,16 @@ def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tens
     return model(torch.tensor([prompt]), cache=cache, kv_len=len(prompt), last_only=True)[:, -1]
 
 
-def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions: list[int]) -> torch.Tensor:
+def decode_step(model: Transformer, cache: KVCache, tokens: list[int], positions: list[int],
+                shared_prefix: int = 0) -> torch.Tensor:
     """Feed one token per row, each at its own position; the next logits (B, V). Rows at one
     position (a lone request, the candidates of one, beams) take the lockstep path: no
-    attention mask, and a plain slice write into the cache."""
+    attention mask, and a plain slice write into the cache. shared_prefix: the first positions
+    that every row's cache holds alike (the prompt of candidates), read once for all rows."""
     kv_len = max(positions) + 1
     pos = None if min(positions) == kv_len - 1 else torch.tensor(positions)[:, None]
-    return model(torch.tensor(tokens)[:, None], input_pos=pos, cache=cache, kv_len=kv_len)[:, -1]
+    return model(torch.tensor(tokens)[:, None], input_pos=pos, cache=cache, kv_len=kv_len,
+                 shared_prefix=shared_prefix)[:, -1]
 
 
 def draft_tokens(history: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
@@ -532,8 +537,12 @@ class Engine:
                 row.pause -= 1
             elif k > 0 and (draft := draft_tokens(row.sequence.history, k)):
                 return self._decode_draft(row, draft, events)
+        # candidates of one request alone in the batch share their prompt's keys and values (the
+        # prefill copied them into every row); the prompt's last position is left out, as a
+        # rewound row writes it again
+        one = n > 1 and all(r.request is row.request for r in self.rows)
         logits = decode_step(self.model, self.cache.rows(0, n), [r.token for r in self.rows],
-                             [r.pos for r in self.rows])
+                             [r.pos for r in self.rows], len(row.request.prompt) - 1 if one else 0)
         self.stats["steps"] += 1
         requests = {}
         for r in self.rows:

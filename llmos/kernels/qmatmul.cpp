@@ -181,6 +181,22 @@ struct Activations {
   std::vector<uint8_t> qu, ru;  // AVX-512 path: q + 128 and r + 128 as unsigned bytes (for signed weights)
 };
 
+// The keys and values one query attends to: positions [start, end) of one head, position t's
+// at k + t * stride (and v + t * stride), except that positions below `split` are read at
+// k0 + t * stride (v0 likewise) instead: a prefix the rows of a batch share, kept once in the
+// first row. T is the cache's element type, float or c10::Half.
+template <class T>
+struct Span {
+  const T *k, *v, *k0, *v0;
+  int64_t stride, start, split, end;
+  int64_t mid() const { return std::min(std::max(split, start), end); }  // where the row's own part begins
+  const T* key(int64_t t) const { return (t < split ? k0 : k) + t * stride; }
+  const T* value(int64_t t) const { return (t < split ? v0 : v) + t * stride; }
+};
+
+static inline float to_float(float x) { return x; }
+static inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
 }  // namespace llmos
 
 // ------------------------------------------------------------------------------------------
@@ -299,26 +315,25 @@ static void rms_rows(float* y, const float* x, const float* w, int64_t rows, int
   }
 }
 
-// One query (D values) against keys and values at positions [start, end), position t's at
-// k + t * ks and v + t * vs: o = softmax(scale * q . k) . v. p is scratch space.
-static void attend(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t start,
-                   int64_t end, int64_t D, float scale, float* o, std::vector<float>& p) {
-  p.resize(end - start);
+// One query (D values) against a span: o = softmax(scale * q . k) . v. p is scratch space.
+template <class T>
+static void attend(const float* q, const Span<T>& s, int64_t D, float scale, float* o, std::vector<float>& p) {
+  p.resize(s.end - s.start);
   float mx = -INFINITY;
-  for (int64_t t = start; t < end; ++t) {
-    const float* kt = k + t * ks;
+  for (int64_t t = s.start; t < s.end; ++t) {
+    const T* kt = s.key(t);
     float dot = 0.0f;
-    for (int64_t j = 0; j < D; ++j) dot += q[j] * kt[j];
-    p[t - start] = dot * scale;
-    mx = std::max(mx, p[t - start]);
+    for (int64_t j = 0; j < D; ++j) dot += q[j] * to_float(kt[j]);
+    p[t - s.start] = dot * scale;
+    mx = std::max(mx, p[t - s.start]);
   }
   float total = 0.0f;
   for (auto& x : p) total += (x = std::exp(x - mx));
   for (int64_t j = 0; j < D; ++j) o[j] = 0.0f;
-  for (int64_t t = start; t < end; ++t) {
-    const float* vt = v + t * vs;
-    const float w = p[t - start] / total;
-    for (int64_t j = 0; j < D; ++j) o[j] += w * vt[j];
+  for (int64_t t = s.start; t < s.end; ++t) {
+    const T* vt = s.value(t);
+    const float w = p[t - s.start] / total;
+    for (int64_t j = 0; j < D; ++j) o[j] += w * to_float(vt[j]);
   }
 }
 
@@ -340,11 +355,24 @@ static void rms_rows_best(float* y, const float* x, const float* w, int64_t rows
   rms_rows(y, x, w, rows, d, eps);
 }
 
-static void attend_best(const float* q, const float* k, int64_t ks, const float* v, int64_t vs, int64_t start,
-                        int64_t end, int64_t D, float scale, float* o, std::vector<float>& p) {
-  if (g_path != REFERENCE && D % 8 == 0) return avx2::attend(q, k, ks, v, vs, start, end, D, scale, o, p);
-  attend(q, k, ks, v, vs, start, end, D, scale, o, p);
+template <class T>
+static void attend_best(const float* q, const Span<T>& s, int64_t D, float scale, float* o, std::vector<float>& p) {
+  if (g_path != REFERENCE && D % 8 == 0) return avx2::attend(q, s, D, scale, o, p);
+  attend(q, s, D, scale, o, p);
 }
+
+// Work item i of B rows x H query heads, in the order that keeps one key/value head's cache
+// in the CPU's caches while it is read: every query head of that head, for every row, in turn
+// (with a shared prefix, the rows read the same prefix one after the other).
+struct HeadOrder {
+  int64_t B, H, Hkv;
+  void operator()(int64_t i, int64_t& b, int64_t& h, int64_t& g) const {
+    const int64_t per = H / Hkv;
+    g = i / (B * per);
+    b = (i / per) % B;
+    h = g * per + i % per;
+  }
+};
 
 static void gate_activation_best(const float* gu, float* out, int64_t B, int64_t F, bool gelu) {
   if (g_path != REFERENCE) return avx2::gate_activation(gu, out, B, F, gelu);
@@ -367,30 +395,42 @@ static at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, doubl
 }
 
 // Attention of one new token per row (decoding): q (B, H, 1, D) against k, v (B, Hkv, L, D),
-// the last dimension contiguous; H a multiple of Hkv (grouped-query attention). No mask: every
-// one of the L cached positions is visible.
+// float32 or float16, the last dimension contiguous; H a multiple of Hkv (grouped-query
+// attention). No mask: every one of the L cached positions is visible.
+template <class T>
+static void decode_attention_rows(const float* qp, const at::Tensor& k, const at::Tensor& v, int64_t B, int64_t H,
+                                  int64_t D, float scale, float* op) {
+  const T *kp = reinterpret_cast<const T*>(k.data_ptr()), *vp = reinterpret_cast<const T*>(v.data_ptr());
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), L = k.size(2);
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
+  TORCH_CHECK(v.stride(2) == ks2, "decode_attention: k and v need the same position stride");
+  const HeadOrder order{B, H, k.size(1)};
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b, h, g;
+      order(i, b, h, g);
+      const T *kr = kp + b * ks0 + g * ks1, *vr = vp + b * vs0 + g * vs1;
+      attend_best(qp + (b * H + h) * D, Span<T>{kr, vr, kr, vr, ks2, 0, 0, L}, D, scale, op + (b * H + h) * D, p);
+    }
+  });
+}
+
 static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v, double scale) {
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "decode_attention: float32 only");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "decode_attention: q must be float32");
+  TORCH_CHECK((k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf) && v.scalar_type() == k.scalar_type(),
+              "decode_attention: k and v must be both float32 or both float16");
   TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(),
               "decode_attention: q (B, H, 1, D), k and v (B, Hkv, L, D)");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k and v need a contiguous last dimension");
   const at::Tensor q = q_in.contiguous();
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), L = k.size(2);
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1);
   TORCH_CHECK(k.size(0) == B && k.size(3) == D && H % Hkv == 0, "decode_attention: shapes do not match");
   at::Tensor out = at::empty({B, H, 1, D}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, g = (i % H) / (H / Hkv);
-      attend_best(qp + i * D, kp + b * ks0 + g * ks1, ks2, vp + b * vs0 + g * vs1, vs2, 0, L, D,
-             static_cast<float>(scale), op + i * D, p);
-    }
-  });
+  if (k.scalar_type() == at::kHalf)
+    decode_attention_rows<c10::Half>(q.data_ptr<float>(), k, v, B, H, D, static_cast<float>(scale), out.data_ptr<float>());
+  else
+    decode_attention_rows<float>(q.data_ptr<float>(), k, v, B, H, D, static_cast<float>(scale), out.data_ptr<float>());
   return out;
 }
 
@@ -399,8 +439,10 @@ static at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, 
 // decoding, without the few dozen PyTorch operations (and their dispatch) per layer.
 //
 // x (B, C) -> x after the block. Row b's token sits at position pos[b]: its key and value are
-// written into kc, vc (B, Hkv, max_len, D) there, and it attends to positions
-// [max(0, pos - window + 1), pos] (window 0: all of [0, pos]). RoPE in the rotate-half layout,
+// written into kc, vc (B, Hkv, max_len, D; float32 or float16) there, and it attends to
+// positions [max(0, pos - window + 1), pos] (window 0: all of [0, pos]); those below `shared`
+// are read from row 0, whose first `shared` positions every row holds too (candidates of one
+// prompt), so that the prefix is read from memory once, not once per row. RoPE in the rotate-half layout,
 // with model.py's tables (the sine's sign folded in). Optional: QK-norm, and the norms of each
 // sublayer's output before the residual add (Gemma); gelu selects GELU-tanh over SiLU.
 
@@ -413,6 +455,35 @@ static void rope(float* v, const float* cos, const float* sin, int64_t D) {
   }
 }
 
+// decode_layer's attention: each row's new key and value (in qkv, after RoPE) into the caches
+// at its position, then every query head of every row against its span of the caches.
+template <class T>
+static void cached_attention(const float* qkv, const at::Tensor& kc, const at::Tensor& vc, const int64_t* pos,
+                             int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t window, int64_t shared, float scale,
+                             float* out) {
+  T *kcp = reinterpret_cast<T*>(kc.data_ptr()), *vcp = reinterpret_cast<T*>(vc.data_ptr());
+  const int64_t L = kc.size(2), width = (H + 2 * Hkv) * D;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t g = 0; g < Hkv; ++g) {
+      const int64_t at_ = ((b * Hkv + g) * L + pos[b]) * D;
+      const float *kn = qkv + b * width + (H + g) * D, *vn = qkv + b * width + (H + Hkv + g) * D;
+      for (int64_t j = 0; j < D; ++j) kcp[at_ + j] = static_cast<T>(kn[j]), vcp[at_ + j] = static_cast<T>(vn[j]);
+    }
+  const HeadOrder order{B, H, Hkv};
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p;
+    for (int64_t i = i0; i < i1; ++i) {
+      int64_t b, h, g;
+      order(i, b, h, g);
+      const int64_t end = pos[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
+      const T *kr = kcp + (b * Hkv + g) * L * D, *vr = vcp + (b * Hkv + g) * L * D;
+      const T *k0 = kcp + g * L * D, *v0 = vcp + g * L * D;  // row 0's
+      attend_best(qkv + b * width + h * D, Span<T>{kr, vr, k0, v0, D, start, b ? shared : 0, end}, D, scale,
+                  out + (b * H + h) * D, p);
+    }
+  });
+}
+
 static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_norm, const at::Tensor& mlp_norm,
                                const c10::optional<at::Tensor>& post_attn_norm,
                                const c10::optional<at::Tensor>& post_mlp_norm, const c10::optional<at::Tensor>& q_norm,
@@ -421,11 +492,13 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
                                at::TensorList w2, at::IntArrayRef t2, const at::Tensor& kc, const at::Tensor& vc,
                                const at::Tensor& pos_in, const at::Tensor& cos_t, const at::Tensor& sin_t,
                                int64_t H, int64_t Hkv, int64_t D, int64_t window, double eps_d, double scale_d,
-                               bool gelu) {
+                               bool gelu, int64_t shared) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "decode_layer: x must be float32 (B, C)");
-  TORCH_CHECK(kc.scalar_type() == at::kFloat && kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 &&
-                  kc.size(1) == Hkv && kc.size(3) == D && vc.sizes() == kc.sizes(),
-              "decode_layer: the caches must be contiguous float32 (B, Hkv, max_len, D)");
+  TORCH_CHECK((kc.scalar_type() == at::kFloat || kc.scalar_type() == at::kHalf) && vc.scalar_type() == kc.scalar_type() &&
+                  kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(1) == Hkv && kc.size(3) == D &&
+                  vc.sizes() == kc.sizes(),
+              "decode_layer: the caches must be contiguous float32 or float16 (B, Hkv, max_len, D)");
+  TORCH_CHECK(shared >= 0 && shared <= kc.size(2), "decode_layer: shared = ", shared, " is outside the cache");
   const at::Tensor x = x_in.contiguous(), pos = pos_in.to(at::kLong).contiguous();
   const int64_t B = x.size(0), C = x.size(1), L = kc.size(2);
   TORCH_CHECK(kc.size(0) == B && pos.numel() == B, "decode_layer: one position per row of x and of the caches");
@@ -440,7 +513,6 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
   TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D, "decode_layer: the q/k/v projection has the wrong width");
   float* qp = qkv.data_ptr<float>();
   const float *cp = cos_t.data_ptr<float>(), *sp = sin_t.data_ptr<float>();
-  float *kcp = kc.data_ptr<float>(), *vcp = vc.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
     float* row = qp + b * (H + 2 * Hkv) * D;
     if (q_norm.has_value()) rms_rows_best(row, row, q_norm->data_ptr<float>(), H, D, eps);
@@ -448,23 +520,12 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
     const float* c = cp + pp[b] * D;
     const float* s = sp + pp[b] * D;
     for (int64_t h2 = 0; h2 < H + Hkv; ++h2) rope(row + h2 * D, c, s, D);
-    for (int64_t g = 0; g < Hkv; ++g) {
-      const int64_t at_ = ((b * Hkv + g) * L + pp[b]) * D;
-      std::memcpy(kcp + at_, row + (H + g) * D, D * sizeof(float));
-      std::memcpy(vcp + at_, row + (H + Hkv + g) * D, D * sizeof(float));
-    }
   }
   at::Tensor att = at::empty({B, H * D}, x.options());
-  float* ap = att.data_ptr<float>();
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H, hh = i % H, g = hh / (H / Hkv);
-      const int64_t end = pp[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
-      attend_best(qp + b * (H + 2 * Hkv) * D + hh * D, kcp + (b * Hkv + g) * L * D, D, vcp + (b * Hkv + g) * L * D, D,
-             start, end, D, scale, ap + b * H * D + hh * D, p);
-    }
-  });
+  if (kc.scalar_type() == at::kHalf)
+    cached_attention<c10::Half>(qp, kc, vc, pp, B, H, Hkv, D, window, shared, scale, att.data_ptr<float>());
+  else
+    cached_attention<float>(qp, kc, vc, pp, B, H, Hkv, D, window, shared, scale, att.data_ptr<float>());
   at::Tensor out = qmm(att, wo, to);  // (B, C)
   float* op = out.data_ptr<float>();
   if (post_attn_norm.has_value()) rms_rows_best(op, op, post_attn_norm->data_ptr<float>(), B, C, eps);
@@ -504,7 +565,7 @@ TORCH_LIBRARY(llmos, m) {
   m.def("decode_layer(Tensor x, Tensor attn_norm, Tensor mlp_norm, Tensor? post_attn_norm, Tensor? post_mlp_norm, "
         "Tensor? q_norm, Tensor? k_norm, Tensor[] wqkv, int[] tqkv, Tensor[] wo, int[] to, Tensor[] w13, int[] t13, "
         "Tensor[] w2, int[] t2, Tensor kc, Tensor vc, Tensor pos, Tensor cos, Tensor sin, int n_head, int n_kv_head, "
-        "int head_dim, int window, float eps, float scale, bool gelu) -> Tensor", &llmos::decode_layer);
+        "int head_dim, int window, float eps, float scale, bool gelu, int shared=0) -> Tensor", &llmos::decode_layer);
   m.def("kernel_path() -> int", &llmos::kernel_path);
   m.def("set_kernel_path(int path) -> int", &llmos::set_kernel_path);
 }

@@ -706,6 +706,8 @@ def load_checkpoint(path: Path, precision: str = "auto") -> LoadedModel:
         model.eval().requires_grad_(False)
         if precision in ("fp16", "quantized"):
             pack_linears(model)  # float weights a quantized GGUF left unquantized, if any
+        if precision == "quantized":
+            model.kv_cache_dtype = torch.float16  # half the cache's memory and its reads per token
         elif precision == "bf16":
             model.to(torch.bfloat16)
         try:
