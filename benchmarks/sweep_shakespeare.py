@@ -8,6 +8,8 @@
         --pruner-startup 3 --prune-after 0.4 --multivariate   # 12 more trials in W's study, multivariate TPE
     python benchmarks/sweep_shakespeare.py --space muon-16x128 --trials 12 --trial-minutes 10 --random-trials 5 \
         --pruner-startup 3 --prune-after 0.4 --multivariate   # a smaller space: Muon, batch 16, context 128 fixed
+    python benchmarks/sweep_shakespeare.py --work W --trials 0 --final-seed 1 --space muon-16x128 ...
+                                           # W's best against the hand-tuned recipe again, from seed 1
 
 The sweep runs through llmos.train.sweep (the library under `llmos sweep`): TPE sampling (8
 random trials first by default), median pruning, over the pretraining options of SPACE below, each trial
@@ -75,7 +77,7 @@ def sweep_file(work: Path, data: Path, args) -> Path:
         pruner.update(startup_trials=args.pruner_startup, warmup=args.prune_after)
     space, fixed = SPACES[args.space]
     doc = {"data": str(data.resolve()), "output": "sweep", "base": {**BASE, **fixed, "time_limit": args.trial_minutes * 60},
-           "space": space, "metric": "val_loss", "direction": "minimize", "trials": args.trials,
+           "space": space, "metric": "val_loss", "direction": "minimize", "trials": max(args.trials, 1),  # 0: replay only
            "pruner": pruner, "sampler": {"name": "tpe", "startup_trials": args.random_trials,
                                                       **({"multivariate": True, "constant_liar": True} if args.multivariate else {})}, "seed": args.seed,
            "study": "shakespeare"}
@@ -131,6 +133,9 @@ def main():
     ap.add_argument("--workers", type=int, default=2, help="processes sharing the study (one thread each)")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed (worker k adds 1000 k)")
     ap.add_argument("--work", help="folder for data, the study and runs (default: a temporary folder)")
+    ap.add_argument("--final-seed", type=int, default=0,
+                    help="the training seed of both final runs (with --trials 0 and the same --work: the "
+                         "same comparison again, from other initial weights and batches)")
     ap.add_argument("--out", default=str(RESULTS / "sweep_shakespeare.json"))
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="llmos-sweep-"))
@@ -156,14 +161,15 @@ def main():
         sys.exit("no trial completed: nothing to compare")
     best_yaml, plot_png = write_results(study, spec.output)
 
-    tuned = {**best_options(study), **MEASURE}
+    tuned = {**best_options(study), **MEASURE, "seed": args.final_seed}
     tuned.pop("time_limit", None)
-    hand = {**HEADLINE, **MEASURE}
+    hand = {**HEADLINE, **MEASURE, "seed": args.final_seed}
     load_final = os.getloadavg()
     t1 = time.perf_counter()
     with ProcessPoolExecutor(2, mp_context=ctx) as pool:  # side by side: the same conditions for both
-        sweep_job = pool.submit(final_run, str(data), str(work / "final-sweep"), tuned, args.final_minutes)
-        hand_job = pool.submit(final_run, str(data), str(work / "final-hand"), hand, args.final_minutes)
+        tag = f"-seed{args.final_seed}" if args.final_seed else ""
+        sweep_job = pool.submit(final_run, str(data), str(work / f"final-sweep{tag}"), tuned, args.final_minutes)
+        hand_job = pool.submit(final_run, str(data), str(work / f"final-hand{tag}"), hand, args.final_minutes)
         mine, theirs = sweep_job.result(), hand_job.result()
     final_s = time.perf_counter() - t1
 
@@ -190,7 +196,7 @@ def main():
         "load_average": {"start": load_before, "before_final": load_final, "end": os.getloadavg()},
         "budget": {"trials": args.trials, "trials_held_before": held, "trial_minutes": args.trial_minutes, "workers": args.workers,
                    "random_trials": args.random_trials, "space": args.space, "multivariate": args.multivariate, "pruner": args.pruner,
-                   "threads_per_process": 1, "final_minutes": args.final_minutes, "sweep_wall_s": round(sweep_s),
+                   "threads_per_process": 1, "final_minutes": args.final_minutes, "final_seed": args.final_seed, "sweep_wall_s": round(sweep_s),
                    "final_wall_s": round(final_s)},
         "sweep_file": path.read_text(), "counts": counts,
         "trials": [{k: r[k] for k in ("number", "state", "value", "last", "steps", "seconds", "params", "error")}
