@@ -95,13 +95,14 @@ def profile_llmos(model: str, steps: int = 64) -> dict:
     import torch
     from torch.profiler import profile
 
+    from llmos.engine.generate import cache_dtype
     from llmos.model import KVCache
     from llmos.weights.store import load_checkpoint, resolve
 
     os.environ["LLMOS_PREFIX_CACHE_TOKENS"] = "0"
     loaded = load_checkpoint(resolve(model), "auto")
     m, ids = loaded.model, prompt_ids(loaded.tokenizer.encode)
-    cache = KVCache.allocate(m.config, 1, len(ids) + steps + 8)
+    cache = KVCache.allocate(m.config, 1, len(ids) + steps + 8, cache_dtype(m))  # the engine's cache
     with torch.inference_mode():
         m(torch.tensor([ids]), cache=cache, kv_len=len(ids))
         def decode():

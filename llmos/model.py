@@ -403,7 +403,7 @@ class Attention(nn.Module):
             v = cache.v[self.layer][:, :, span.start : span.end]
         if (T == 1 and span.mask is None and q.dtype == torch.float32 and not self.config.attn_softcap
                 and _fast()):
-            y = torch.ops.llmos.decode_attention(q, k, v, self.config.attn_scale)  # (B, nh, 1, hs); any cache dtype
+            y = torch.ops.llmos.decode_attention(q, k, v, self.config.attn_scale)  # (B, nh, 1, hs); a float32 or float16 cache
         else:
             if k.dtype != q.dtype:  # a float16 cache under float32 attention
                 k, v = k.to(q.dtype), v.to(q.dtype)
@@ -496,7 +496,8 @@ class Transformer(nn.Module):
         self._rope_cache: dict = {}
         self._fused: list | None = None  # per block, decode_layer's weight arguments (False: not fusable)
         # what an engine's KV cache holds; None: the dtype the model computes in (the loader
-        # sets float16 for GGUF blocks kept quantized, as llama.cpp's default cache does)
+        # sets float16 for GGUF blocks kept quantized that decode through decode_layer, as
+        # llama.cpp's default cache is float16)
         self.kv_cache_dtype: torch.dtype | None = None
         self.apply(self._init_weights)
 

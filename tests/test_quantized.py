@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -140,6 +141,12 @@ def test_fused_inference_ops_match_torch(path, d):
         want_h = F.scaled_dot_product_attention(q, kh.float(), vh.float(), scale=0.2, enable_gqa=True)
         assert torch.allclose(torch.ops.llmos.decode_attention(q, kh, vh, 0.2), want_h, atol=1e-5)
         assert not torch.allclose(want_h, want, atol=1e-5)  # the rounding shows: the check above can tell
+        # keys and values with different position strides, as views of a projection's output are
+        kf = torch.randn(2, 25, 5, d)[:, :, 1:4].transpose(1, 2)  # (2, 3, 25, d), positions 5 d apart
+        vf = torch.randn(2, 25, 7, d)[:, :, 2:5].transpose(1, 2)  # positions 7 d apart
+        assert kf.stride(2) != vf.stride(2)
+        want_f = F.scaled_dot_product_attention(q, kf, vf, scale=0.2, enable_gqa=True)
+        assert torch.allclose(torch.ops.llmos.decode_attention(q, kf, vf, 0.2), want_f, atol=1e-5)
     finally:
         torch.ops.llmos.set_kernel_path(2)
 
@@ -311,7 +318,8 @@ def test_candidates_read_their_shared_prompt_from_the_first_row(arch, path, kv):
     Gemma 3's sliding layers (window 6) start their span inside the shared prompt."""
     from llmos.model import KVCache, ModelConfig, Transformer
 
-    extra = dict(head_dim=32, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
+    # Gemma 3: heads of 72 (64 columns and 8), a window that starts inside the prompt, then past it
+    extra = dict(head_dim=72, rope_local_theta=10_000.0, sliding_window=6, global_every=2) if arch == "gemma3" else {}
     config = ModelConfig(arch=arch, vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
                          max_seq_len=64, **extra)
     torch.manual_seed(0)
@@ -326,7 +334,7 @@ def test_candidates_read_their_shared_prompt_from_the_first_row(arch, path, kv):
             cache.copy_rows(0, slice(1, 3), 9)
             for t in cache.k + cache.v:
                 t[1:, :, :scramble] = torch.randn_like(t[1:, :, :scramble])
-            for step in range(4):
+            for step in range(8):  # positions 9 to 16: the window's first key passes position 8
                 tokens = torch.tensor([[3 + step], [40 + step], [7 + step]])
                 out.append(model(tokens, cache=cache, kv_len=10 + step, shared_prefix=shared))
         assert bool(model._fused)
@@ -370,12 +378,49 @@ def test_the_engine_shares_the_prompt_of_one_requests_candidates_only(monkeypatc
     assert [s.output for s in engine.generate(model, prompt, params, n=3)] == shared
     assert len({tuple(o) for o in shared}) > 1  # the candidates differ: each row's own positions count
 
+    # candidates that end at different steps: the rows left are moved down into the freed ones
+    # (row 0 among them), and still read the prompt from row 0
+    stopping = replace(params, max_tokens=14, stop_token_ids=list(range(0, 96, 5)))
     monkeypatch.setattr(engine, "decode_step", spy)
     seen.clear()
+    early = engine.generate(model, prompt, stopping, n=5)
+    assert len({len(s.output) for s in early}) > 2
+    # shared while two or more candidates run; a last one alone reads its own row
+    alone = seen.index(0) if 0 in seen else len(seen)
+    assert alone > 1 and set(seen[:alone]) == {len(prompt) - 1} and set(seen[alone:]) <= {0}
+    monkeypatch.setattr(engine, "decode_step", lambda *a, **k: decode_step(*a[:4]))
+    assert [s.output for s in engine.generate(model, prompt, stopping, n=5)] == [s.output for s in early]
+
+    # two requests in one batch: no sharing while both run; each alone again shares its own prompt
     eng = engine.Engine(model, max_batch=4, max_len=32)
+    steps = []
+
+    def rows_spy(*args, **kwargs):
+        steps.append((args[4], {len(r.request.prompt) for r in eng.rows}, len(eng.rows)))
+        return decode_step(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_step", rows_spy)
     eng.add(engine.Request(prompt, params, 2))
-    eng.add(engine.Request([1, 2, 3], params, 2))
+    eng.add(engine.Request([1, 2, 3], replace(params, max_tokens=12), 2))
     with torch.inference_mode():
         while eng.has_work:
             eng.step()
-    assert 0 in seen and all(s in (0, len(prompt) - 1, 2) for s in seen)
+    assert any(len(lengths) == 2 for _, lengths, _ in steps) and any(len(lengths) == 1 for _, lengths, _ in steps)
+    for shared_len, lengths, n in steps:
+        assert shared_len == (next(iter(lengths)) - 1 if len(lengths) == 1 and n > 1 else 0)
+
+
+def test_one_token_without_a_cache_takes_the_decode_attention():
+    """A one-token text scored or embedded without a cache reaches decode_attention with keys
+    (after RoPE) and values (a view of the projection) at different position strides."""
+    from llmos.model import ModelConfig, Transformer
+
+    config = ModelConfig(arch="llama", vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=96,
+                         max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    ids = torch.tensor([[5], [17]])
+    with torch.inference_mode():  # the kernels' paths
+        fast = model(ids)
+    plain = model(ids).detach()  # gradients on: torch's own attention
+    assert torch.allclose(fast, plain, atol=1e-5)

@@ -182,16 +182,16 @@ struct Activations {
 };
 
 // The keys and values one query attends to: positions [start, end) of one head, position t's
-// at k + t * stride (and v + t * stride), except that positions below `split` are read at
-// k0 + t * stride (v0 likewise) instead: a prefix the rows of a batch share, kept once in the
+// key at k + t * ks and value at v + t * vs, except that positions below `split` are read at
+// k0 + t * ks (v0 + t * vs) instead: a prefix the rows of a batch share, kept once in the
 // first row. T is the cache's element type, float or c10::Half.
 template <class T>
 struct Span {
   const T *k, *v, *k0, *v0;
-  int64_t stride, start, split, end;
+  int64_t ks, vs, start, split, end;
   int64_t mid() const { return std::min(std::max(split, start), end); }  // where the row's own part begins
-  const T* key(int64_t t) const { return (t < split ? k0 : k) + t * stride; }
-  const T* value(int64_t t) const { return (t < split ? v0 : v) + t * stride; }
+  const T* key(int64_t t) const { return (t < split ? k0 : k) + t * ks; }
+  const T* value(int64_t t) const { return (t < split ? v0 : v) + t * vs; }
 };
 
 static inline float to_float(float x) { return x; }
@@ -402,8 +402,7 @@ static void decode_attention_rows(const float* qp, const at::Tensor& k, const at
                                   int64_t D, float scale, float* op) {
   const T *kp = reinterpret_cast<const T*>(k.data_ptr()), *vp = reinterpret_cast<const T*>(v.data_ptr());
   const int64_t ks0 = k.stride(0), ks1 = k.stride(1), ks2 = k.stride(2), L = k.size(2);
-  const int64_t vs0 = v.stride(0), vs1 = v.stride(1);
-  TORCH_CHECK(v.stride(2) == ks2, "decode_attention: k and v need the same position stride");
+  const int64_t vs0 = v.stride(0), vs1 = v.stride(1), vs2 = v.stride(2);
   const HeadOrder order{B, H, k.size(1)};
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p;
@@ -411,7 +410,7 @@ static void decode_attention_rows(const float* qp, const at::Tensor& k, const at
       int64_t b, h, g;
       order(i, b, h, g);
       const T *kr = kp + b * ks0 + g * ks1, *vr = vp + b * vs0 + g * vs1;
-      attend_best(qp + (b * H + h) * D, Span<T>{kr, vr, kr, vr, ks2, 0, 0, L}, D, scale, op + (b * H + h) * D, p);
+      attend_best(qp + (b * H + h) * D, Span<T>{kr, vr, kr, vr, ks2, vs2, 0, 0, L}, D, scale, op + (b * H + h) * D, p);
     }
   });
 }
@@ -478,7 +477,7 @@ static void cached_attention(const float* qkv, const at::Tensor& kc, const at::T
       const int64_t end = pos[b] + 1, start = window > 0 ? std::max<int64_t>(0, end - window) : 0;
       const T *kr = kcp + (b * Hkv + g) * L * D, *vr = vcp + (b * Hkv + g) * L * D;
       const T *k0 = kcp + g * L * D, *v0 = vcp + g * L * D;  // row 0's
-      attend_best(qkv + b * width + h * D, Span<T>{kr, vr, k0, v0, D, start, b ? shared : 0, end}, D, scale,
+      attend_best(qkv + b * width + h * D, Span<T>{kr, vr, k0, v0, D, D, start, b ? shared : 0, end}, D, scale,
                   out + (b * H + h) * D, p);
     }
   });
