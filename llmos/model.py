@@ -335,9 +335,9 @@ class KVCache:
             rows = torch.arange(k.shape[0], device=k.device)[:, None]
             # (B, T, nkv, hs) at (B, T). Contiguous first: index_put from the strided view into
             # the fused qkv output is an order of magnitude slower on a CPU.
-            cache = self.k[layer].dtype
-            self.k[layer][rows, :, input_pos] = k.transpose(1, 2).to(cache).contiguous()
-            self.v[layer][rows, :, input_pos] = v.transpose(1, 2).to(cache).contiguous()
+            dtype = self.k[layer].dtype  # a float16 cache takes float32 keys and values
+            self.k[layer][rows, :, input_pos] = k.transpose(1, 2).to(dtype).contiguous()
+            self.v[layer][rows, :, input_pos] = v.transpose(1, 2).to(dtype).contiguous()
 
 
 @dataclass

@@ -302,7 +302,7 @@ def check_context(model: Transformer, prompt_len: int):
 def cache_dtype(model: Transformer) -> torch.dtype:
     """What the KV cache holds: the model's own choice (float16 for quantized weights), else the
     float dtype it runs in (its embedding may be quantized)."""
-    return getattr(model, "kv_cache_dtype", None) or model.norm.weight.dtype
+    return model.kv_cache_dtype or model.norm.weight.dtype
 
 
 def prefill(model: Transformer, cache: KVCache, prompt: list[int]) -> torch.Tensor:

@@ -706,12 +706,12 @@ def load_checkpoint(path: Path, precision: str = "auto") -> LoadedModel:
         model.eval().requires_grad_(False)
         if precision in ("fp16", "quantized"):
             pack_linears(model)  # float weights a quantized GGUF left unquantized, if any
+        elif precision == "bf16":
+            model.to(torch.bfloat16)
         if precision == "quantized" and model._fused_blocks():
             # half the cache's memory and its reads per token; the fused decoding kernels read
             # float16 as it is (the PyTorch attention of other models would copy it to float32)
             model.kv_cache_dtype = torch.float16
-        elif precision == "bf16":
-            model.to(torch.bfloat16)
         try:
             tokenizer = tokenizer.result()
         except Exception as e:
