@@ -54,9 +54,11 @@ def test_dequantize_matches_gguf_py(block_type):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("block_type", sorted(kernels.BLOCK_TYPES))
-@pytest.mark.parametrize("m", [1, 3, 8, 13])
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 13])
 def test_qmm_matches_the_float_product(block_type, path, m):
-    k, rows = 512, 45  # rows not a multiple of the 4-row tiles, m across the 8/4/2/1 tiles
+    # rows not a multiple of the 4-row tiles nor of the 16-row lanes (AVX-512, 32-weight blocks,
+    # from 4 activation rows on), m across the 8/4/2/1 tiles
+    k, rows = 512, 45
     w = random_blocks(block_type, rows, k, seed=m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     x[0, 7] = 40.0  # an outlier, as real hidden states have: the two-level activations keep the rest
