@@ -159,6 +159,41 @@ def quantized_gguf(tmp_path_factory):
                            layer_types={"*": "Q4_0", "attn_v": "Q8_0", "ffn_down": "Q5_1"})
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_likely_tokens_are_those_a_float64_softmax_puts_above_the_floor(path):
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 50001) * 6, torch.randn(2, 50001)])  # 50,001: not a multiple of 8
+    logits[1, 7:] = float("-inf")
+    logits[2, 3] = 40.0  # one token holds nearly all the mass
+    logits = torch.cat([logits, torch.full((1, 50001), float("-inf"))])  # nothing finite: no tokens
+    torch.ops.llmos.set_kernel_path(path)
+    try:
+        rows, cols, probs = torch.ops.llmos.likely_tokens(logits, 1e-4)
+    finally:
+        torch.ops.llmos.set_kernel_path(2)
+    exact = logits[:5].double().softmax(-1)
+    want = (exact >= 1e-4).nonzero()
+    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])  # row by row, columns in order
+    assert torch.allclose(probs.double(), exact[rows, cols], rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="floor must be > 0"):
+        torch.ops.llmos.likely_tokens(logits, 0.0)
+
+
+def test_top_p_from_the_kernels_keeps_the_textbook_nucleus():
+    """With the kernels loaded, top-p's first candidates come from likely_tokens: the result is
+    the sort-everything nucleus of a float64 softmax (rows that settle at each floor)."""
+    from llmos.engine import sampling as S
+
+    assert kernels.ready()
+    torch.manual_seed(1)
+    logits = torch.cat([torch.randn(4, 30000) * 8, torch.randn(2, 30000) * 3, torch.randn(2, 30000)])
+    for p in (0.5, 0.9, 0.95):
+        probs = logits.double().softmax(-1)
+        values, order = probs.sort(dim=-1, descending=True)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, values.cumsum(-1) - values < p)
+        assert torch.equal(S.top_p_filter(logits, p), logits.masked_fill(~keep, float("-inf"))), p
+
+
 def test_a_quantized_gguf_is_stored_as_blocks_and_runs_on_them(quantized_gguf):
     from llmos.llm import LLM
     from llmos.weights.quant import QEmbedding, QLinear

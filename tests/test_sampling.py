@@ -170,6 +170,32 @@ def test_top_p_is_exact_for_peaked_flat_and_mixed_rows():
         for p in (0.5, 0.9, 0.99):
             assert torch.equal(S.top_p_filter(logits, p), reference(logits, p))
 
+def test_the_draw_takes_top_ps_kept_tokens_as_a_pass_over_the_vocabulary_finds_them():
+    """sample() hands top-p's kept tokens to the draw (no pass over the vocabulary to find the
+    live ones); the tokens drawn are those of the plain draw of the same filtered logits."""
+    torch.manual_seed(0)
+    logits = torch.cat([torch.randn(3, 20000) * 6, torch.randn(2, 20000) * 0.3])  # few kept / most kept
+    logits[0, 100:] = float("-inf")  # a row with -inf tokens
+    for p in (0.3, 0.9, 0.999999):
+        for seed in range(5):
+            gens = lambda: [torch.Generator().manual_seed(seed * 10 + i) for i in range(5)]
+            kept = []
+            filtered = S.top_p_filter(logits, p, kept)
+            rows, cols = kept[0]
+            live = (filtered > float("-inf")).nonzero()
+            keys = (rows * 20000 + cols)[filtered[rows, cols] > float("-inf")]
+            assert torch.equal(torch.sort(keys).values, live[:, 0] * 20000 + live[:, 1])
+            want = S.draw(filtered, gens())
+            assert torch.equal(S.draw(filtered, gens(), kept[0]), want)
+            params = S.SamplingParams(top_p=p, seed=seed)
+            assert torch.equal(S.sample(logits, params, gens()), want)
+    # a sampler after top-p that changes the logits: the draw looks at them afresh
+    params = S.SamplingParams(top_p=0.9, min_p=0.2)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(5)]
+    want = S.draw(S.min_p_filter(S.top_p_filter(logits, 0.9), 0.2), gens())
+    assert torch.equal(S.sample(logits, params, gens()), want)
+
+
 # --- XTC, top-a, tail-free sampling and the sampler order ------------------------------------
 
 

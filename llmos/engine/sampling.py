@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+import llmos.kernels as kernels
+
 NEG_INF = float("-inf")
 DEFAULT_ORDER = ("rep_pen", "temperature", "top_k", "top_p", "min_p", "typical", "top_a", "tfs", "xtc")
 # Names front ends use for the same samplers (llama.cpp's `samplers`, SillyTavern's lists).
@@ -237,7 +239,7 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+def top_p_filter(logits: torch.Tensor, p: float, kept: list | None = None) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability mass reaches p.
 
     No sort of the vocabulary: each row's nucleus lies among its tokens at least as likely as
@@ -247,18 +249,27 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     left out hold less than 1 - p in all (so the rest hold more than p), and finally with no
     floor. Only the candidates are sorted, all rows together, so the result is exact. Apart from
     the probabilities and the result, nothing the size of the vocabulary is allocated (at 8 rows
-    of Gemma's 262,144 tokens, each such tensor costs about a millisecond).
+    of Gemma's 262,144 tokens, each such tensor costs about a millisecond). Where the compiled
+    kernels are loaded, the first floor's candidates come from them (one pass of exponentials per
+    row, and no softmax of the whole vocabulary unless a row needs the later floors).
+    kept: a list to append the (rows, cols) of the kept tokens to, for the draw.
     """
     if p >= 1.0:
         return logits
-    probs = logits.softmax(dim=-1)
-    B, V = probs.shape
+    B, V = logits.shape
+    probs = None
     kept_rows, kept_cols = [], []
     todo = torch.arange(B)
     for floor in (1e-4, (1.0 - p) / V, 0.0):
-        sub = probs if len(todo) == B else probs[todo]
-        r, c = (sub >= floor).nonzero(as_tuple=True)
-        values = sub[r, c].double()
+        if len(todo) == B and floor > 0 and kernels.ready():
+            r, c, values = torch.ops.llmos.likely_tokens(logits, floor)
+            values = values.double()
+        else:
+            if probs is None:
+                probs = logits.softmax(dim=-1)
+            sub = probs if len(todo) == B else probs[todo]
+            r, c = (sub >= floor).nonzero(as_tuple=True)
+            values = sub[r, c].double()
         row_mass = torch.zeros(len(todo), dtype=torch.float64).index_add_(0, r, values)
         ok = row_mass >= p if floor > 0 else torch.ones(len(todo), dtype=torch.bool)
         if not ok.all():
@@ -267,16 +278,20 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
         order = torch.argsort(r.double() * 2.0 - values)  # by row, then most likely first
         r, c, values = r[order], c[order], values[order]
         mass_before = values.cumsum(0) - values - (row_mass.cumsum(0) - row_mass)[r]
-        kept = mass_before.float() < p  # the token that crosses p is kept; the top token always is
-        kept_rows.append(todo[r[kept]])
-        kept_cols.append(c[kept])
+        # the token that crosses p is kept, and the top token always is; a millionth of slack,
+        # so that a mass equal to p (0.5 + 0.2 + 0.15 against 0.85) does not hang on float rounding
+        kept_now = mass_before < max(p - 1e-6, p / 2)
+        kept_rows.append(todo[r[kept_now]])
+        kept_cols.append(c[kept_now])
         todo = todo[~ok]
         if len(todo) == 0:
             break
     rows, cols = torch.cat(kept_rows), torch.cat(kept_cols)
-    del probs, sub  # before the result takes their room
+    del probs  # before the result takes its room
     out = torch.full_like(logits, NEG_INF)
     out[rows, cols] = logits[rows, cols]
+    if kept is not None:
+        kept.append((rows, cols))
     return out
 
 
@@ -366,22 +381,35 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def draw(logits: torch.Tensor, generators: list[torch.Generator | None], kept=None) -> torch.Tensor:
     """One token per row by inverse-CDF sampling, each row from its own generator, so that a
     sequence's draws do not depend on which other sequences share its batch. (One uniform
     number per row: far cheaper than torch.multinomial over a large vocabulary.) A row that the
     samplers cut down to a few tokens (top-p, top-k and min-p leave the rest at -inf) draws among
     those alone: over Gemma's 262,144 tokens, finding them costs less than the softmax and the
-    running sum of the whole row. Rows go one at a time, so one row's distribution is in memory."""
-    tokens = torch.empty(len(logits), dtype=torch.long)
-    alive = logits > NEG_INF
-    live = alive.sum(dim=-1, dtype=torch.int32).tolist()
-    few = [i for i, n in enumerate(live) if 0 < n <= logits.shape[-1] // 8]
+    running sum of the whole row. Rows go one at a time, so one row's distribution is in memory.
+    kept: top-p's (rows, cols) when no sampler changed the logits after it; its tokens (less any
+    at -inf) are the live ones then, found without a pass over the vocabulary."""
+    B, V = logits.shape
+    tokens = torch.empty(B, dtype=torch.long)
+    if kept is not None:
+        rows, cols = kept
+        live_now = logits[rows, cols] > NEG_INF
+        rows, cols = rows[live_now], cols[live_now]
+        order = torch.argsort(rows * V + cols)  # by row, each row's columns in order (as nonzero gives them)
+        rows, cols = rows[order], cols[order]
+        live = torch.bincount(rows, minlength=B).tolist()
+        by_row = dict(zip(range(B), cols.split(live)))
+    else:
+        alive = logits > NEG_INF
+        live = alive.sum(dim=-1, dtype=torch.int32).tolist()
+    few = [i for i, n in enumerate(live) if 0 < n <= V // 8]
     cols = {}
-    if few:  # one pass finds the live tokens of every such row, in row order
-        _, c = (alive[few] if len(few) < len(logits) else alive).nonzero(as_tuple=True)
+    if few and kept is not None:
+        cols = {i: by_row[i] for i in few}
+    elif few:  # one pass finds the live tokens of every such row, in row order
+        _, c = (alive[few] if len(few) < B else alive).nonzero(as_tuple=True)
         cols = dict(zip(few, c.split([live[i] for i in few])))
-    del alive
     for i, g in enumerate(generators):
         row, ids = logits[i], cols.get(i)
         if ids is not None:
@@ -443,9 +471,17 @@ def sample(
         "tfs": lambda x: tail_free_filter(x, params.tfs),
         "xtc": lambda x: xtc_filter(x, params.xtc_threshold, params.xtc_probability, generators),
     }
+    kept: list = []  # top-p's kept tokens, while no later sampler changes the logits
     for name in params.order:
-        logits = steps[name](logits)
-    return draw(logits, generators)
+        if name == "top_p":
+            kept.clear()
+            logits = top_p_filter(logits, params.top_p, kept)
+            continue
+        changed = steps[name](logits)
+        if changed is not logits:
+            kept.clear()
+        logits = changed
+    return draw(logits, generators, kept[0] if kept else None)
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, k: int):

@@ -23,9 +23,11 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace llmos {
@@ -545,6 +547,46 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
   return y;
 }
 
+// For each row of logits (B, V): the columns whose softmax probability is at least floor, with
+// those probabilities, as (rows, cols, probs), row by row and each row's columns in order. What
+// a top-p sampler looks among first, without a softmax of the whole vocabulary.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> likely_tokens(const at::Tensor& logits_in, double floor) {
+  TORCH_CHECK(logits_in.dim() == 2, "likely_tokens: logits must be (rows, vocabulary)");
+  TORCH_CHECK(floor > 0.0, "likely_tokens: floor must be > 0");
+  const at::Tensor x = logits_in.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), V = x.size(1);
+  std::vector<std::vector<int64_t>> cols(B);
+  std::vector<std::vector<float>> probs(B);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (g_path != REFERENCE) {
+        avx2::likely_columns(xp + b * V, V, static_cast<float>(floor), cols[b], probs[b]);
+        continue;
+      }
+      const float* row = xp + b * V;
+      const float mx = *std::max_element(row, row + V);
+      if (!std::isfinite(mx)) continue;
+      double total = 0.0;
+      for (int64_t j = 0; j < V; ++j) total += std::exp(row[j] - mx);
+      const float sum = static_cast<float>(total);
+      for (int64_t j = 0; j < V; ++j) {
+        const float p = std::exp(row[j] - mx) / sum;
+        if (p >= floor) cols[b].push_back(j), probs[b].push_back(p);
+      }
+    }
+  });
+  int64_t n = 0;
+  for (const auto& c : cols) n += static_cast<int64_t>(c.size());
+  at::Tensor rows_t = at::empty({n}, at::kLong), cols_t = at::empty({n}, at::kLong), probs_t = at::empty({n}, at::kFloat);
+  int64_t* rp = rows_t.data_ptr<int64_t>();
+  int64_t* cp = cols_t.data_ptr<int64_t>();
+  float* pp = probs_t.data_ptr<float>();
+  for (int64_t b = 0, o = 0; b < B; ++b)
+    for (size_t j = 0; j < cols[b].size(); ++j, ++o) rp[o] = b, cp[o] = cols[b][j], pp[o] = probs[b][j];
+  return {rows_t, cols_t, probs_t};
+}
+
 static int64_t kernel_path() { return g_path; }
 
 // Tests compare the paths: a path the CPU lacks falls back to the best one it has.
@@ -565,6 +607,7 @@ TORCH_LIBRARY(llmos, m) {
         "Tensor? q_norm, Tensor? k_norm, Tensor[] wqkv, int[] tqkv, Tensor[] wo, int[] to, Tensor[] w13, int[] t13, "
         "Tensor[] w2, int[] t2, Tensor kc, Tensor vc, Tensor pos, Tensor cos, Tensor sin, int n_head, int n_kv_head, "
         "int head_dim, int window, float eps, float scale, bool gelu, int shared=0) -> Tensor", &llmos::decode_layer);
+  m.def("likely_tokens(Tensor logits, float floor) -> (Tensor, Tensor, Tensor)", &llmos::likely_tokens);
   m.def("kernel_path() -> int", &llmos::kernel_path);
   m.def("set_kernel_path(int path) -> int", &llmos::set_kernel_path);
 }
