@@ -255,7 +255,9 @@ static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArr
   }
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
-  Activations a;
+  // one set of buffers per thread, kept between calls: a decode step makes over a hundred of
+  // these products, and fresh vectors would each be allocated and zeroed
+  thread_local Activations a;
   if (g_path != REFERENCE) {
     a.M = M;
     a.K = K;
