@@ -160,28 +160,52 @@ def quantized_gguf(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_likely_tokens_are_those_a_float64_softmax_puts_above_the_floor(path):
+def test_the_nucleus_op_is_the_float64_nucleus_among_tokens_above_the_floor(path):
     torch.manual_seed(0)
-    logits = torch.cat([torch.randn(3, 50001) * 6, torch.randn(2, 50001)])  # 50,001: not a multiple of 8
+    V = 50001  # not a multiple of 8
+    logits = torch.cat([torch.randn(3, V) * 6, torch.randn(2, V) * 0.5])  # two flat rows: mass short of p at 1e-4
     logits[1, 7:] = float("-inf")
     logits[2, 3] = 40.0  # one token holds nearly all the mass
-    logits = torch.cat([logits, torch.full((1, 50001), float("-inf"))])  # nothing finite: no tokens
+    logits = torch.cat([logits, torch.full((1, V), float("-inf"))])  # nothing finite: never settled
+    p = 0.9
     torch.ops.llmos.set_kernel_path(path)
     try:
-        rows, cols, probs = torch.ops.llmos.likely_tokens(logits, 1e-4)
+        rows, cols, settled = torch.ops.llmos.nucleus(logits, p, p - 1e-6, 1e-4)
     finally:
         torch.ops.llmos.set_kernel_path(2)
-    exact = logits[:5].double().softmax(-1)
-    want = (exact >= 1e-4).nonzero()
-    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])  # row by row, columns in order
-    assert torch.allclose(probs.double(), exact[rows, cols], rtol=1e-6, atol=0)
+    assert settled.tolist() == [True, True, True, False, False, False]
+    probs = logits[:3].double().softmax(-1)
+    values, order = probs.sort(dim=-1, descending=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, values.cumsum(-1) - values < p)
+    want = keep.nonzero()  # row by row, columns in order
+    assert torch.equal(rows, want[:, 0]) and torch.equal(cols, want[:, 1])
     with pytest.raises(RuntimeError, match="floor must be > 0"):
-        torch.ops.llmos.likely_tokens(logits, 0.0)
+        torch.ops.llmos.nucleus(logits, p, p, 0.0)
+
+
+def test_draw_among_is_the_inverse_cdf_of_the_kept_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000) * 3
+    logits[1, 5] = float("-inf")  # a kept token at -inf is never drawn
+    logits[2] = float("-inf")  # nothing finite: -1
+    rows = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2])
+    cols = torch.tensor([3, 10, 500, 999, 5, 6, 7, 1, 2])
+    for seed in range(200):
+        u = torch.rand(3, generator=torch.Generator().manual_seed(seed))
+        got = torch.ops.llmos.draw_among(logits, rows, cols, u).tolist()
+        for r in (0, 1):
+            ids = cols[rows == r]
+            cdf = logits[r, ids].double().softmax(-1).cumsum(-1)
+            want = ids[torch.searchsorted(cdf, u[r].double() * cdf[-1], right=True).clamp(max=len(ids) - 1)]
+            assert got[r] == want.item() and got[r] != 5, (seed, r)
+        assert got[2] == -1
+    with pytest.raises(RuntimeError, match="rows must be sorted"):
+        torch.ops.llmos.draw_among(logits, torch.tensor([1, 0]), torch.tensor([0, 0]), torch.rand(3))
 
 
 def test_top_p_from_the_kernels_keeps_the_textbook_nucleus():
-    """With the kernels loaded, top-p's first candidates come from likely_tokens: the result is
-    the sort-everything nucleus of a float64 softmax (rows that settle at each floor)."""
+    """With the kernels loaded, top-p's first floor is the nucleus op: the result is the
+    sort-everything nucleus of a float64 softmax (rows that settle at each floor)."""
     from llmos.engine import sampling as S
 
     assert kernels.ready()

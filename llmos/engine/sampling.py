@@ -250,26 +250,32 @@ def top_p_filter(logits: torch.Tensor, p: float, kept: list | None = None) -> to
     floor. Only the candidates are sorted, all rows together, so the result is exact. Apart from
     the probabilities and the result, nothing the size of the vocabulary is allocated (at 8 rows
     of Gemma's 262,144 tokens, each such tensor costs about a millisecond). Where the compiled
-    kernels are loaded, the first floor's candidates come from them (one pass of exponentials per
-    row, and no softmax of the whole vocabulary unless a row needs the later floors).
-    kept: a list to append the (rows, cols) of the kept tokens to, for the draw.
+    kernels are loaded, they do the first floor (its candidates with one pass of exponentials per
+    row, their sort and the cut), and the softmax of the whole vocabulary is only made for a row
+    that needs the later floors. kept: a list to append the kept (rows, cols) to, for the draw.
     """
     if p >= 1.0:
         return logits
     B, V = logits.shape
+    cut = max(p - 1e-6, p / 2)  # the token that crosses p is kept, and the top token always is; a
+    # millionth of slack, so that a mass equal to p (0.5 + 0.2 + 0.15 against 0.85) does not hang on float rounding
     probs = None
     kept_rows, kept_cols = [], []
     todo = torch.arange(B)
-    for floor in (1e-4, (1.0 - p) / V, 0.0):
-        if len(todo) == B and floor > 0 and kernels.ready():
-            r, c, values = torch.ops.llmos.likely_tokens(logits, floor)
-            values = values.double()
-        else:
-            if probs is None:
-                probs = logits.softmax(dim=-1)
-            sub = probs if len(todo) == B else probs[todo]
-            r, c = (sub >= floor).nonzero(as_tuple=True)
-            values = sub[r, c].double()
+    floors = (1e-4, (1.0 - p) / V, 0.0)
+    if kernels.ready():  # the first floor in one call: candidates, their sort and the cut
+        r, c, settled = torch.ops.llmos.nucleus(logits, p, cut, floors[0])
+        kept_rows.append(r)
+        kept_cols.append(c)
+        todo, floors = todo[~settled], floors[1:]
+    for floor in floors:
+        if len(todo) == 0:
+            break
+        if probs is None:
+            probs = logits.softmax(dim=-1)
+        sub = probs if len(todo) == B else probs[todo]
+        r, c = (sub >= floor).nonzero(as_tuple=True)
+        values = sub[r, c].double()
         row_mass = torch.zeros(len(todo), dtype=torch.float64).index_add_(0, r, values)
         ok = row_mass >= p if floor > 0 else torch.ones(len(todo), dtype=torch.bool)
         if not ok.all():
@@ -278,14 +284,10 @@ def top_p_filter(logits: torch.Tensor, p: float, kept: list | None = None) -> to
         order = torch.argsort(r.double() * 2.0 - values)  # by row, then most likely first
         r, c, values = r[order], c[order], values[order]
         mass_before = values.cumsum(0) - values - (row_mass.cumsum(0) - row_mass)[r]
-        # the token that crosses p is kept, and the top token always is; a millionth of slack,
-        # so that a mass equal to p (0.5 + 0.2 + 0.15 against 0.85) does not hang on float rounding
-        kept_now = mass_before < max(p - 1e-6, p / 2)
+        kept_now = mass_before < cut
         kept_rows.append(todo[r[kept_now]])
         kept_cols.append(c[kept_now])
         todo = todo[~ok]
-        if len(todo) == 0:
-            break
     rows, cols = torch.cat(kept_rows), torch.cat(kept_cols)
     del probs  # before the result takes its room
     out = torch.full_like(logits, NEG_INF)
@@ -389,9 +391,18 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None], kept=No
     those alone: over Gemma's 262,144 tokens, finding them costs less than the softmax and the
     running sum of the whole row. Rows go one at a time, so one row's distribution is in memory.
     kept: top-p's (rows, cols) when no sampler changed the logits after it; its tokens (less any
-    at -inf) are the live ones then, found without a pass over the vocabulary."""
+    at -inf) are the live ones then, found without a pass over the vocabulary, and where the
+    kernels are loaded they draw among them (the same sums, in C++)."""
     B, V = logits.shape
-    tokens = torch.empty(B, dtype=torch.long)
+    u = [torch.rand(1, generator=g) for g in generators]  # each row's number, whichever way it is used
+    tokens = torch.full((B,), -1, dtype=torch.long)
+    if kept is not None and kernels.ready():
+        rows, cols = kept
+        order = torch.argsort(rows * V + cols)
+        tokens = torch.ops.llmos.draw_among(logits, rows[order], cols[order], torch.cat(u))
+        if (tokens >= 0).all():
+            return tokens
+        kept = None  # a row with nothing finite: the way below, for that row (its number kept)
     if kept is not None:
         rows, cols = kept
         live_now = logits[rows, cols] > NEG_INF
@@ -410,13 +421,14 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None], kept=No
     elif few:  # one pass finds the live tokens of every such row, in row order
         _, c = (alive[few] if len(few) < B else alive).nonzero(as_tuple=True)
         cols = dict(zip(few, c.split([live[i] for i in few])))
-    for i, g in enumerate(generators):
+    for i in range(B):
+        if tokens[i] >= 0:
+            continue
         row, ids = logits[i], cols.get(i)
         if ids is not None:
             row = row[ids]
         cdf = row.softmax(dim=-1).cumsum_(dim=-1)
-        u = torch.rand(1, generator=g) * cdf[-1]
-        t = torch.searchsorted(cdf, u, right=True).clamp_(max=len(cdf) - 1)[0]
+        t = torch.searchsorted(cdf, u[i] * cdf[-1], right=True).clamp_(max=len(cdf) - 1)[0]
         tokens[i] = t if ids is None else ids[t]
     return tokens
 

@@ -549,44 +549,108 @@ static at::Tensor decode_layer(const at::Tensor& x_in, const at::Tensor& attn_no
   return y;
 }
 
-// For each row of logits (B, V): the columns whose softmax probability is at least floor, with
-// those probabilities, as (rows, cols, probs), row by row and each row's columns in order. What
-// a top-p sampler looks among first, without a softmax of the whole vocabulary.
-static std::tuple<at::Tensor, at::Tensor, at::Tensor> likely_tokens(const at::Tensor& logits_in, double floor) {
-  TORCH_CHECK(logits_in.dim() == 2, "likely_tokens: logits must be (rows, vocabulary)");
-  TORCH_CHECK(floor > 0.0, "likely_tokens: floor must be > 0");
+// The columns of one row of logits x (V values) whose softmax probability is at least floor
+// (> 0), and those probabilities (the SIMD paths' likely_columns, or this plain loop).
+static void likely_columns_best(const float* x, int64_t V, float floor, std::vector<int64_t>& cols,
+                                std::vector<float>& probs) {
+  if (g_path != REFERENCE) return avx2::likely_columns(x, V, floor, cols, probs);
+  const float mx = *std::max_element(x, x + V);
+  if (!std::isfinite(mx)) return;
+  double total = 0.0;
+  for (int64_t j = 0; j < V; ++j) total += std::exp(x[j] - mx);
+  const float sum = static_cast<float>(total);
+  for (int64_t j = 0; j < V; ++j) {
+    const float p = std::exp(x[j] - mx) / sum;
+    if (p >= floor) cols.push_back(j), probs.push_back(p);
+  }
+}
+
+// Top-p (nucleus) for each row of logits (B, V), looking only among the tokens whose probability
+// is at least floor: a row whose such tokens hold mass p is settled, and keeps its most likely
+// tokens while the mass before each is below `cut` (p, less a little slack: sampling.py says
+// why). Returns the kept (rows, cols), row by row and each row's columns in order, and which
+// rows are settled (the others need a lower floor).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> nucleus(const at::Tensor& logits_in, double p, double cut,
+                                                              double floor) {
+  TORCH_CHECK(logits_in.dim() == 2, "nucleus: logits must be (rows, vocabulary)");
+  TORCH_CHECK(floor > 0.0, "nucleus: floor must be > 0");
   const at::Tensor x = logits_in.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), V = x.size(1);
-  std::vector<std::vector<int64_t>> cols(B);
-  std::vector<std::vector<float>> probs(B);
+  std::vector<std::vector<int64_t>> kept(B);
+  at::Tensor settled = at::zeros({B}, at::kBool);
+  bool* sp = settled.data_ptr<bool>();
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> cols, order;
+    std::vector<float> probs;
     for (int64_t b = b0; b < b1; ++b) {
-      if (g_path != REFERENCE) {
-        avx2::likely_columns(xp + b * V, V, static_cast<float>(floor), cols[b], probs[b]);
-        continue;
+      cols.clear(), probs.clear();
+      likely_columns_best(xp + b * V, V, static_cast<float>(floor), cols, probs);
+      double mass = 0.0;
+      for (float q : probs) mass += q;
+      if (cols.empty() || mass < p) continue;
+      order.resize(cols.size());
+      for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
+      std::sort(order.begin(), order.end(), [&](int64_t i, int64_t j) {  // most likely first
+        return probs[i] > probs[j] || (probs[i] == probs[j] && cols[i] < cols[j]);
+      });
+      double before = 0.0;
+      for (int64_t i : order) {
+        if (before >= cut) break;
+        kept[b].push_back(cols[i]);
+        before += probs[i];
       }
-      const float* row = xp + b * V;
-      const float mx = *std::max_element(row, row + V);
-      if (!std::isfinite(mx)) continue;
-      double total = 0.0;
-      for (int64_t j = 0; j < V; ++j) total += std::exp(row[j] - mx);
-      const float sum = static_cast<float>(total);
-      for (int64_t j = 0; j < V; ++j) {
-        const float p = std::exp(row[j] - mx) / sum;
-        if (p >= floor) cols[b].push_back(j), probs[b].push_back(p);
-      }
+      std::sort(kept[b].begin(), kept[b].end());
+      sp[b] = true;
     }
   });
   int64_t n = 0;
-  for (const auto& c : cols) n += static_cast<int64_t>(c.size());
-  at::Tensor rows_t = at::empty({n}, at::kLong), cols_t = at::empty({n}, at::kLong), probs_t = at::empty({n}, at::kFloat);
-  int64_t* rp = rows_t.data_ptr<int64_t>();
-  int64_t* cp = cols_t.data_ptr<int64_t>();
-  float* pp = probs_t.data_ptr<float>();
+  for (const auto& c : kept) n += static_cast<int64_t>(c.size());
+  at::Tensor rows_t = at::empty({n}, at::kLong), cols_t = at::empty({n}, at::kLong);
+  int64_t *rp = rows_t.data_ptr<int64_t>(), *cp = cols_t.data_ptr<int64_t>();
   for (int64_t b = 0, o = 0; b < B; ++b)
-    for (size_t j = 0; j < cols[b].size(); ++j, ++o) rp[o] = b, cp[o] = cols[b][j], pp[o] = probs[b][j];
-  return {rows_t, cols_t, probs_t};
+    for (int64_t c : kept[b]) rp[o] = b, cp[o] = c, ++o;
+  return {rows_t, cols_t, settled};
+}
+
+// One token per row, drawn among that row's live tokens (rows, cols: by row, columns in order,
+// as nucleus gives them) by inverse CDF with the row's uniform number u[b] in [0, 1): the
+// softmax of those logits summed in column order (in double), and the first token whose
+// running sum exceeds u times the total. A row without a finite logit among its tokens gets -1.
+static at::Tensor draw_among(const at::Tensor& logits_in, const at::Tensor& rows_in, const at::Tensor& cols_in,
+                             const at::Tensor& u_in) {
+  TORCH_CHECK(logits_in.dim() == 2, "draw_among: logits must be (rows, vocabulary)");
+  const at::Tensor x = logits_in.to(at::kFloat).contiguous(), rows = rows_in.to(at::kLong).contiguous(),
+                   cols = cols_in.to(at::kLong).contiguous(), u = u_in.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), V = x.size(1), n = rows.numel();
+  TORCH_CHECK(cols.numel() == n && u.numel() == B, "draw_among: one column per row index, one number per row");
+  const int64_t *rp = rows.data_ptr<int64_t>(), *cp = cols.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(rp[i] >= 0 && rp[i] < B && cp[i] >= 0 && cp[i] < V && (i == 0 || rp[i] >= rp[i - 1]),
+                "draw_among: rows must be sorted and every (row, column) inside the logits");
+  at::Tensor out = at::full({B}, -1, at::kLong);
+  int64_t* op = out.data_ptr<int64_t>();
+  const float *xp = x.data_ptr<float>(), *up = u.data_ptr<float>();
+  std::vector<double> cdf;
+  for (int64_t i = 0; i < n;) {
+    int64_t e = i;
+    while (e < n && rp[e] == rp[i]) ++e;
+    const float* row = xp + rp[i] * V;
+    float mx = -INFINITY;
+    for (int64_t k = i; k < e; ++k) mx = std::max(mx, row[cp[k]]);
+    if (std::isfinite(mx)) {
+      cdf.resize(e - i);  // summed in double: a flat row keeps hundreds of thousands of tokens
+      double total = 0.0;
+      for (int64_t k = i; k < e; ++k) total += (cdf[k - i] = std::exp(row[cp[k]] - mx));
+      double run = 0.0;
+      for (auto& c : cdf) c = (run += c / total);
+      const double target = up[rp[i]] * cdf.back();
+      const int64_t t = std::upper_bound(cdf.begin(), cdf.end(), target) - cdf.begin();
+      op[rp[i]] = cp[i + std::min<int64_t>(t, e - i - 1)];
+    }
+    i = e;
+  }
+  return out;
 }
 
 static int64_t kernel_path() { return g_path; }
@@ -609,7 +673,8 @@ TORCH_LIBRARY(llmos, m) {
         "Tensor? q_norm, Tensor? k_norm, Tensor[] wqkv, int[] tqkv, Tensor[] wo, int[] to, Tensor[] w13, int[] t13, "
         "Tensor[] w2, int[] t2, Tensor kc, Tensor vc, Tensor pos, Tensor cos, Tensor sin, int n_head, int n_kv_head, "
         "int head_dim, int window, float eps, float scale, bool gelu, int shared=0) -> Tensor", &llmos::decode_layer);
-  m.def("likely_tokens(Tensor logits, float floor) -> (Tensor, Tensor, Tensor)", &llmos::likely_tokens);
+  m.def("nucleus(Tensor logits, float p, float cut, float floor) -> (Tensor, Tensor, Tensor)", &llmos::nucleus);
+  m.def("draw_among(Tensor logits, Tensor rows, Tensor cols, Tensor u) -> Tensor", &llmos::draw_among);
   m.def("kernel_path() -> int", &llmos::kernel_path);
   m.def("set_kernel_path(int path) -> int", &llmos::set_kernel_path);
 }
