@@ -8,6 +8,18 @@ import torch
 from llmos.engine import sampling as S
 
 
+@pytest.fixture(params=["torch", "kernels"])
+def sampling_path(request, monkeypatch):
+    """Top-p's first floor and the draw among its kept tokens run in the compiled kernels when
+    they are loaded, else in PyTorch: the tests that take this fixture run both ways."""
+    import llmos.kernels as kernels
+
+    if request.param == "kernels" and not kernels.available():
+        pytest.skip("the compiled kernels cannot be built here")
+    monkeypatch.setattr(kernels, "_loaded", request.param == "kernels")
+    return request.param
+
+
 def logits_of(probs):
     return torch.tensor([probs]).log()
 
@@ -21,7 +33,7 @@ def test_top_k_keeps_k_best():
     assert kept(S.top_k_filter(logits_of([0.1, 0.4, 0.2, 0.3]), 0)) == [0, 1, 2, 3]
 
 
-def test_top_p_keeps_smallest_set_reaching_p():
+def test_top_p_keeps_smallest_set_reaching_p(sampling_path):
     probs = [0.5, 0.2, 0.15, 0.1, 0.05]
     assert kept(S.top_p_filter(logits_of(probs), 0.5)) == [0]  # 0.5 reaches 0.5 by itself
     assert kept(S.top_p_filter(logits_of(probs), 0.6)) == [0, 1]
@@ -156,7 +168,7 @@ def test_logprobs_of_reports_model_distribution():
     assert top_lp[0].exp().tolist() == pytest.approx([0.75, 0.25])
 
 
-def test_top_p_is_exact_for_peaked_flat_and_mixed_rows():
+def test_top_p_is_exact_for_peaked_flat_and_mixed_rows(sampling_path):
     def reference(logits, p):  # the textbook nucleus: sort everything
         probs = logits.softmax(dim=-1)
         values, order = probs.sort(dim=-1, descending=True)
@@ -170,7 +182,7 @@ def test_top_p_is_exact_for_peaked_flat_and_mixed_rows():
         for p in (0.5, 0.9, 0.99):
             assert torch.equal(S.top_p_filter(logits, p), reference(logits, p))
 
-def test_the_draw_takes_top_ps_kept_tokens_as_a_pass_over_the_vocabulary_finds_them():
+def test_the_draw_takes_top_ps_kept_tokens_as_a_pass_over_the_vocabulary_finds_them(sampling_path):
     """sample() hands top-p's kept tokens to the draw (no pass over the vocabulary to find the
     live ones); the tokens drawn are those of the plain draw of the same filtered logits."""
     torch.manual_seed(0)
@@ -194,6 +206,13 @@ def test_the_draw_takes_top_ps_kept_tokens_as_a_pass_over_the_vocabulary_finds_t
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(5)]
     want = S.draw(S.min_p_filter(S.top_p_filter(logits, 0.9), 0.2), gens())
     assert torch.equal(S.sample(logits, params, gens()), want)
+
+
+def test_no_rows_sample_to_no_tokens(sampling_path):
+    empty = torch.zeros(0, 100)
+    assert S.top_p_filter(empty, 0.9).shape == (0, 100)
+    assert S.draw(empty, []).shape == (0,)
+    assert S.sample(empty, S.SamplingParams(top_p=0.9), []).shape == (0,)
 
 
 # --- XTC, top-a, tail-free sampling and the sampler order ------------------------------------

@@ -254,9 +254,9 @@ def top_p_filter(logits: torch.Tensor, p: float, kept: list | None = None) -> to
     row, their sort and the cut), and the softmax of the whole vocabulary is only made for a row
     that needs the later floors. kept: a list to append the kept (rows, cols) to, for the draw.
     """
-    if p >= 1.0:
-        return logits
     B, V = logits.shape
+    if p >= 1.0 or B == 0:
+        return logits
     cut = max(p - 1e-6, p / 2)  # the token that crosses p is kept, and the top token always is; a
     # millionth of slack, so that a mass equal to p (0.5 + 0.2 + 0.15 against 0.85) does not hang on float rounding
     probs = None
@@ -394,6 +394,8 @@ def draw(logits: torch.Tensor, generators: list[torch.Generator | None], kept=No
     at -inf) are the live ones then, found without a pass over the vocabulary, and where the
     kernels are loaded they draw among them (the same sums, in C++)."""
     B, V = logits.shape
+    if B == 0:
+        return torch.empty(0, dtype=torch.long)
     u = [torch.rand(1, generator=g) for g in generators]  # each row's number, whichever way it is used
     tokens = torch.full((B,), -1, dtype=torch.long)
     if kept is not None and kernels.ready():

@@ -256,7 +256,8 @@ static at::Tensor qmm(const at::Tensor& x_in, at::TensorList weights, at::IntArr
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   // one set of buffers per thread, kept between calls: a decode step makes over a hundred of
-  // these products, and fresh vectors would each be allocated and zeroed
+  // these products, and fresh vectors would each be allocated and zeroed. (Pass `a` on by
+  // reference: a lambda run by the worker threads that named it would see their own copies.)
   thread_local Activations a;
   if (g_path != REFERENCE) {
     a.M = M;
@@ -572,7 +573,8 @@ static void likely_columns_best(const float* x, int64_t V, float floor, std::vec
 // rows are settled (the others need a lower floor).
 static std::tuple<at::Tensor, at::Tensor, at::Tensor> nucleus(const at::Tensor& logits_in, double p, double cut,
                                                               double floor) {
-  TORCH_CHECK(logits_in.dim() == 2, "nucleus: logits must be (rows, vocabulary)");
+  TORCH_CHECK(logits_in.dim() == 2 && logits_in.device().is_cpu(),
+              "nucleus: logits must be (rows, vocabulary), on the CPU");
   TORCH_CHECK(floor > 0.0, "nucleus: floor must be > 0");
   const at::Tensor x = logits_in.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), V = x.size(1);
@@ -619,7 +621,8 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> nucleus(const at::Tensor& 
 // running sum exceeds u times the total. A row without a finite logit among its tokens gets -1.
 static at::Tensor draw_among(const at::Tensor& logits_in, const at::Tensor& rows_in, const at::Tensor& cols_in,
                              const at::Tensor& u_in) {
-  TORCH_CHECK(logits_in.dim() == 2, "draw_among: logits must be (rows, vocabulary)");
+  TORCH_CHECK(logits_in.dim() == 2 && logits_in.device().is_cpu(),
+              "draw_among: logits must be (rows, vocabulary), on the CPU");
   const at::Tensor x = logits_in.to(at::kFloat).contiguous(), rows = rows_in.to(at::kLong).contiguous(),
                    cols = cols_in.to(at::kLong).contiguous(), u = u_in.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), V = x.size(1), n = rows.numel();
