@@ -257,8 +257,9 @@ def top_p_filter(logits: torch.Tensor, p: float, kept: list | None = None) -> to
     B, V = logits.shape
     if p >= 1.0 or B == 0:
         return logits
-    cut = max(p - 1e-6, p / 2)  # the token that crosses p is kept, and the top token always is; a
-    # millionth of slack, so that a mass equal to p (0.5 + 0.2 + 0.15 against 0.85) does not hang on float rounding
+    # the token that crosses p is kept, and the top token always is; a millionth of slack, so
+    # that a mass equal to p (0.5 + 0.2 + 0.15 against 0.85) does not hang on float rounding
+    cut = max(p - 1e-6, p / 2)
     probs = None
     kept_rows, kept_cols = [], []
     todo = torch.arange(B)
@@ -474,25 +475,21 @@ def sample(
     penalize = histories is not None  # params.order always holds "rep_pen" (a custom order gets the rest appended)
     if params.greedy:
         return greedy(apply_penalties(logits, params, histories, seen, counts) if penalize else logits)
+    kept: list = []  # top-p's kept tokens (it appends them), while no later sampler changes the logits
     steps = {
         "rep_pen": lambda x: apply_penalties(x, params, histories, seen, counts) if penalize else x,
         "temperature": lambda x: apply_temperature(x, params.temperature),
         "top_k": lambda x: top_k_filter(x, params.top_k),
-        "top_p": lambda x: top_p_filter(x, params.top_p),
+        "top_p": lambda x: top_p_filter(x, params.top_p, kept),
         "min_p": lambda x: min_p_filter(x, params.min_p),
         "typical": lambda x: typical_filter(x, params.typical_p),
         "top_a": lambda x: top_a_filter(x, params.top_a),
         "tfs": lambda x: tail_free_filter(x, params.tfs),
         "xtc": lambda x: xtc_filter(x, params.xtc_threshold, params.xtc_probability, generators),
     }
-    kept: list = []  # top-p's kept tokens, while no later sampler changes the logits
     for name in params.order:
-        if name == "top_p":
-            kept.clear()
-            logits = top_p_filter(logits, params.top_p, kept)
-            continue
         changed = steps[name](logits)
-        if changed is not logits:
+        if changed is not logits and name != "top_p":
             kept.clear()
         logits = changed
     return draw(logits, generators, kept[0] if kept else None)
